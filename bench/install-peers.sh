@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Install the attack libraries that bench/deepfool_throughput.py compares ddfast against,
+# into the environment of the given interpreter (default: `python`), WITHOUT touching torch.
+#
+#   bench/install-peers.sh [PYTHON]
+#
+# Every package is installed with `pip install --no-deps`, so pip never resolves (and never
+# up- or downgrades) torch or torchvision. The peers' own dependency lists name torchvision
+# (torchattacks, deeprobust) and, for deeprobust, a dozen heavy packages; none of them is
+# needed for the DeepFool code paths the benchmark calls, so only the small packages that the
+# imports below really need are installed. The script fails if torch's version changed.
+#
+# Peers (versions the benchmark was written against):
+#   foolbox 3.3.4                          needs eagerpy, GitPython (gitdb, smmap), typing_extensions, requests, scipy
+#   torchattacks 3.5.1                     needs scipy, tqdm, requests
+#   adversarial-robustness-toolbox 1.20.1  needs scipy, scikit-learn (joblib, threadpoolctl, narwhals), six, tqdm
+#   deeprobust 0.2.11                      its package __init__ imports torchvision and more; bench/peers.py loads
+#                                          only deeprobust/image/attack/deepfool.py (numpy + torch), so no extra deps
+set -euo pipefail
+
+PY="${1:-python}"
+if ! command -v "$PY" >/dev/null 2>&1; then
+    echo "install-peers: interpreter '$PY' not found" >&2
+    exit 2
+fi
+
+torch_version() { "$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo "none"; }
+before="$(torch_version)"
+echo "install-peers: $("$PY" -c 'import sys; print(sys.executable)'), torch $before"
+
+PEERS=(
+    "foolbox==3.3.4"
+    "eagerpy==0.30.0"
+    "torchattacks==3.5.1"
+    "adversarial-robustness-toolbox==1.20.1"
+    "deeprobust==0.2.11"
+)
+# Small dependencies the peers import (checked by importing them, see the table above).
+DEPS=(
+    "GitPython" "gitdb" "smmap"          # foolbox (foolbox.zoo imports git at import time)
+    "typing_extensions" "requests" "urllib3" "idna" "charset-normalizer" "certifi"
+    "scipy" "tqdm" "six" "setuptools"
+    "scikit-learn" "joblib" "threadpoolctl" "narwhals"   # ART imports sklearn
+)
+
+# Only install a dependency that is missing: an existing scipy / numpy stays as it is.
+missing=()
+for d in "${DEPS[@]}"; do
+    if ! "$PY" -m pip show -q "$d" >/dev/null 2>&1; then
+        missing+=("$d")
+    fi
+done
+
+"$PY" -m pip install --no-deps --disable-pip-version-check -q "${PEERS[@]}"
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-peers: installing missing dependencies: ${missing[*]}"
+    "$PY" -m pip install --no-deps --disable-pip-version-check -q "${missing[@]}"
+fi
+
+after="$(torch_version)"
+if [ "$before" != "$after" ]; then
+    echo "install-peers: torch changed from $before to $after -- this must not happen" >&2
+    exit 1
+fi
+
+# Check that every peer's DeepFool imports (this is what the benchmark calls).
+status=0
+"$PY" - <<'EOF' || status=$?
+import sys, os
+here = os.getcwd()
+ok = True
+def check(name, fn):
+    global ok
+    try:
+        fn()
+        print(f"install-peers: {name:14s} ok")
+    except Exception as e:  # report and go on: the benchmark skips what does not import
+        ok = False
+        print(f"install-peers: {name:14s} FAILED: {type(e).__name__}: {e}")
+
+check("foolbox", lambda: __import__("foolbox").attacks.L2DeepFoolAttack)
+check("torchattacks", lambda: __import__("torchattacks").DeepFool)
+def art():
+    from art.attacks.evasion import DeepFool  # noqa: F401
+    from art.estimators.classification import PyTorchClassifier  # noqa: F401
+check("art", art)
+def deeprobust():
+    # same loader as bench/peers.py: skip deeprobust's package __init__ (it imports torchvision)
+    import importlib.util, types
+    spec = importlib.util.find_spec("deeprobust")
+    root = os.path.dirname(spec.origin)
+    for name, sub in [("deeprobust", ""), ("deeprobust.image", "image"), ("deeprobust.image.attack", "image/attack")]:
+        if name not in sys.modules:
+            m = types.ModuleType(name); m.__path__ = [os.path.join(root, sub)]; sys.modules[name] = m
+    from deeprobust.image.attack.deepfool import deepfool  # noqa: F401
+check("deeprobust", deeprobust)
+sys.exit(0 if ok else 1)
+EOF
+echo "install-peers: torch still $after"
+exit "$status"
