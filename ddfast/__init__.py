@@ -1,0 +1,20 @@
+"""ddfast: fast batched DeepFool and the differentiable DeepDefense regularizer for PyTorch.
+
+* :func:`deepfool` -- batched multi-class DeepFool (L2 / Linf) with per-sample early exit.
+* :mod:`ddfast.ops` -- the fused step ops (``torch.library`` custom ops) and their backends.
+"""
+from . import ops, reference
+from .attack import DeepFoolResult, deepfool
+from .backends import available_backends, get_backend, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "deepfool",
+    "DeepFoolResult",
+    "ops",
+    "reference",
+    "available_backends",
+    "set_backend",
+    "get_backend",
+]

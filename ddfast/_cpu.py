@@ -1,0 +1,91 @@
+"""The ``cpu`` backend: thin wrappers that check tensors and call the C++/OpenMP kernels of
+``ddfast._C`` with raw addresses. Semantics: :mod:`ddfast.reference`."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C
+from .reference import PENALTY_EXP_CAP
+
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return torch.device(device).type == "cpu" and dtype in _DTYPES
+
+
+def _code(t: Tensor) -> int:
+    if t.device.type != "cpu" or t.dtype not in _DTYPES:
+        raise ValueError(f"the cpu backend takes CPU float32/float64 tensors, got {t.device} {t.dtype}")
+    return _DTYPES[t.dtype]
+
+
+def _c(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
+                    norm: float = 2.0, eps: float = 1e-4) -> Tuple[Tensor, Tensor, Tensor]:
+    code = _code(grads)
+    B, C, D = grads.shape
+    K = logits.shape[1]
+    logits = _c(logits, grads.dtype)
+    if grads.stride(2) != 1:  # rows may be strided (e.g. a transposed Jacobian), not elements
+        grads = grads.contiguous()
+    cand = _c(cand, torch.int64)
+    ref = _c(ref, torch.int64)
+    active = _c(active, torch.bool)
+    l = torch.empty(B, dtype=torch.int64)
+    dist = torch.empty(B, dtype=grads.dtype)
+    r = torch.empty(B, D, dtype=grads.dtype)
+    _C.select_boundary(logits.data_ptr(), grads.data_ptr(), cand.data_ptr(), ref.data_ptr(),
+                       active.data_ptr(), l.data_ptr(), dist.data_ptr(), r.data_ptr(),
+                       B, K, C, D, grads.stride(0), grads.stride(1), math.isinf(norm), float(eps),
+                       code)
+    return l, dist, r
+
+
+def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4) -> Tensor:
+    code = _code(w)
+    B, D = w.shape
+    fdiff = _c(fdiff.detach(), w.dtype)
+    w = _c(w.detach())
+    r = torch.empty(B, D, dtype=w.dtype)
+    _C.boundary_step(fdiff.data_ptr(), w.data_ptr(), r.data_ptr(), B, D, math.isinf(norm),
+                     float(eps), code)
+    return r
+
+
+def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: float) -> Tensor:
+    code = _code(delta)
+    B, D = delta.shape
+    delta = _c(delta.detach())
+    x = _c(x.detach(), delta.dtype)
+    correct = _c(correct, torch.bool)
+    out = torch.empty(B, dtype=delta.dtype)
+    _C.deepdefense_penalty(delta.data_ptr(), x.data_ptr(), correct.data_ptr(), out.data_ptr(),
+                           B, D, float(c), float(d), PENALTY_EXP_CAP, code)
+    return out
+
+
+def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,
+                    lo: Optional[float] = None, hi: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    code = _code(x0)
+    B, D = x0.shape
+    x0 = _c(x0)
+    r_tot = _c(r_tot, x0.dtype)
+    r = _c(r, x0.dtype)
+    active = _c(active, torch.bool)
+    r_tot_out = torch.empty_like(x0)
+    x_next = torch.empty_like(x0)
+    _C.deepfool_update(x0.data_ptr(), r_tot.data_ptr(), r.data_ptr(), active.data_ptr(),
+                       r_tot_out.data_ptr(), x_next.data_ptr(), B, D, float(overshoot),
+                       lo is not None, 0.0 if lo is None else float(lo),
+                       hi is not None, 0.0 if hi is None else float(hi), code)
+    return r_tot_out, x_next

@@ -1,0 +1,117 @@
+"""Argument checks shared by the public API, and the model-mode guard.
+
+Every check raises a ValueError or TypeError whose message names the argument, before
+any work is done.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_input", "as_labels", "check_logits", "check_max_iter", "check_candidates",
+           "check_bounds", "check_model_device", "check_nonneg", "frozen_model"]
+
+
+def check_input(x, name: str = "x") -> Tensor:
+    """A floating-point tensor with a batch dimension and finite values."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex() or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return x
+
+
+def as_labels(y, B: int, K: Optional[int], device: torch.device, name: str = "y") -> Tensor:
+    """[B] int64 labels on ``device``; checked against K classes when K is known."""
+    if not isinstance(y, Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except Exception as exc:
+            raise TypeError(f"{name} must be a tensor of integer labels, got {type(y).__name__}") from exc
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != B:
+        raise ValueError(f"{name} must have shape [{B}] (one label per sample), got {list(y.shape)}")
+    y = y.to(device=device, dtype=torch.int64)
+    if K is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= K):
+        raise ValueError(f"{name} holds labels outside [0, {K}): min {int(y.min())}, max {int(y.max())}")
+    return y
+
+
+def check_logits(out, B: int) -> Tensor:
+    """The model's output: floating [B, K] logits with K >= 2."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"model must return a logits tensor [B, K], got {type(out).__name__}")
+    if out.dim() != 2 or out.shape[0] != B:
+        raise ValueError(f"model must return logits of shape [B, K] = [{B}, K], got {list(out.shape)}")
+    if out.shape[1] < 2:
+        raise ValueError(f"model must return at least 2 classes (logits [B, K], K >= 2), got K = {out.shape[1]}")
+    if not out.is_floating_point():
+        raise TypeError(f"model must return floating-point logits, got dtype {out.dtype}")
+    return out
+
+
+def check_max_iter(max_iter) -> int:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    return max_iter
+
+
+def check_candidates(candidates) -> Optional[int]:
+    if candidates is None:
+        return None
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
+        raise ValueError(f"candidates must be an int >= 2 or None, got {candidates!r}")
+    return candidates
+
+
+def check_nonneg(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_bounds(bounds) -> Tuple[Optional[float], Optional[float]]:
+    if bounds is None:
+        return None, None
+    try:
+        lo, hi = bounds
+    except (TypeError, ValueError):
+        raise ValueError(f"bounds must be a pair (lo, hi), got {bounds!r}") from None
+    lo = None if lo is None else float(lo)
+    hi = None if hi is None else float(hi)
+    if lo is not None and hi is not None and not lo < hi:
+        raise ValueError(f"bounds must satisfy lo < hi, got {bounds!r}")
+    return lo, hi
+
+
+def check_model_device(model: Callable, x: Tensor) -> None:
+    """x and the model's parameters must live on the same device."""
+    if isinstance(model, torch.nn.Module):
+        p = next(model.parameters(), None)
+        if p is not None and p.device != x.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {p.device}")
+
+
+@contextlib.contextmanager
+def frozen_model(model: Callable) -> Iterator[None]:
+    """Eval mode for every submodule of an ``nn.Module`` inside the block; each
+    submodule's own training flag is restored afterwards."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode

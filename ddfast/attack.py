@@ -1,0 +1,193 @@
+"""Batched multi-class DeepFool (L2 and Linf) with per-sample early exit.
+
+The math is DESIGN.md's (and :mod:`ddfast.reference`'s): at each step every still-active
+sample linearises the model at its iterate, steps to the closest candidate boundary
+(``select_boundary``), and the iterate ``x0 + (1 + overshoot) * r_tot`` (clipped to
+``bounds``) is checked. Samples that are done leave the batch (compaction): later Jacobians
+are computed for the remaining samples only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import jacobian, ops
+from ._validate import (as_labels, check_bounds, check_candidates, check_input, check_logits,
+                        check_max_iter, check_model_device, frozen_model)
+
+__all__ = ["DeepFoolResult", "deepfool"]
+
+
+@dataclass
+class DeepFoolResult:
+    """Result of :func:`deepfool` for a batch of B samples.
+
+    Attributes:
+        delta: [B, *x.shape[1:]] perturbation applied (overshoot and bounds included),
+            in the input's units and dtype.
+        x_adv: ``x + delta``.
+        iterations: [B] int64 steps taken (0 where none was needed).
+        success: [B] bool, the prediction at ``x_adv`` differs from ``label`` (with labels
+            given, a sample that was already misclassified counts as a success).
+        label: [B] int64 reference class: the given label, else the prediction at x.
+        adv_label: [B] int64 prediction at ``x_adv``.
+    """
+
+    delta: Tensor
+    x_adv: Tensor
+    iterations: Tensor
+    success: Tensor
+    label: Tensor
+    adv_label: Tensor
+
+    def __len__(self) -> int:
+        return self.delta.shape[0]
+
+    def norms(self, p: float = 2) -> Tensor:
+        """[B] ``||delta_i||_p``."""
+        return torch.linalg.vector_norm(self.delta.flatten(1), ord=p, dim=1)
+
+
+def _candidate_classes(logits: Tensor, ref: Tensor, k: Optional[int]) -> Optional[Tensor]:
+    """[B, k] classes: ``ref`` first, then the top k-1 other classes by logit at x.
+    None means all K classes."""
+    K = logits.shape[1]
+    if k is None or k >= K:
+        return None
+    masked = logits.scatter(1, ref[:, None], -math.inf)
+    others = masked.topk(k - 1, dim=1).indices
+    return torch.cat([ref[:, None], others], dim=1)
+
+
+def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int,
+                  overshoot: float, norm: float, k: Optional[int],
+                  lo: Optional[float], hi: Optional[float]) -> DeepFoolResult:
+    B = x.shape[0]
+    shape = x.shape[1:]
+    dtype = x.dtype
+    x0 = x.reshape(B, -1).to(memory_format=torch.contiguous_format).clone()
+    xg, logits_g = jacobian.forward_with_graph(model, x0, shape)
+    logits = check_logits(logits_g, B).detach().to(dtype)
+    K = logits.shape[1]
+    pred = logits.argmax(1)
+    if y is not None:
+        y = as_labels(y, B, K, x.device)
+    ref = pred if y is None else y
+    cand_all = _candidate_classes(logits, ref, k)
+    if cand_all is None:
+        cand_all = torch.arange(K, device=x.device).expand(B, K)
+
+    r_tot = torch.zeros_like(x0)
+    x_final = x0.clone()
+    iterations = torch.zeros(B, dtype=torch.int64, device=x.device)
+    success = torch.zeros(B, dtype=torch.bool, device=x.device)
+    adv_label = pred.clone()
+    all_classes = k is None or k >= K
+
+    keep = torch.ones(B, dtype=torch.bool, device=x.device) if y is None else pred == y
+    success |= ~keep
+    for t in range(max_iter):
+        idx = keep.nonzero().squeeze(1) if t == 0 else idx[keep]
+        n = idx.numel()
+        if n == 0:
+            break
+        n_graph = logits_g.shape[0]
+        if n < n_graph and (n_graph - n) * K > n:
+            # Few rows survive: a fresh forward on them is cheaper than a Jacobian of the
+            # whole graph batch.
+            xg, logits_g = jacobian.forward_with_graph(model, x_final[idx], shape)
+            rows = None
+        else:
+            rows = None if n == n_graph else keep.nonzero().squeeze(1)
+        cur_logits = logits[keep] if t > 0 or y is not None else logits
+        cand = cand_all[idx]
+        grads = jacobian.class_grads(model, xg, logits_g, None if all_classes else cand, rows)
+        del xg, logits_g
+        ones = torch.ones(n, dtype=torch.bool, device=x.device)
+        ref_a = ref[idx]
+        _, _, r = ops.select_boundary(cur_logits, grads.to(dtype), cand, ref_a, ones, norm)
+        del grads
+        r_tot_a, x_next = ops.deepfool_update(x0[idx], r_tot[idx], r, ones, overshoot, lo, hi)
+        r_tot[idx] = r_tot_a
+        x_final[idx] = x_next
+        iterations[idx] = t + 1
+        if t + 1 < max_iter:
+            xg, logits_g = jacobian.forward_with_graph(model, x_next, shape)
+            out = logits_g
+        else:
+            with torch.no_grad():
+                out = model(x_next.view(n, *shape))
+        logits = check_logits(out, n).detach().to(dtype)
+        new_pred = logits.argmax(1)
+        adv_label[idx] = new_pred
+        done = new_pred != ref_a
+        success[idx[done]] = True
+        keep = ~done
+
+    delta = (x_final - x0).view(B, *shape)
+    return DeepFoolResult(delta=delta, x_adv=x_final.view(B, *shape), iterations=iterations,
+                          success=success, label=ref, adv_label=adv_label)
+
+
+def _empty_result(x: Tensor) -> DeepFoolResult:
+    z = torch.zeros(0, dtype=torch.int64, device=x.device)
+    return DeepFoolResult(delta=torch.zeros_like(x), x_adv=x.detach().clone(), iterations=z,
+                          success=z.bool(), label=z, adv_label=z.clone())
+
+
+def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] = None, *,
+             max_iter: int = 50, overshoot: float = 0.02, norm=2,
+             candidates: Optional[int] = None,
+             bounds: Optional[Tuple[Optional[float], Optional[float]]] = None,
+             batch_size: Optional[int] = None) -> DeepFoolResult:
+    """Batched multi-class DeepFool.
+
+    Args:
+        model: callable mapping ``[B, *x.shape[1:]]`` to logits ``[B, K]`` (an ``nn.Module``
+            runs in eval mode during the attack; every submodule's mode is restored).
+        x: [B, ...] floating-point inputs; the attack works in their dtype and on their
+            device. Not modified.
+        y: optional [B] integer labels. Without labels the reference class is the
+            prediction at x; with labels, misclassified samples get zero perturbation,
+            ``success=True`` and ``iterations=0``.
+        max_iter: maximum number of steps (>= 0).
+        overshoot: iterate is ``x + (1 + overshoot) * r_tot``.
+        norm: 2 or ``float("inf")`` (or "l2" / "linf").
+        candidates: use only the top-k classes by logit at x (reference always included);
+            None for all classes.
+        bounds: ``(lo, hi)`` clip of every iterate (either may be None).
+        batch_size: process at most this many samples at once (bounds memory).
+
+    Returns:
+        :class:`DeepFoolResult`. Gradients are taken with ``torch.autograd.grad``: no
+        ``.grad`` attribute is written.
+    """
+    x = check_input(x)
+    norm_v = ops._norm_value(norm)
+    if not isinstance(overshoot, (int, float)) or isinstance(overshoot, bool) or not math.isfinite(overshoot) or overshoot < 0:
+        raise ValueError(f"overshoot must be a finite number >= 0, got {overshoot!r}")
+    max_iter = check_max_iter(max_iter)
+    k = check_candidates(candidates)
+    lo, hi = check_bounds(bounds)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    B = x.shape[0]
+    if y is not None:
+        y = as_labels(y, B, None, x.device)
+    if B == 0:
+        return _empty_result(x)
+    check_model_device(model, x)
+    step = B if batch_size is None else batch_size
+    parts = []
+    with frozen_model(model), torch.inference_mode(False), torch.enable_grad():
+        for s in range(0, B, step):
+            parts.append(_attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step],
+                                       max_iter, float(overshoot), norm_v, k, lo, hi))
+    if len(parts) == 1:
+        return parts[0]
+    return DeepFoolResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                            ("delta", "x_adv", "iterations", "success", "label", "adv_label")))

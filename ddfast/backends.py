@@ -1,0 +1,116 @@
+"""Backend registry: which implementation of the ops runs for a tensor.
+
+A backend is a module that exposes the four ops with the signatures of
+:mod:`ddfast.reference` plus ``supports(device, dtype) -> bool``. Backends:
+
+* ``torch``  -- :mod:`ddfast.reference`, any device and float dtype;
+* ``cpu``    -- C++/OpenMP (``ddfast._C``), CPU float32/float64;
+* ``triton`` -- :mod:`ddfast.kernels`, CUDA tensors (CPU too under ``TRITON_INTERPRET=1``);
+* ``cuda``   -- ``ddfast._C_cuda``, CUDA tensors.
+
+The backend is chosen per call: an explicit ``backend=`` argument, else
+:func:`set_backend`, else the ``DDFAST_BACKEND`` environment variable, else the fastest
+backend available for the tensor's device and dtype.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from types import ModuleType
+from typing import Dict, List, Optional, Union
+
+import torch
+
+__all__ = ["BACKENDS", "available_backends", "set_backend", "get_backend", "resolve", "load"]
+
+#: Every backend name, in order of preference for the default choice on a device.
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+
+_MODULES = {
+    "torch": "ddfast.reference",
+    "cpu": "ddfast._cpu",
+    "triton": "ddfast.kernels",
+    "cuda": "ddfast._cuda",
+}
+
+_loaded: Dict[str, Optional[ModuleType]] = {}
+_load_errors: Dict[str, str] = {}
+_state = threading.local()
+
+
+def load(name: str) -> Optional[ModuleType]:
+    """The backend's module, or None when it cannot be imported here (reason kept)."""
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {sorted(_MODULES)}, got {name!r}")
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except Exception as exc:  # an optional backend that is absent here
+            _loaded[name] = None
+            _load_errors[name] = f"{type(exc).__name__}: {exc}"
+    return _loaded[name]
+
+
+def _supports(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    if name == "torch":
+        return dtype.is_floating_point
+    mod = load(name)
+    return mod is not None and bool(mod.supports(device, dtype))
+
+
+def available_backends(device: Union[str, torch.device, None] = None,
+                       dtype: torch.dtype = torch.float32) -> List[str]:
+    """Names of the backends usable for tensors of ``device`` (default CPU) and ``dtype``,
+    fastest first."""
+    device = torch.device(device if device is not None else "cpu")
+    return [b for b in BACKENDS if _supports(b, device, dtype)]
+
+
+class set_backend:
+    """Choose the backend for later calls (``None`` restores the default choice).
+
+    Works as a plain call or as a context manager that restores the previous choice::
+
+        ddfast.set_backend("torch")
+        with ddfast.set_backend("cpu"):
+            ...
+    """
+
+    def __init__(self, name: Optional[str]):
+        if name is not None and name not in _MODULES:
+            raise ValueError(f"backend must be one of {sorted(_MODULES)} or None, got {name!r}")
+        self._previous = getattr(_state, "name", None)
+        _state.name = name
+
+    def __enter__(self) -> "set_backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _state.name = self._previous
+
+
+def get_backend() -> Optional[str]:
+    """The backend chosen by :func:`set_backend` or ``DDFAST_BACKEND`` (None: automatic)."""
+    name = getattr(_state, "name", None)
+    if name is None:
+        name = os.environ.get("DDFAST_BACKEND") or None
+    return name
+
+
+def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs a call on ``device``/``dtype``; an explicit choice that cannot
+    run there raises a ValueError that says why."""
+    if name is None:
+        name = get_backend()
+    if name is None:
+        for b in BACKENDS:
+            if _supports(b, device, dtype):
+                return b
+        raise ValueError(f"no ddfast backend supports {device} tensors of dtype {dtype}")
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {sorted(_MODULES)}, got {name!r}")
+    if not _supports(name, device, dtype):
+        why = _load_errors.get(name, f"it does not take {device} tensors of dtype {dtype}")
+        raise ValueError(f"backend {name!r} cannot run here: {why}")
+    return name

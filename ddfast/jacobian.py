@@ -1,0 +1,117 @@
+"""Class-logit gradients of a batch w.r.t. its input.
+
+All routes start from a graph-carrying forward (:func:`forward_with_graph`) and return
+``grads[i, j] = d logits[i, classes[i, j]] / d x_i`` as a ``[n, C, D]`` tensor (possibly a
+strided view: its last dim is contiguous). Routes:
+
+* ``"batched"``: one vmapped backward over the C one-hot output directions
+  (``torch.autograd.grad(..., is_grads_batched=True)``), the fastest where vmap works;
+* ``"loop"``: one backward per direction, the fallback where vmap does not work
+  (e.g. some ``torch.compile``d models or custom autograd functions).
+
+``"auto"`` tries ``"batched"`` once per model and remembers a failure.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["forward_with_graph", "class_grads", "one_row_with_graph"]
+
+_vmap_fails: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def forward_with_graph(model: Callable, x_flat: Tensor, shape: torch.Size) -> Tuple[Tensor, Tensor]:
+    """Run ``model`` on a leaf copy of ``x_flat`` [n, D] viewed as ``[n, *shape]``.
+
+    Returns ``(xg, logits)``: the leaf [n, D] (requires grad) and the graph-carrying logits."""
+    xg = x_flat.detach().requires_grad_(True)
+    logits = model(xg.view(xg.shape[0], *shape))
+    return xg, logits
+
+
+def _directions(n: int, K: int, classes: Optional[Tensor], like: Tensor) -> Tensor:
+    """One-hot output directions [C, n, K] (C = K when ``classes`` is None)."""
+    if classes is None:
+        return torch.eye(K, dtype=like.dtype, device=like.device)[:, None, :].expand(K, n, K)
+    C = classes.shape[1]
+    go = torch.zeros(C, n, K, dtype=like.dtype, device=like.device)
+    go.scatter_(2, classes.t().unsqueeze(2), 1.0)
+    return go
+
+
+def _batched(logits: Tensor, xg: Tensor, go: Tensor, create_graph: bool) -> Tensor:
+    (g,) = torch.autograd.grad(logits, xg, go, is_grads_batched=True, create_graph=create_graph)
+    return g                                                           # [C, n, D]
+
+
+def _loop(logits: Tensor, xg: Tensor, go: Tensor, create_graph: bool) -> Tensor:
+    C = go.shape[0]
+    rows = [torch.autograd.grad(logits, xg, go[j], retain_graph=create_graph or j < C - 1,
+                                create_graph=create_graph)[0] for j in range(C)]
+    return torch.stack(rows, 0)                                        # [C, n, D]
+
+
+def _remember_failure(model) -> None:
+    try:
+        _vmap_fails[model] = True
+    except TypeError:  # not weak-referenceable: retry next time
+        pass
+
+
+def _known_failure(model) -> bool:
+    try:
+        return model in _vmap_fails
+    except TypeError:
+        return False
+
+
+def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[Tensor] = None,
+                rows: Optional[Tensor] = None, method: str = "auto",
+                create_graph: bool = False) -> Tensor:
+    """Gradients of selected class logits w.r.t. the input, from an existing graph.
+
+    Args:
+        model: the model that produced ``logits`` (used to remember a vmap failure).
+        xg: [n, D] the leaf the forward ran on; logits: [n, K] graph-carrying logits.
+        classes: [m, C] int64 classes per kept row, or None for all K classes.
+        rows: [m] int64 rows of the graph batch to return (None: all, m = n).
+        method: "auto", "batched" or "loop".
+        create_graph: keep the result differentiable (second order).
+
+    Returns:
+        [m, C, D] gradients in ``xg``'s dtype (a view with a contiguous last dim).
+    """
+    n, K = logits.shape
+    if classes is not None and rows is not None:
+        full = torch.zeros(n, classes.shape[1], dtype=classes.dtype, device=classes.device)
+        full[rows] = classes
+        classes = full
+    go = _directions(n, K, classes, logits)
+    if method not in ("auto", "batched", "loop"):
+        raise ValueError(f"method must be 'auto', 'batched' or 'loop', got {method!r}")
+    if method == "loop" or (method == "auto" and _known_failure(model)):
+        g = _loop(logits, xg, go, create_graph)
+    elif method == "batched":
+        g = _batched(logits, xg, go, create_graph)
+    else:
+        try:
+            g = _batched(logits, xg, go, create_graph)
+        except RuntimeError:
+            _remember_failure(model)
+            g = _loop(logits, xg, go, create_graph)
+    if rows is not None:
+        g = g[:, rows]
+    return g.transpose(0, 1)
+
+
+def one_row_with_graph(logits: Tensor, xg: Tensor, direction: Tensor) -> Tensor:
+    """``d (direction_i . logits_i) / d x_i`` for every row, differentiable (create_graph).
+
+    direction: [n, K] (e.g. ``onehot(l) - onehot(ref)`` for the row ``w_l``). Returns [n, D].
+    """
+    (g,) = torch.autograd.grad(logits, xg, direction, create_graph=True)
+    return g

@@ -1,0 +1,183 @@
+"""Pure-torch reference of every ddfast op: the executable spec.
+
+Every backend (C++ CPU, Triton, CUDA) must agree with these functions, which are written
+for clarity, work on any device and float dtype, and are exact in float64.
+Shapes: B samples, K classes, C candidate classes per sample, D input features.
+
+Conventions shared by all ops:
+
+* ``norm`` is ``2`` or ``inf`` (float). For ``norm=2`` distances use ``||w||_2``; for
+  ``norm=inf`` they use the dual norm ``||w||_1`` and steps follow ``sign(w)``.
+* A row whose boundary normal ``w`` is exactly zero never produces NaN or Inf: its
+  distance is ``+inf`` and its step ``r`` is 0.
+* Inactive rows (``active[i] == False``) get ``l = ref``, ``dist = 0`` and ``r = 0``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "select_boundary",
+    "boundary_step",
+    "deepdefense_penalty",
+    "deepfool_update",
+    "PENALTY_EXP_CAP",
+]
+
+#: Exponents of the DeepDefense penalty above this value continue linearly (value and slope
+#: of exp at the cap), so a hopeless misclassified sample cannot overflow float32 (whose exp
+#: overflows above ~88.7) while every exponent below the cap is untouched.
+PENALTY_EXP_CAP = 60.0
+
+
+def _check_norm(norm: float) -> float:
+    norm = float(norm)
+    if norm != 2.0 and not math.isinf(norm):
+        raise ValueError(f"norm must be 2 or inf, got {norm}")
+    return norm
+
+
+def dual_norm(w: Tensor, norm: float) -> Tensor:
+    """||w||_q over the last dim, q the dual of ``norm`` (2 -> 2, inf -> 1)."""
+    if math.isinf(norm):
+        return w.abs().sum(-1)
+    return torch.linalg.vector_norm(w, dim=-1)
+
+
+def step_direction(w: Tensor, norm: float) -> Tensor:
+    """Unit-cost direction of a step along ``w``: ``w / ||w||_2`` (0 where w == 0) or
+    ``sign(w)``. Shape of ``w``."""
+    if math.isinf(norm):
+        return torch.sign(w)
+    n2 = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+    return torch.where(n2 > 0, w / torch.where(n2 > 0, n2, torch.ones_like(n2)), torch.zeros_like(w))
+
+
+def select_boundary(
+    logits: Tensor,
+    grads: Tensor,
+    cand: Tensor,
+    ref: Tensor,
+    active: Tensor,
+    norm: float = 2.0,
+    eps: float = 1e-4,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Closest linearised decision boundary and the DeepFool step towards it.
+
+    Args:
+        logits: [B, K] logits at the current point.
+        grads: [B, C, D] gradients of the candidate classes' logits: ``grads[i, j]`` is
+            ``d logits[i, cand[i, j]] / dx``.
+        cand: [B, C] int64 candidate class indices; ``ref[i]`` must appear in ``cand[i]``.
+        ref: [B] int64 reference class (the class to leave).
+        active: [B] bool; inactive rows are skipped.
+        norm: 2 or inf.
+        eps: added to the distance so the step crosses the boundary.
+
+    Returns:
+        l: [B] int64, the chosen class ``argmin_k |f_k - f_ref| / ||g_k - g_ref||_q``
+           over candidates ``k != ref`` (first index on ties).
+        dist: [B] in the logits' dtype, that distance (``inf`` where every ``w`` is zero).
+        r: [B, D] in the grads' dtype, ``(dist + eps) * w_l / ||w_l||_2`` (norm 2) or
+           ``(dist + eps) * sign(w_l)`` (norm inf); 0 where ``w_l == 0`` or inactive.
+    """
+    norm = _check_norm(norm)
+    B, C, D = grads.shape
+    is_ref = cand == ref[:, None]                                   # [B, C]
+    ref_pos = is_ref.to(torch.int64).argmax(dim=1)                  # [B]
+    g_ref = grads[torch.arange(B, device=grads.device), ref_pos]    # [B, D]
+    w = grads - g_ref[:, None, :]                                   # [B, C, D]
+    f_cand = logits.gather(1, cand)                                 # [B, C]
+    fdiff = f_cand - logits.gather(1, ref[:, None])                 # [B, C]
+    wn = dual_norm(w, norm).to(fdiff.dtype)                         # [B, C]
+    inf = torch.full_like(fdiff, math.inf)
+    dist_all = torch.where(wn > 0, fdiff.abs() / torch.where(wn > 0, wn, torch.ones_like(wn)), inf)
+    dist_all = torch.where(is_ref, inf, dist_all)
+    pos = dist_all.argmin(dim=1)                                    # first minimum
+    rows = torch.arange(B, device=grads.device)
+    dist = dist_all[rows, pos]
+    l = cand[rows, pos]
+    w_l = w[rows, pos]                                              # [B, D]
+    scale = torch.where(torch.isfinite(dist), dist + eps, torch.zeros_like(dist))
+    r = scale.to(grads.dtype)[:, None] * step_direction(w_l, norm)
+    l = torch.where(active, l, ref)
+    dist = torch.where(active, dist, torch.zeros_like(dist))
+    r = torch.where(active[:, None], r, torch.zeros_like(r))
+    return l, dist, r
+
+
+def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4) -> Tensor:
+    """Differentiable DeepFool step towards one boundary.
+
+    Args:
+        fdiff: [B] logit difference ``f_l - f_ref`` (usually negative).
+        w: [B, D] boundary normal ``g_l - g_ref``.
+
+    Returns:
+        r: [B, D], ``(|fdiff| / ||w||_q + eps) * w / ||w||_2`` (norm 2) or
+        ``(|fdiff| / ||w||_1 + eps) * sign(w)`` (norm inf); 0 where ``w == 0``.
+        Differentiable twice in ``fdiff`` and ``w`` (the gradient at ``w == 0`` is 0).
+    """
+    norm = _check_norm(norm)
+    wn = dual_norm(w, norm)
+    nz = wn > 0
+    wn_safe = torch.where(nz, wn, torch.ones_like(wn))
+    scale = torch.where(nz, fdiff.abs() / wn_safe + eps, torch.zeros_like(wn))
+    return scale[:, None] * step_direction(w, norm)
+
+
+def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: float) -> Tensor:
+    """Per-sample DeepDefense penalty.
+
+    Args:
+        delta: [B, D] the DeepFool perturbation ``D_i``.
+        x: [B, D] the clean input.
+        correct: [B] bool, sample classified correctly.
+
+    Returns:
+        [B]: ``exp(-c * ||delta|| / ||x||)`` where correct, ``exp(d * ||delta|| / ||x||)``
+        elsewhere; exponents above :data:`PENALTY_EXP_CAP` continue linearly. The gradient
+        of ``||delta||`` at ``delta == 0`` is 0 and ``||x|| == 0`` counts as ratio 0.
+    """
+    dn2 = (delta * delta).sum(-1)
+    nz = dn2 > 0
+    dn = torch.where(nz, torch.sqrt(torch.where(nz, dn2, torch.ones_like(dn2))), torch.zeros_like(dn2))
+    xn = torch.linalg.vector_norm(x, dim=-1)
+    ratio = torch.where(xn > 0, dn / torch.where(xn > 0, xn, torch.ones_like(xn)), torch.zeros_like(dn))
+    z = torch.where(correct, -c * ratio, d * ratio)
+    cap = PENALTY_EXP_CAP
+    over = z > cap
+    z_in = torch.where(over, torch.full_like(z, cap), z)
+    e = torch.exp(z_in)
+    return torch.where(over, e * (1 + (z - cap)), e)
+
+
+def deepfool_update(
+    x0: Tensor,
+    r_tot: Tensor,
+    r: Tensor,
+    active: Tensor,
+    overshoot: float,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Accumulate a DeepFool step and form the next iterate.
+
+    Args:
+        x0: [B, D] the clean input; r_tot: [B, D] accumulated steps; r: [B, D] this step.
+        active: [B] bool; inactive rows keep their ``r_tot``.
+        overshoot: the iterate is ``x0 + (1 + overshoot) * r_tot``.
+        lo, hi: optional clip bounds of the iterate.
+
+    Returns:
+        (r_tot', x_next), both [B, D].
+    """
+    r_new = torch.where(active[:, None], r_tot + r, r_tot)
+    x_next = x0 + (1.0 + overshoot) * r_new
+    if lo is not None or hi is not None:
+        x_next = torch.clamp(x_next, min=lo, max=hi)
+    return r_new, x_next
