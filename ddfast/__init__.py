@@ -3,7 +3,7 @@
 * :func:`deepfool` -- batched multi-class DeepFool (L2 / Linf) with per-sample early exit.
 * :mod:`ddfast.ops` -- the fused step ops (``torch.library`` custom ops) and their backends.
 """
-from . import ops, reference
+from . import attacks, ops, reference
 from .attack import DeepFoolResult, deepfool
 from .backends import available_backends, get_backend, set_backend
 
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "deepfool",
     "DeepFoolResult",
+    "attacks",
     "ops",
     "reference",
     "available_backends",

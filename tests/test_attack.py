@@ -1,0 +1,260 @@
+"""ddfast.deepfool against closed forms and a slow per-sample implementation (float64)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import ddfast
+from conftest import make_cnn, make_mlp
+from slow_deepfool import slow_deepfool
+
+INF = float("inf")
+
+
+def _affine(K=4, D=6, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(D, K).double()
+    return lin
+
+
+def test_affine_one_step_closed_form():
+    lin = _affine()
+    W, b = lin.weight.detach(), lin.bias.detach()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    res = ddfast.deepfool(lin, x, overshoot=0.02)
+    f = x @ W.t() + b
+    ref = f.argmax(1)
+    for i in range(8):
+        k0 = int(ref[i])
+        best = min((abs(float(f[i, k] - f[i, k0])) / float((W[k] - W[k0]).norm()), k)
+                   for k in range(4) if k != k0)
+        dist, l = best
+        w = W[l] - W[k0]
+        expected = 1.02 * (dist + 1e-4) * w / w.norm()
+        torch.testing.assert_close(res.delta[i], expected, rtol=1e-12, atol=1e-12)
+        assert int(res.adv_label[i]) == l
+    assert res.iterations.tolist() == [1] * 8
+    assert res.success.all()
+    torch.testing.assert_close(res.x_adv, x + res.delta)
+    assert torch.equal(res.label, ref)
+
+
+def test_affine_linf_one_step_closed_form():
+    lin = _affine(seed=1)
+    W, b = lin.weight.detach(), lin.bias.detach()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    res = ddfast.deepfool(lin, x, norm=INF, overshoot=0.0)
+    f = x @ W.t() + b
+    for i in range(5):
+        k0 = int(f[i].argmax())
+        dist, l = min((abs(float(f[i, k] - f[i, k0])) / float((W[k] - W[k0]).abs().sum()), k)
+                      for k in range(4) if k != k0)
+        expected = (dist + 1e-4) * torch.sign(W[l] - W[k0])
+        torch.testing.assert_close(res.delta[i], expected, rtol=1e-12, atol=1e-12)
+    assert res.success.all()
+
+
+def _compare(model, x, y=None, **kw):
+    res = ddfast.deepfool(model, x, y, **kw)
+    sd, si, ss, sl, sa = slow_deepfool(model, x, y, **{("max_iter" if k == "max_iter" else k): v
+                                                        for k, v in kw.items()})
+    torch.testing.assert_close(res.delta.flatten(1), sd.flatten(1), rtol=1e-9, atol=1e-10)
+    assert torch.equal(res.iterations, si)
+    assert torch.equal(res.success, ss)
+    assert torch.equal(res.label, sl)
+    assert torch.equal(res.adv_label, sa)
+    return res
+
+
+@pytest.mark.parametrize("norm", [2.0, INF])
+@pytest.mark.parametrize("candidates", [None, 3])
+def test_matches_slow_mlp(norm, candidates):
+    model = make_mlp(k=6)
+    x = torch.randn(12, 20, dtype=torch.float64)
+    res = _compare(model, x, norm=norm, candidates=candidates, max_iter=30)
+    assert res.success.float().mean() > 0.5  # the attack does something
+
+
+def test_matches_slow_with_labels_and_bounds():
+    model = make_mlp(k=5, seed=3)
+    x = torch.rand(16, 20, dtype=torch.float64)
+    y = torch.randint(0, 5, (16,))
+    res = _compare(model, x, y, bounds=(0.0, 1.0), max_iter=20, overshoot=0.05)
+    assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
+    mis = model(x).argmax(1) != y
+    assert mis.any() and (~mis).any()
+    assert (res.iterations[mis] == 0).all() and res.success[mis].all()
+    assert (res.delta[mis] == 0).all()
+
+
+def test_matches_slow_cnn_batchnorm_dropout_in_train_mode():
+    model = make_cnn()
+    model.train()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    model.eval()
+    expected = slow_deepfool(model, x, max_iter=10)
+    model.train()
+    res = ddfast.deepfool(model, x, max_iter=10)
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(res.delta, expected[0], rtol=1e-9, atol=1e-10)
+    assert torch.equal(res.iterations, expected[1])
+
+
+def test_compaction_equals_per_sample_runs():
+    model = make_mlp(k=7, seed=5)
+    x = torch.randn(20, 20, dtype=torch.float64)
+    whole = ddfast.deepfool(model, x)
+    single = ddfast.deepfool(model, x, batch_size=1)
+    chunks = ddfast.deepfool(model, x, batch_size=7)
+    for other in (single, chunks):
+        torch.testing.assert_close(whole.delta, other.delta, rtol=1e-12, atol=1e-13)
+        assert torch.equal(whole.iterations, other.iterations)
+    assert whole.iterations.unique().numel() > 1  # samples really left at different steps
+
+
+def test_jacobian_routes_agree():
+    from ddfast import jacobian
+    model = make_cnn()
+    model.eval()
+    x = torch.randn(5, 64, dtype=torch.float64)
+    xg, logits = jacobian.forward_with_graph(model, x, torch.Size([1, 8, 8]))
+    a = jacobian.class_grads(model, xg, logits, method="batched")
+    xg, logits = jacobian.forward_with_graph(model, x, torch.Size([1, 8, 8]))
+    b = jacobian.class_grads(model, xg, logits, method="loop")
+    full = torch.autograd.functional.jacobian(lambda v: model(v.view(5, 1, 8, 8)), x)  # [5,K,5,D]
+    expected = torch.stack([full[i, :, i] for i in range(5)])
+    torch.testing.assert_close(a, expected)
+    torch.testing.assert_close(b, expected)
+    cls = torch.tensor([[0, 2], [1, 3], [3, 0], [2, 1], [0, 1]])
+    rows = torch.tensor([0, 2, 4])
+    xg, logits = jacobian.forward_with_graph(model, x, torch.Size([1, 8, 8]))
+    c = jacobian.class_grads(model, xg, logits, cls[rows], rows)
+    torch.testing.assert_close(c, torch.stack([expected[i, cls[i]] for i in rows.tolist()]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_and_float32_close_to_float64(dtype):
+    model64 = make_mlp(k=5, seed=2)
+    x64 = torch.randn(30, 20, dtype=torch.float64)
+    res64 = ddfast.deepfool(model64, x64)
+    model = make_mlp(k=5, seed=2, dtype=dtype)
+    res = ddfast.deepfool(model, x64.to(dtype))
+    assert res.delta.dtype == dtype and res.x_adv.dtype == dtype
+    same = res.iterations == res64.iterations
+    assert same.float().mean() > 0.9
+    rel = (res.norms()[same].double() - res64.norms()[same]).abs() / res64.norms()[same]
+    assert float(rel.max()) < (1e-4 if dtype == torch.float32 else 1e-12)
+
+
+def test_flat_classifier_never_nan():
+    def flat(x):
+        return torch.zeros(x.shape[0], 3, dtype=x.dtype) + 0.0 * x.sum(1, keepdim=True)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    res = ddfast.deepfool(flat, x, max_iter=3)
+    assert torch.isfinite(res.delta).all()
+    assert (res.delta == 0).all() and not res.success.any()
+    assert res.iterations.tolist() == [3] * 4
+
+
+def test_max_iter_zero_and_empty_batch():
+    model = make_mlp()
+    x = torch.randn(3, 20, dtype=torch.float64)
+    res = ddfast.deepfool(model, x, max_iter=0)
+    assert (res.delta == 0).all() and not res.success.any() and (res.iterations == 0).all()
+    empty = ddfast.deepfool(model, x[:0])
+    assert empty.delta.shape == (0, 20) and empty.iterations.shape == (0,)
+    assert len(empty) == 0
+
+
+def test_no_side_effects():
+    model = make_cnn()
+    model.train()
+    model[1].eval()  # a mixed-mode model keeps its mixture
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    model[0].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    x_copy = x.clone()
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        ddfast.deepfool(model, x, max_iter=5)
+    assert torch.is_grad_enabled() is True
+    assert torch.equal(x, x_copy) and not x.requires_grad
+    assert model.training and not model[1].training
+    assert not model[0].weight.requires_grad and model[0].bias.requires_grad
+    for p in model.parameters():
+        assert torch.equal(p.grad, torch.full_like(p, 7.0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_inference_mode_input():
+    model = make_mlp()
+    with torch.inference_mode():
+        x = torch.randn(3, 20, dtype=torch.float64)
+        res = ddfast.deepfool(model, x, max_iter=5)
+    assert res.success.any()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=torch.tensor([[float("nan")] * 20])), "x contains NaN"),
+    (dict(x=torch.ones(2, 20, dtype=torch.int64)), "x must be a floating"),
+    (dict(x=torch.ones(2, 20, dtype=torch.complex64)), "x must be a floating"),
+    (dict(y=torch.tensor([0, 9])), r"y holds labels outside \[0, 5\)"),
+    (dict(y=torch.tensor([0, 1, 2])), r"y must have shape \[2\]"),
+    (dict(y=torch.tensor([0.0, 1.0])), "y must hold integer"),
+    (dict(norm=3), "norm must be 2 or inf"),
+    (dict(norm="l3"), "norm must be"),
+    (dict(max_iter=-1), "max_iter"),
+    (dict(candidates=1), "candidates"),
+    (dict(overshoot=-0.1), "overshoot"),
+    (dict(bounds=(1.0, 0.0)), "bounds"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_bad_input(bad, match):
+    model = make_mlp(k=5)
+    args = dict(x=torch.randn(2, 20, dtype=torch.float64), y=None)
+    args.update(bad)
+    x, y = args.pop("x"), args.pop("y")
+    with pytest.raises((ValueError, TypeError), match=match):
+        ddfast.deepfool(model, x, y, **args)
+
+
+@pytest.mark.parametrize("out, match", [
+    (lambda x: x.sum(1), r"logits of shape \[B, K\]"),
+    (lambda x: x[:, :1], "at least 2 classes"),
+    (lambda x: x[:1, :3], r"logits of shape \[B, K\] = \[2, K\]"),
+    (lambda x: "no", "must return a logits tensor"),
+])
+def test_bad_model_output(out, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ddfast.deepfool(out, torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_torchattacks_style_dropin():
+    model = make_mlp(k=5).float()
+    x = torch.rand(8, 20)
+    y = model(x).argmax(1)
+    atk = ddfast.attacks.DeepFool(model, steps=50, overshoot=0.02)
+    adv = atk(x, y)
+    assert adv.shape == x.shape and float(adv.min()) >= 0 and float(adv.max()) <= 1
+    torch.testing.assert_close(adv, atk.last_result.x_adv)
+    assert (model(adv).argmax(1) != y).float().mean() > 0.5
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 6), K=st.integers(2, 6), D=st.integers(1, 9),
+       norm=st.sampled_from([2.0, INF]), cand=st.sampled_from([None, 2, 3]),
+       seed=st.integers(0, 10_000))
+def test_hypothesis_shapes_against_slow(B, K, D, norm, cand, seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 8), torch.nn.Tanh(), torch.nn.Linear(8, K)).double()
+    x = torch.randn(B, D, dtype=torch.float64)
+    res = ddfast.deepfool(model, x, max_iter=8, norm=norm, candidates=cand)
+    sd, si, ss, sl, sa = slow_deepfool(model, x, max_iter=8, norm=norm, candidates=cand)
+    torch.testing.assert_close(res.delta, sd, rtol=1e-8, atol=1e-10)
+    assert torch.equal(res.iterations, si) and torch.equal(res.success, ss)
+    assert torch.isfinite(res.delta).all()
