@@ -43,14 +43,17 @@ def _directions(n: int, K: int, classes: Optional[Tensor], like: Tensor) -> Tens
     return go
 
 
-def _batched(logits: Tensor, xg: Tensor, go: Tensor, create_graph: bool) -> Tensor:
-    (g,) = torch.autograd.grad(logits, xg, go, is_grads_batched=True, create_graph=create_graph)
+def _batched(logits: Tensor, xg: Tensor, go: Tensor, create_graph: bool,
+             retain_graph: bool = False) -> Tensor:
+    (g,) = torch.autograd.grad(logits, xg, go, is_grads_batched=True, create_graph=create_graph,
+                               retain_graph=create_graph or retain_graph)
     return g                                                           # [C, n, D]
 
 
-def _loop(logits: Tensor, xg: Tensor, go: Tensor, create_graph: bool) -> Tensor:
+def _loop(logits: Tensor, xg: Tensor, go: Tensor, create_graph: bool,
+          retain_graph: bool = False) -> Tensor:
     C = go.shape[0]
-    rows = [torch.autograd.grad(logits, xg, go[j], retain_graph=create_graph or j < C - 1,
+    rows = [torch.autograd.grad(logits, xg, go[j], retain_graph=create_graph or retain_graph or j < C - 1,
                                 create_graph=create_graph)[0] for j in range(C)]
     return torch.stack(rows, 0)                                        # [C, n, D]
 
@@ -71,7 +74,7 @@ def _known_failure(model) -> bool:
 
 def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[Tensor] = None,
                 rows: Optional[Tensor] = None, method: str = "auto",
-                create_graph: bool = False) -> Tensor:
+                create_graph: bool = False, retain_graph: bool = False) -> Tensor:
     """Gradients of selected class logits w.r.t. the input, from an existing graph.
 
     Args:
@@ -81,6 +84,8 @@ def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[T
         rows: [m] int64 rows of the graph batch to return (None: all, m = n).
         method: "auto", "batched" or "loop".
         create_graph: keep the result differentiable (second order).
+        retain_graph: keep the forward graph alive for later backwards (e.g. a
+            graph-carrying row after a no-graph selection); implied by ``create_graph``.
 
     Returns:
         [m, C, D] gradients in ``xg``'s dtype (a view with a contiguous last dim).
@@ -94,15 +99,15 @@ def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[T
     if method not in ("auto", "batched", "loop"):
         raise ValueError(f"method must be 'auto', 'batched' or 'loop', got {method!r}")
     if method == "loop" or (method == "auto" and _known_failure(model)):
-        g = _loop(logits, xg, go, create_graph)
+        g = _loop(logits, xg, go, create_graph, retain_graph)
     elif method == "batched":
-        g = _batched(logits, xg, go, create_graph)
+        g = _batched(logits, xg, go, create_graph, retain_graph)
     else:
         try:
-            g = _batched(logits, xg, go, create_graph)
+            g = _batched(logits, xg, go, create_graph, retain_graph)
         except RuntimeError:
             _remember_failure(model)
-            g = _loop(logits, xg, go, create_graph)
+            g = _loop(logits, xg, go, create_graph, retain_graph)
     if rows is not None:
         g = g[:, rows]
     return g.transpose(0, 1)
