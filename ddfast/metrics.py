@@ -1,0 +1,252 @@
+"""The paper's robustness metrics (Section 4.1 and supplementary Table 1), batched.
+
+* :func:`rho2`: ``rho_2 = mean_k ||D_k||_2 / ||x_k||_2`` with ``D_k`` the DeepFool
+  perturbation (:func:`ddfast.deepfool`, L2, ``max_iter=50``, overshoot 0.02 by default),
+  the attack leaving the model's *prediction* (``y=None``), as in the DeepFool paper; also
+  ``rho'_2 = mean ||D_k||_2`` in 0..255 pixel units (``||D|| / scale``) and the fraction of
+  samples the attack fooled (samples it did not fool still count with their final D).
+* :func:`fgs_eps50` / :func:`rho_inf`: FGS ``D = eps * sign(grad_x CE(f(x), y))`` with ``eps``
+  found by bisection so that 50% of the samples are misclassified;
+  ``rho_inf = mean ||D||_inf / ||x||_inf``.
+* :func:`acc_at_eps`: accuracy under FGS at given eps values (the paper's Acc@{0.2, 0.5,
+  1.0} eps_ref, eps_ref the :func:`fgs_eps50` of the DeepDefense model).
+* :func:`evaluate`: all of the above for one model, as one results row.
+
+Inputs are preprocessed tensors ``x [N, ...]`` and labels ``y int64 [N]``. Every function runs
+the model in eval mode and restores its mode; no parameter ``.grad`` is touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Rho2",
+    "accuracy",
+    "predict",
+    "rho2",
+    "fgs_direction",
+    "fgs_error",
+    "fgs_eps50",
+    "rho_inf",
+    "acc_at_eps",
+    "evaluate",
+]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and restore every submodule's mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, t in modes:
+            m.train(t)
+
+
+def _check(x: Tensor, y: Optional[Tensor]) -> None:
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        raise TypeError("x must be a tensor [N, ...]")
+    if y is not None:
+        if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.dtype != torch.int64:
+            raise TypeError(f"y must be an int64 tensor [{x.shape[0]}], got {getattr(y, 'shape', type(y))}")
+
+
+def _batches(n: int, batch_size: int, progress: bool, desc: str):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+    return starts
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """Predicted labels ``int64 [N]`` (eval mode, no graph)."""
+    _check(x, None)
+    with eval_mode(model):
+        return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Fraction of ``x`` classified as ``y``."""
+    _check(x, y)
+    return (predict(model, x, batch_size) == y).double().mean().item()
+
+
+@dataclass
+class Rho2:
+    """DeepFool robustness of a model on a set of samples.
+
+    ``rho2``: mean ``||D||_2/||x||_2``; ``rho2_prime``: mean ``||D||_2 / scale`` (0..255 units
+    when ``scale`` is the preprocessing scale); ``fooled``: fraction of samples whose
+    prediction DeepFool changed; ``ratios`` ``[N]``: per-sample ``||D||_2/||x||_2``;
+    ``iterations`` ``[N]``; ``delta``: the perturbations ``[N, ...]`` when kept.
+    """
+
+    rho2: float
+    rho2_prime: float
+    fooled: float
+    ratios: Tensor
+    iterations: Tensor
+    delta: Optional[Tensor] = field(default=None, repr=False)
+
+
+def rho2(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    max_iter: int = 50,
+    overshoot: float = 0.02,
+    candidates: Optional[int] = None,
+    scale: float = 1.0,
+    batch_size: int = 500,
+    keep_delta: bool = False,
+    progress: bool = True,
+) -> Rho2:
+    """rho_2 under DeepFool (from each sample's predicted class), rho'_2 and the fooled fraction.
+
+    ``scale``: the preprocessing scale (``1/255`` for the [0,1] space); rho'_2 divides by it.
+    """
+    from . import deepfool  # the lead's batched attack
+
+    _check(x, None)
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    ratios, norms, iters, fooled, deltas = [], [], [], [], []
+    for i in _batches(x.shape[0], batch_size, progress, "DeepFool rho_2"):
+        xb = x[i:i + batch_size]
+        res = deepfool(model, xb, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
+        d = res.delta.detach().flatten(1)
+        n = torch.linalg.vector_norm(d, dim=1)
+        ratios.append(n / torch.linalg.vector_norm(xb.flatten(1), dim=1))
+        norms.append(n)
+        iters.append(res.iterations)
+        fooled.append(res.success)
+        if keep_delta:
+            deltas.append(res.delta.detach())
+    ratios_t = torch.cat(ratios)
+    return Rho2(
+        rho2=ratios_t.double().mean().item(),
+        rho2_prime=(torch.cat(norms).double().mean() / scale).item(),
+        fooled=torch.cat(fooled).double().mean().item(),
+        ratios=ratios_t,
+        iterations=torch.cat(iters),
+        delta=torch.cat(deltas) if keep_delta else None,
+    )
+
+
+def fgs_direction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
+    """``sign(grad_x CE(f(x), y))`` per sample, ``[N, ...]`` (eval mode; parameters' .grad untouched)."""
+    _check(x, y)
+    out = []
+    with eval_mode(model):
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].detach().requires_grad_(True)
+            loss = F.cross_entropy(model(xb), y[i:i + batch_size], reduction="sum")
+            (g,) = torch.autograd.grad(loss, xb)
+            out.append(g.sign())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def fgs_error(model: nn.Module, x: Tensor, y: Tensor, direction: Tensor, eps: float, batch_size: int = 1000) -> float:
+    """Fraction misclassified at ``x + eps * direction``."""
+    return 1.0 - (predict(model, x + eps * direction, batch_size) == y).double().mean().item()
+
+
+def fgs_eps50(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    direction: Optional[Tensor] = None,
+    target: float = 0.5,
+    rel_tol: float = 1e-4,
+    batch_size: int = 1000,
+) -> float:
+    """Smallest FGS eps (bisection, relative tolerance ``rel_tol``) misclassifying >= ``target`` of ``x``.
+
+    Returns 0 if the clean error already reaches ``target``; ``inf`` if no eps up to
+    ``1e6 * mean|x|`` does.
+    """
+    _check(x, y)
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target}")
+    s = fgs_direction(model, x, y, batch_size) if direction is None else direction
+    err = lambda e: fgs_error(model, x, y, s, e, batch_size)  # noqa: E731
+    if err(0.0) >= target:
+        return 0.0
+    lo, hi = 0.0, max(x.abs().mean().item(), 1e-12) * 1e-3
+    limit = hi * 1e9
+    while err(hi) < target:
+        lo, hi = hi, hi * 2
+        if hi > limit:
+            return math.inf
+    while hi - lo > rel_tol * hi:
+        mid = 0.5 * (lo + hi)
+        if err(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def rho_inf(model: nn.Module, x: Tensor, y: Tensor, *, eps: Optional[float] = None, batch_size: int = 1000):
+    """``(rho_inf, eps)``: mean ``||D||_inf/||x||_inf`` of FGS at ``eps`` (default: :func:`fgs_eps50`)."""
+    s = fgs_direction(model, x, y, batch_size)
+    if eps is None:
+        eps = fgs_eps50(model, x, y, direction=s, batch_size=batch_size)
+    d_inf = eps * s.flatten(1).abs().amax(1)
+    return (d_inf / x.flatten(1).abs().amax(1)).double().mean().item(), eps
+
+
+def acc_at_eps(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], batch_size: int = 1000) -> List[float]:
+    """Accuracy under FGS at each of ``eps`` (same order)."""
+    s = fgs_direction(model, x, y, batch_size)
+    return [1.0 - fgs_error(model, x, y, s, float(e), batch_size) for e in eps]
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    scale: float = 1.0,
+    eps_ref: Optional[float] = None,
+    fractions: Sequence[float] = (0.2, 0.5, 1.0),
+    max_iter: int = 50,
+    candidates: Optional[int] = None,
+    batch_size: int = 500,
+    progress: bool = True,
+) -> dict:
+    """One results row: ``acc``, ``rho2``, ``rho2_prime`` (0..255 units), ``fooled``, ``rho_inf``,
+    ``eps50`` (this model's FGS eps for 50% error, preprocessed units) and, when ``eps_ref`` is
+    given, ``acc_at_eps = {"0.2": acc, ...}`` at ``fraction * eps_ref``.
+    """
+    _check(x, y)
+    r = rho2(model, x, max_iter=max_iter, candidates=candidates, scale=scale, batch_size=batch_size, progress=progress)
+    ri, eps = rho_inf(model, x, y, batch_size=batch_size)
+    row = {
+        "acc": accuracy(model, x, y),
+        "rho2": r.rho2,
+        "rho2_prime": r.rho2_prime,
+        "fooled": r.fooled,
+        "rho_inf": ri,
+        "eps50": eps,
+    }
+    if eps_ref is not None:
+        accs = acc_at_eps(model, x, y, [f * eps_ref for f in fractions], batch_size)
+        row["acc_at_eps"] = {str(f): a for f, a in zip(fractions, accs)}
+    return row

@@ -1,0 +1,347 @@
+"""Training and fine-tuning: clean, DeepDefense, adversarial training, Parseval training.
+
+:func:`fit` runs one method on preprocessed tensors and, with an ``out_dir``, writes after
+every epoch (atomically: temp file + ``os.replace``):
+
+* ``checkpoint.pt``: model, optimizer, epoch, RNG state, log and config (plain tensors and
+  containers, read back with ``torch.load(weights_only=True)``); ``--resume`` continues from it;
+* ``log.json``: one entry per epoch (epoch 0 is the starting model): loss, cross-entropy,
+  regularizer, train and test accuracy, rho_2 and fooled fraction on a fixed test subset,
+  learning rate, seconds, skipped steps;
+* ``model.pt``: the model's ``state_dict`` after the last finished epoch.
+
+The data order of epoch ``e`` is a permutation drawn from a generator seeded by
+``(seed, e)``, and an interrupted epoch is redone from the previous epoch's checkpoint, so a
+run resumed after an interruption ends bit-identical to an uninterrupted one.
+
+Learning rates: the paper fine-tunes at 5e-4 in its 0..255 MatConvNet setup; that rate does
+not carry over to PyTorch-initialised models on [0,1]-scaled inputs (DESIGN.md). The
+defaults here (:class:`TrainConfig`) are the paper's schedule shape (batch 100, 5 epochs, SGD
+momentum 0.9, weight decay 5e-4, lr halved for the last epoch) at lr 0.01 in the [0,1] space.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .metrics import accuracy, eval_mode, rho2
+
+__all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
+           "adversarial_set", "atomic_save", "load_checkpoint"]
+
+METHODS = ("clean", "deepdefense", "adversarial", "parseval")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (defaults: the paper's MNIST fine-tuning, lr for [0,1] inputs).
+
+    ``lr`` is multiplied by ``lr_gamma`` once for every milestone in ``lr_milestones`` that
+    the epoch (1-based) has passed: milestones ``(4,)`` halve it for epoch 5.
+    ``lam, c, d, dd_max_iter, overshoot``: DeepDefense (:func:`ddfast.deepdefense_loss`).
+    ``layers``: regularize only these layers (names of :func:`ddfast.models.layer_names`;
+    paper Fig. 5): the regularizer's gradient reaches only their parameters.
+    ``parseval_beta``, ``parseval_frac``: projection step and the fraction of rows sampled.
+    ``adv_max_iter``: DeepFool iterations for the fixed adversarial training set.
+    ``eval_subset``, ``eval_max_iter``: per-epoch rho_2 on the first ``eval_subset`` test images.
+    ``on_nonfinite``: ``"stop"`` (raise :class:`NonFiniteLossError`) or ``"skip"`` the step.
+    """
+
+    method: str = "clean"
+    epochs: int = 5
+    batch_size: int = 100
+    lr: float = 0.01
+    lr_milestones: Tuple[int, ...] = (4,)
+    lr_gamma: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lam: float = 15.0
+    c: float = 25.0
+    d: float = 5.0
+    dd_max_iter: int = 5
+    overshoot: float = 0.02
+    layers: Optional[Tuple[str, ...]] = None
+    parseval_beta: float = 1e-4
+    parseval_frac: float = 0.3
+    adv_max_iter: int = 50
+    seed: int = 0
+    eval_subset: int = 1000
+    eval_max_iter: int = 50
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.parseval_frac <= 1:
+            raise ValueError(f"parseval_frac must be in (0, 1], got {self.parseval_frac}")
+        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of 1-based ``epoch``."""
+    return cfg.lr * cfg.lr_gamma ** sum(epoch > m for m in cfg.lr_milestones)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` (or JSON for ``.json`` paths) to a temp file in the same dir, then ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if path.suffix == ".json":
+                fh.write(json.dumps(obj, indent=1).encode())
+            else:
+                torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by :func:`fit` (``weights_only=True``: no code is unpickled)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _weights(model: nn.Module) -> List[Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+@torch.no_grad()
+def parseval_project(model: nn.Module, beta: float, frac: float, generator: torch.Generator) -> None:
+    """Parseval step on every Linear/Conv weight W (conv: ``[out, in*k*k]``), on a random
+    ``frac`` of its rows S: ``W_S <- (1 + beta) W_S - beta W_S W_S^T W_S`` (in place)."""
+    for w in _weights(model):
+        w2 = w.view(w.shape[0], -1)
+        k = max(1, int(round(frac * w2.shape[0])))
+        rows = torch.randperm(w2.shape[0], generator=generator)[:k]
+        ws = w2[rows]
+        w2[rows] = (1 + beta) * ws - beta * (ws @ ws.T) @ ws
+
+
+def adversarial_set(model: nn.Module, x: Tensor, y: Tensor, *, max_iter: int = 50, overshoot: float = 0.02,
+                    batch_size: int = 1000, progress: bool = True) -> Tensor:
+    """DeepFool adversarial examples of ``(x, y)`` against ``model`` (the fixed set of
+    adversarial training, Moosavi-Dezfooli et al.); misclassified samples stay unperturbed."""
+    from . import deepfool
+
+    out = []
+    starts = range(0, x.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="DeepFool training set", unit="batch", leave=False)
+    for i in starts:
+        out.append(deepfool(model, x[i:i + batch_size], y[i:i + batch_size], max_iter=max_iter,
+                            overshoot=overshoot).x_adv.detach())
+    return torch.cat(out)
+
+
+def _layer_params(model: nn.Module, layers: Sequence[str]) -> List[Tensor]:
+    mods = dict(model.named_modules())
+    missing = [n for n in layers if n not in mods]
+    if missing:
+        from .models import layer_names
+
+        raise ValueError(f"layers {missing} not in the model; it has {layer_names(model)}")
+    return [p for n in layers for p in mods[n].parameters()]
+
+
+def _evaluate_epoch(model, x_test, y_test, cfg, scale, progress) -> dict:
+    sub = x_test[: cfg.eval_subset]
+    r = rho2(model, sub, max_iter=cfg.eval_max_iter, scale=scale, progress=progress)
+    return {"test_acc": accuracy(model, x_test, y_test), "rho2": r.rho2, "fooled": r.fooled}
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def fit(
+    model: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    cfg: TrainConfig,
+    *,
+    out_dir: Optional[os.PathLike] = None,
+    resume: bool = False,
+    scale: float = 1.0,
+    progress: bool = True,
+    step_callback: Optional[Callable[[int, int], None]] = None,
+) -> List[dict]:
+    """Train ``model`` in place with ``cfg`` and return the per-epoch log.
+
+    ``x_*``: preprocessed float tensors ``[N, ...]``; ``y_*``: int64 ``[N]``. ``scale``: the
+    preprocessing scale (for rho'_2 in logs). ``out_dir``: where checkpoints and logs go
+    (required for ``resume``). ``step_callback(epoch, step)`` runs after each step.
+    Raises :class:`NonFiniteLossError` on a NaN/Inf loss when ``cfg.on_nonfinite == "stop"``.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError("cfg must be a TrainConfig")
+    if x_train.shape[0] != y_train.shape[0] or x_test.shape[0] != y_test.shape[0]:
+        raise ValueError("x and y sizes differ")
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / "checkpoint.pt" if out is not None else None
+    if resume and out is None:
+        raise ValueError("resume needs out_dir")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt_path.exists() and not resume:
+            raise FileExistsError(f"{ckpt_path} exists: pass resume=True (CLI: --resume) or another output directory")
+
+    reg_params = None
+    if cfg.method == "deepdefense":
+        from .regularizer import deepdefense_loss  # lazy: the regularizer lives in its own module
+
+        if cfg.layers is not None:
+            reg_params = _layer_params(model, cfg.layers)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    log: List[dict] = []
+    start_epoch = 1
+    if resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        saved = json.loads(ck["config"])
+        if saved != cfg.to_dict():
+            diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
+            raise ValueError(f"{ckpt_path} was written with other settings (saved, now): {diff}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+        log = json.loads(ck["log"])
+        start_epoch = int(ck["epoch"]) + 1
+
+    x_fit = x_train
+    if cfg.method == "adversarial":
+        # the fixed set comes from the *starting* model, kept in init.pt so a resume rebuilds it
+        init_path = out / "init.pt" if out is not None else None
+        if init_path is not None and init_path.exists():
+            src = _clone_with(model, load_checkpoint(init_path))
+        else:
+            src = _clone_with(model, model.state_dict())
+            if init_path is not None:
+                atomic_save(src.state_dict(), init_path)
+        x_fit = adversarial_set(src, x_train, y_train, max_iter=cfg.adv_max_iter, overshoot=cfg.overshoot,
+                                progress=progress)
+        del src
+
+    def save(epoch: int):
+        if out is None:
+            return
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                     "rng": torch.get_rng_state(), "log": json.dumps(log), "config": json.dumps(cfg.to_dict())},
+                    ckpt_path)
+        atomic_save(model.state_dict(), out / "model.pt")
+        atomic_save(log, out / "log.json")
+
+    if start_epoch == 1 and not log:
+        t0 = time.time()
+        entry = {"epoch": 0, "lr": 0.0, **_evaluate_epoch(model, x_test, y_test, cfg, scale, progress)}
+        entry["time_s"] = time.time() - t0
+        log.append(entry)
+        save(0)
+
+    n = x_fit.shape[0]
+    was_training = model.training
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.time()
+        lr = lr_at(cfg, epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = _epoch_generator(cfg.seed, epoch)
+        order = torch.randperm(n, generator=gen)
+        steps = range(0, n, cfg.batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
+        sums = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "correct": 0, "seen": 0, "skipped": 0}
+        model.train()
+        for step, i in enumerate(steps):
+            idx = order[i:i + cfg.batch_size]
+            xb, yb = x_fit[idx], y_train[idx]
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            ce = F.cross_entropy(logits, yb)
+            reg = torch.zeros(())
+            if cfg.method == "deepdefense":
+                reg = deepdefense_loss(model, xb, yb, lam=cfg.lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
+                                       overshoot=cfg.overshoot)
+            loss = ce + reg
+            if not torch.isfinite(loss):
+                where = f"epoch {epoch}, step {step} (loss {loss.item()}, cross-entropy {ce.item()}, regularizer {reg.item()})"
+                if cfg.on_nonfinite == "stop":
+                    last = f"{ckpt_path} (end of epoch {epoch - 1})" if out is not None else "none (no out_dir)"
+                    raise NonFiniteLossError(f"non-finite loss at {where}; stopped. Last good checkpoint: {last}. "
+                                             "Lower the learning rate or lambda/c, then --resume.")
+                sums["skipped"] += 1
+                continue
+            if reg_params is None:
+                loss.backward()
+            else:
+                ce.backward(retain_graph=True)
+                reg.backward(inputs=reg_params)
+            opt.step()
+            if cfg.method == "parseval":
+                parseval_project(model, cfg.parseval_beta, cfg.parseval_frac, gen)
+            sums["loss"] += loss.item() * len(idx)
+            sums["ce"] += ce.item() * len(idx)
+            sums["reg"] += reg.item() * len(idx)
+            sums["correct"] += (logits.argmax(1) == yb).sum().item()
+            sums["seen"] += len(idx)
+            if step_callback is not None:
+                step_callback(epoch, step)
+        seen = max(sums["seen"], 1)
+        entry = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / seen, "train_ce": sums["ce"] / seen,
+                 "train_reg": sums["reg"] / seen, "train_acc": sums["correct"] / seen,
+                 "skipped_steps": sums["skipped"],
+                 **_evaluate_epoch(model, x_test, y_test, cfg, scale, progress)}
+        entry["time_s"] = time.time() - t0
+        log.append(entry)
+        save(epoch)
+        if progress:
+            print(f"[{cfg.method}] epoch {epoch}: loss {entry['train_loss']:.4f} test acc {entry['test_acc']:.4f} "
+                  f"rho2 {entry['rho2']:.4f} ({entry['time_s']:.0f}s)", flush=True)
+    model.train(was_training)
+    return log
+
+
+def _clone_with(model: nn.Module, state: dict) -> nn.Module:
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(state)
+    return m

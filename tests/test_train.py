@@ -1,0 +1,185 @@
+"""Training loop: tiny runs, resume after interruption, non-finite loss, baselines' pieces."""
+import json
+
+import pytest
+import torch
+
+from ddfast import models, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: one thread is much faster than two contended ones on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_data(n_train=300, n_test=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(10, 1, 28, 28, generator=g) * 0.3
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    x = centers[y] + 0.3 * torch.randn(n_train + n_test, 1, 28, 28, generator=g)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def tiny_cfg(**kw):
+    base = dict(epochs=2, batch_size=50, lr=0.05, eval_subset=40, eval_max_iter=10)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def fresh_model(seed=0):
+    torch.manual_seed(seed)
+    return models.MLP()
+
+
+def run(tmp, cfg, model=None, **kw):
+    model = fresh_model() if model is None else model
+    log = train.fit(model, *tiny_data(), cfg, out_dir=tmp, progress=False, **kw)
+    return model, log
+
+
+def test_two_epoch_run_writes_logs_and_checkpoints(tmp_path):
+    model, log = run(tmp_path, tiny_cfg())
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert log[2]["test_acc"] > log[0]["test_acc"] + 0.3
+    assert log[2]["train_loss"] < log[1]["train_loss"]
+    assert all(0 < e["rho2"] for e in log) and log[1]["lr"] == 0.05
+    assert json.loads((tmp_path / "log.json").read_text()) == log
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 2
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(FileExistsError, match="resume"):
+        run(tmp_path, tiny_cfg())
+
+
+def test_lr_schedule():
+    cfg = train.TrainConfig(lr=0.01, lr_milestones=(4,))
+    assert [train.lr_at(cfg, e) for e in range(1, 6)] == [0.01] * 4 + [0.005]
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path):
+    cfg = tiny_cfg(epochs=3, method="parseval", parseval_beta=1e-3)
+    full, full_log = run(tmp_path / "a", cfg)
+
+    class Boom(Exception):
+        pass
+
+    def interrupt(epoch, step):
+        if epoch == 2 and step == 3:
+            raise Boom
+
+    with pytest.raises(Boom):
+        run(tmp_path / "b", cfg, step_callback=interrupt)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = fresh_model(seed=123)  # a different model object: everything must come from the checkpoint
+    resumed, log = run(tmp_path / "b", cfg, model=resumed, resume=True)
+    for k, v in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    strip = lambda L: [{k: v for k, v in e.items() if k != "time_s"} for e in L]  # noqa: E731
+    assert strip(log) == strip(full_log)
+    with pytest.raises(ValueError, match="other settings"):
+        run(tmp_path / "b", tiny_cfg(epochs=4), resume=True)
+
+
+def _poison(epoch, step, model):
+    if epoch == 1 and step == 2:
+        with torch.no_grad():
+            model.fc1.weight[0, 0] = float("nan")
+
+
+def test_nonfinite_loss_stops_with_message(tmp_path):
+    model = fresh_model()
+    with pytest.raises(train.NonFiniteLossError) as err:
+        run(tmp_path, tiny_cfg(), model=model, step_callback=lambda e, s: _poison(e, s, model))
+    msg = str(err.value)
+    assert "epoch 1, step 3" in msg and str(tmp_path / "checkpoint.pt") in msg and "end of epoch 0" in msg
+
+
+def test_nonfinite_loss_skip(tmp_path):
+    model = fresh_model()
+    _, log = run(tmp_path, tiny_cfg(epochs=1, on_nonfinite="skip"), model=model,
+                 step_callback=lambda e, s: _poison(e, s, model))
+    assert log[1]["skipped_steps"] == 6 - 3  # every step after the poisoned one
+
+
+def test_parseval_projection():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(8, 5, bias=False)
+    q, _ = torch.linalg.qr(torch.randn(8, 5, generator=g))
+    with torch.no_grad():
+        lin.weight.copy_(q.T)  # orthonormal rows: a Parseval-tight matrix is a fixed point
+    before = lin.weight.detach().clone()
+    train.parseval_project(lin, 0.1, 0.6, g)
+    assert torch.allclose(lin.weight, before, atol=1e-6)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # singular values 2: the projection pulls them down toward 1
+    train.parseval_project(lin, 0.01, 1.0, g)
+    s = torch.linalg.svdvals(lin.weight)
+    assert torch.allclose(s, torch.full_like(s, 2 * (1.01 - 0.04)), atol=1e-5)
+
+
+def test_adversarial_training_uses_fixed_deepfool_set(tmp_path):
+    x, y, _, _ = tiny_data()
+    model = fresh_model()
+    run(tmp_path / "pre", tiny_cfg(epochs=1))  # a model that classifies something
+    model.load_state_dict(torch.load(tmp_path / "pre" / "model.pt", weights_only=True))
+    x_adv = train.adversarial_set(model, x, y, max_iter=50, progress=False)
+    with torch.no_grad():
+        pred_clean, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
+    correct = pred_clean == y
+    assert correct.float().mean() > 0.5
+    assert (pred_adv[correct] != y[correct]).float().mean() > 0.95
+    assert torch.equal(x_adv[~correct], x[~correct])
+    _, log = run(tmp_path / "adv", tiny_cfg(method="adversarial", epochs=1), model=model)
+    assert (tmp_path / "adv" / "init.pt").exists() and len(log) == 2
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="method"):
+        train.TrainConfig(method="magic")
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        train.TrainConfig(on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="epochs"):
+        train.TrainConfig(epochs=0)
+
+
+def _has_regularizer():
+    try:
+        from ddfast.regularizer import deepdefense_loss  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_reg = pytest.mark.skipif(not _has_regularizer(), reason="ddfast.regularizer (deepdefense_loss) not available yet")
+
+
+@needs_reg
+def test_deepdefense_run(tmp_path):
+    _, clean = run(tmp_path / "clean", tiny_cfg(lr=0.01))
+    _, log = run(tmp_path / "dd", tiny_cfg(method="deepdefense", lr=0.01))
+    assert 0 < log[2]["train_reg"] < log[1]["train_reg"]
+    assert log[1]["train_loss"] == pytest.approx(log[1]["train_ce"] + log[1]["train_reg"])
+    assert log[2]["rho2"] > clean[2]["rho2"]
+
+
+@needs_reg
+def test_layerwise_regularizer_reaches_only_chosen_layers(tmp_path):
+    x, y, xt, yt = tiny_data(n_train=50)
+    outs = {}
+    for name, cfg in {"clean": tiny_cfg(epochs=1), "dd": tiny_cfg(method="deepdefense", epochs=1, layers=("fc3",)),
+                      "dd_all": tiny_cfg(method="deepdefense", epochs=1)}.items():
+        m = fresh_model()
+        train.fit(m, x, y, xt, yt, cfg, progress=False)  # one step: batch 50 of 50
+        outs[name] = m.state_dict()
+    for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        assert torch.equal(outs["dd"][k], outs["clean"][k]), k
+        assert not torch.equal(outs["dd_all"][k], outs["clean"][k]), k
+    assert not torch.equal(outs["dd"]["fc3.weight"], outs["clean"]["fc3.weight"])
+    with pytest.raises(ValueError, match="fc9"):
+        train.fit(fresh_model(), x, y, xt, yt, tiny_cfg(method="deepdefense", layers=("fc9",)), progress=False)
