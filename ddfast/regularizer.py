@@ -1,0 +1,262 @@
+"""The DeepDefense regularizer: DeepFool unrolled differentiably (DESIGN.md, "DeepDefense
+regularizer" and "Why it can be fast").
+
+For a batch ``x`` [B, ...] with labels ``y`` [B]::
+
+    R = lam / B * ( sum_{i correct} exp(-c ||D_i|| / ||x_i||) + sum_{i wrong} exp(d ||D_i|| / ||x_i||) )
+
+``D_i = (1 + overshoot) * r_tot_i`` is the DeepFool perturbation after at most ``max_iter``
+steps (no clipping), untargeted from the prediction for correctly classified samples and
+two-class towards the true label for misclassified ones. ``R`` is differentiable w.r.t. the
+model's parameters (and ``x``): through the logits, through every boundary normal ``w``
+(mixed second derivatives) and through every iterate ``x_t``.
+
+How one step runs (the fast path), for the samples still active:
+
+1. one graph-carrying forward at ``x_t`` (it also served the done check of the previous step);
+2. correct samples only: all-class (or top-k candidate) input gradients from that same graph
+   WITHOUT ``create_graph`` (``retain_graph`` keeps the forward alive), then the fused
+   ``select_boundary`` op picks the closest boundary ``l`` -- a piecewise-constant choice whose
+   gradient is zero almost everywhere; misclassified samples have ``l = y`` and need no choice;
+3. one ``create_graph`` backward for the single row ``w = d(f_l - f_ref)/dx`` of every sample
+   at once (``ref`` the current prediction), and the differentiable ``boundary_step`` op.
+
+Samples that are done leave the active set; ``D`` is never clipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import jacobian, ops
+from ._validate import (as_labels, check_candidates, check_input, check_logits, check_max_iter,
+                        check_model_device, check_nonneg, frozen_model)
+from .attack import _candidate_classes
+
+__all__ = ["DeepDefense", "DeepDefenseInfo", "deepdefense_loss"]
+
+_EPS = 1e-4  # added to every step's distance (DESIGN.md)
+
+
+@dataclass
+class DeepDefenseInfo:
+    """Per-sample diagnostics of one :func:`deepdefense_loss` call (detached, for logging).
+
+    Attributes:
+        ratio: [B] ``||D_i||_2 / ||x_i||_2`` (0 where ``x_i == 0``), in the input's dtype.
+        correct: [B] bool, the prediction at ``x_i`` (eval mode) equals ``y_i``.
+        iterations: [B] int64, DeepFool steps taken by each sample (<= max_iter).
+    """
+
+    ratio: Tensor
+    correct: Tensor
+    iterations: Tensor
+
+
+def _inner_model(model: Callable) -> Callable:
+    """The module the unrolled passes call: ``model.module`` for (Distributed)DataParallel
+    wrappers, so that the many inner forwards never touch DDP's reducer; the gradients still
+    land in the same parameters, which DDP all-reduces in the caller's backward."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def _graph_input(z: Tensor) -> Tensor:
+    """``z`` itself when it already carries a graph (an iterate that depends on the
+    parameters, or an ``x`` that requires grad), else a leaf copy that requires grad, so
+    that input gradients of the logits exist."""
+    return z if z.requires_grad else z.detach().requires_grad_(True)
+
+
+def _zero_loss(model: Callable, x: Tensor) -> Tensor:
+    """A 0.0 scalar connected to every parameter (and ``x``) that requires grad, so that
+    ``backward()`` works (and writes zero gradients) for an empty batch."""
+    parts = []
+    if isinstance(model, nn.Module):
+        parts = [p.reshape(-1)[:0].sum() for p in model.parameters() if p.requires_grad]
+    if x.requires_grad:
+        parts.append(x.reshape(-1)[:0].sum())
+    dtype = next((p.dtype for p in model.parameters()), x.dtype) if isinstance(model, nn.Module) else x.dtype
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    return zero + sum(parts) if parts else zero
+
+
+def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: int,
+            overshoot: float, k: Optional[int], backend: Optional[str],
+            method: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """The differentiable DeepFool unroll of a batch.
+
+    Args:
+        net: the model (already in eval mode); x0: [B, D] flat inputs; shape: ``x.shape[1:]``;
+        y: [B] int64 labels (checked for shape, not yet for range).
+
+    Returns:
+        ``(D, correct, iterations)``: D [B, D] graph-carrying ``(1 + overshoot) * r_tot``;
+        correct [B] bool; iterations [B] int64.
+    """
+    B = x0.shape[0]
+    x_in = _graph_input(x0)
+    logits = check_logits(net(x_in.view(B, *shape)), B)
+    K = logits.shape[1]
+    y = as_labels(y, B, K, x0.device)
+    pred = logits.detach().argmax(1)
+    correct = pred == y
+    cand_all = _candidate_classes(logits.detach(), pred, k)       # [B, k] or None (all classes)
+    all_cand = cand_all is None
+    r_tot = None                                                  # [B, D] once a step was taken
+    iterations = torch.zeros(B, dtype=torch.int64, device=x0.device)
+    gidx = torch.arange(B, device=x0.device)                      # batch rows of the graph
+    eye = torch.eye(K, dtype=logits.dtype, device=logits.device)
+    for t in range(max_iter):
+        cur = logits.detach().argmax(1)                           # ref of every active row
+        if t == 0:
+            keep = torch.ones_like(correct)
+        else:  # done: correct rows left yhat, misclassified rows reached y
+            keep = torch.where(correct[gidx], cur == pred[gidx], cur != y[gidx])
+        act = keep.nonzero().squeeze(1)                           # active rows of the graph
+        if act.numel() == 0:
+            break
+        target = y[gidx].clone()                                  # l for misclassified rows
+        sel = (keep & correct[gidx]).nonzero().squeeze(1)
+        if sel.numel():
+            cand = (torch.arange(K, device=x0.device).expand(sel.numel(), K) if all_cand
+                    else cand_all[gidx[sel]])
+            g = jacobian.class_grads(net, x_in, logits, None if all_cand else cand, sel,
+                                     method=method, create_graph=False, retain_graph=True)
+            ones = torch.ones(sel.numel(), dtype=torch.bool, device=x0.device)
+            l_sel, _, _ = ops.select_boundary(logits.detach()[sel], g.to(logits.dtype), cand,
+                                              cur[sel], ones, 2, _EPS, backend)
+            del g
+            target[sel] = l_sel
+        direction = (eye[target] - eye[cur]) * keep[:, None].to(logits.dtype)   # [n, K]
+        w = jacobian.one_row_with_graph(logits, x_in, direction)                 # [n, D]
+        fdiff = (logits * direction).sum(1)                                      # [n]
+        if act.numel() < gidx.numel():
+            w, fdiff = w[act], fdiff[act]
+        r = ops.boundary_step(fdiff, w.to(x0.dtype), 2, _EPS, backend)          # [m, D]
+        gidx = gidx[act]
+        r_tot = (r.new_zeros(B, r.shape[1]) if r_tot is None else r_tot).index_add(0, gidx, r)
+        iterations[gidx] = t + 1
+        if t + 1 < max_iter:
+            x_in = _graph_input(x0[gidx] + (1.0 + overshoot) * r_tot[gidx])
+            logits = check_logits(net(x_in.view(gidx.numel(), *shape)), gidx.numel())
+    if r_tot is None:
+        delta = torch.zeros_like(x0)
+    else:
+        delta = (1.0 + overshoot) * r_tot
+    return delta, correct, iterations
+
+
+def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
+                     lam: float = 15.0, c: float = 25.0, d: float = 5.0, max_iter: int = 5,
+                     overshoot: float = 0.02, candidates: Optional[int] = None,
+                     return_info: bool = False, backend: Optional[str] = None,
+                     method: str = "auto") -> Union[Tensor, Tuple[Tensor, DeepDefenseInfo]]:
+    """The DeepDefense regularizer of a batch (Yan et al., NeurIPS 2018; DESIGN.md).
+
+    Args:
+        model: maps ``[B, *x.shape[1:]]`` to logits ``[B, K]``. An ``nn.Module`` runs in eval
+            mode during the call (batch-norm statistics frozen and not updated, dropout off);
+            every submodule's mode is restored. A ``DistributedDataParallel`` model is
+            unwrapped: see "DDP" below.
+        x: [B, ...] floating-point inputs (the space the model sees; ``||x_i||`` is taken
+            there). If ``x`` requires grad, ``R`` is differentiable w.r.t. it.
+        y: [B] integer labels in ``[0, K)``.
+        lam, c, d: the paper's lambda, c, d (>= 0); defaults are its MNIST/CIFAR values.
+        max_iter: unrolled DeepFool steps (the paper and its code: 5).
+        overshoot: ``D = (1 + overshoot) * r_tot``, also the iterate ``x + D``.
+        candidates: for correct samples, choose the boundary among the top-k classes by logit
+            at ``x`` only (the prediction always included); None for all classes.
+        return_info: also return a :class:`DeepDefenseInfo`.
+        backend: backend of the ops (None: :mod:`ddfast.backends` default).
+        method: route of the no-graph class gradients (:func:`ddfast.jacobian.class_grads`).
+
+    Returns:
+        ``R``, a 0-d tensor in the logits' dtype, differentiable through every unrolled step
+        (``R.backward()`` reaches every parameter that influences it), and with
+        ``return_info`` the tuple ``(R, info)``. The call writes no ``.grad``: inner
+        derivatives use ``torch.autograd.grad``. An empty batch gives 0.0 (backpropagates).
+
+    DDP: wrap as usual and compute the cross-entropy with the wrapped model in the same step
+    (``loss = F.cross_entropy(ddp(x), y) + deepdefense_loss(ddp, x, y)``). The unrolled passes
+    call ``ddp.module``; the parameter gradients of ``R`` accumulate in the same backward, so
+    DDP's all-reduce averages them: with equal per-process batches the result equals one
+    process on the whole batch. ``find_unused_parameters`` is not needed. Without a forward
+    through the wrapper in the step, DDP does not synchronise the gradients.
+
+    Raises:
+        ValueError / TypeError naming the argument: NaN/Inf in ``x``, ``y`` missing, of the
+        wrong count or out of range, logits not ``[B, K]``, bad hyper-parameters.
+    """
+    x = check_input(x)
+    if y is None:
+        raise ValueError("y (the labels) is required: the regularizer treats correctly and "
+                         "wrongly classified samples differently")
+    lam = check_nonneg(lam, "lam")
+    c = check_nonneg(c, "c")
+    d = check_nonneg(d, "d")
+    overshoot = check_nonneg(overshoot, "overshoot")
+    max_iter = check_max_iter(max_iter)
+    k = check_candidates(candidates)
+    B = x.shape[0]
+    y = as_labels(y, B, None, x.device)
+    net = _inner_model(model)
+    if B == 0:
+        zero = _zero_loss(net, x)
+        if not return_info:
+            return zero
+        empty = torch.zeros(0, dtype=torch.int64, device=x.device)
+        return zero, DeepDefenseInfo(x.new_zeros(0), empty.bool(), empty)
+    check_model_device(net, x)
+    shape = x.shape[1:]
+    x0 = x.reshape(B, -1)
+    with frozen_model(model), torch.enable_grad():
+        delta, correct, iterations = _unroll(net, x0, shape, y, max_iter, overshoot, k,
+                                             backend, method)
+    x_pen = x0 if x0.dtype == delta.dtype else x0.to(delta.dtype)
+    penalty = ops.deepdefense_penalty(delta, x_pen.contiguous(), correct, c, d, backend)
+    reg = penalty.sum() * (lam / B)
+    if not return_info:
+        return reg
+    with torch.no_grad():
+        dn = torch.linalg.vector_norm(delta, dim=1)
+        xn = torch.linalg.vector_norm(x_pen, dim=1)
+        ratio = torch.where(xn > 0, dn / torch.where(xn > 0, xn, torch.ones_like(xn)),
+                            torch.zeros_like(dn))
+    return reg, DeepDefenseInfo(ratio.detach(), correct, iterations)
+
+
+class DeepDefense(nn.Module):
+    """``nn.Module`` form of :func:`deepdefense_loss`: ``DeepDefense(model, lam, c, d)(x, y)``
+    returns the scalar regularizer (``return_info=True`` in the call adds the info).
+
+    The model is kept as a submodule (``.to()`` moves it); do not hand this module's
+    parameters to an optimizer besides the model's own (they are the same tensors).
+    """
+
+    def __init__(self, model: nn.Module, lam: float = 15.0, c: float = 25.0, d: float = 5.0,
+                 max_iter: int = 5, overshoot: float = 0.02, candidates: Optional[int] = None,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.model = model
+        self.lam = check_nonneg(lam, "lam")
+        self.c = check_nonneg(c, "c")
+        self.d = check_nonneg(d, "d")
+        self.max_iter = check_max_iter(max_iter)
+        self.overshoot = check_nonneg(overshoot, "overshoot")
+        self.candidates = check_candidates(candidates)
+        self.backend = backend
+
+    def forward(self, x: Tensor, y: Tensor, return_info: bool = False):
+        return deepdefense_loss(self.model, x, y, lam=self.lam, c=self.c, d=self.d,
+                                max_iter=self.max_iter, overshoot=self.overshoot,
+                                candidates=self.candidates, return_info=return_info,
+                                backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"lam={self.lam}, c={self.c}, d={self.d}, max_iter={self.max_iter}, "
+                f"overshoot={self.overshoot}, candidates={self.candidates}")

@@ -1,0 +1,396 @@
+"""ddfast.regularizer.deepdefense_loss against a slow per-sample implementation of the spec
+(DESIGN.md, "DeepDefense regularizer"), plus its behaviour: modes, no .grad, bad input,
+empty batch, float32 guard, the nn.Module form."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ddfast.regularizer import DeepDefense, DeepDefenseInfo, deepdefense_loss
+
+
+# ----------------------------------------------------------------------- the slow spec
+def _norm(v):
+    """||v||_2 with gradient 0 (not NaN) at v == 0."""
+    s = (v * v).sum()
+    return torch.sqrt(s) if bool(s > 0) else s * 0
+
+
+def slow_deepdefense(model, x, y, lam=15.0, c=25.0, d=5.0, max_iter=5, overshoot=0.02,
+                     candidates=None):
+    """DESIGN.md's regularizer one sample at a time: every class gradient by its own autograd
+    call with create_graph at every step; the boundary picked among all (differentiable) rows.
+    Returns (R, iterations [B], correct [B])."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        B = x.shape[0]
+        shape = x.shape[1:]
+        total, iters, corr = 0, [], []
+        for i in range(B):
+            x0 = x[i].reshape(1, -1)
+            f = lambda z: model(z.view(1, *shape))[0]
+            xt = x0 if x0.requires_grad else x0.detach().requires_grad_(True)
+            logits = f(xt)
+            K = logits.shape[0]
+            yhat = int(logits.argmax())
+            correct = yhat == int(y[i])
+            if candidates is None or candidates >= K:
+                cand = list(range(K))
+            else:
+                masked = logits.detach().clone()
+                masked[yhat] = -math.inf
+                cand = [yhat] + masked.topk(candidates - 1).indices.tolist()
+            r_tot = torch.zeros_like(x0)
+            n_it = 0
+            for t in range(max_iter):
+                if t > 0:
+                    xt = x0 + (1 + overshoot) * r_tot
+                    if not xt.requires_grad:
+                        xt = xt.detach().requires_grad_(True)
+                    logits = f(xt)
+                cur = int(logits.argmax())
+                if t > 0 and ((correct and cur != yhat) or (not correct and cur == int(y[i]))):
+                    break
+                g = [torch.autograd.grad(logits[k], xt, create_graph=True)[0][0] for k in range(K)]
+                ref = cur
+                if correct:
+                    dists = []
+                    for k in cand:
+                        if k == ref:
+                            dists.append(math.inf)
+                            continue
+                        wk = g[k] - g[ref]
+                        dists.append(float((logits[k] - logits[ref]).abs().detach() / _norm(wk).detach()))
+                    l = cand[min(range(len(cand)), key=lambda j: dists[j])]
+                else:
+                    l = int(y[i])
+                w = g[l] - g[ref]
+                fd = logits[l] - logits[ref]
+                wn = _norm(w)
+                r = (fd.abs() / wn + 1e-4) * w / wn
+                r_tot = r_tot + r[None]
+                n_it = t + 1
+            D = (1 + overshoot) * r_tot[0]
+            ratio = _norm(D) / _norm(x0[0])
+            total = total + (torch.exp(-c * ratio) if correct else torch.exp(d * ratio))
+            iters.append(n_it)
+            corr.append(correct)
+        return lam / B * total, torch.tensor(iters), torch.tensor(corr)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+# ----------------------------------------------------------------------- models and data
+def bn_mlp(seed=0, d_in=12, k=5):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(d_in, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3),
+                      nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, k)).double()
+    _randomise_bn(m)
+    return m.train()
+
+
+def bn_cnn(seed=0, k=4):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Softplus(), nn.Dropout(0.3),
+                      nn.Flatten(), nn.Linear(3 * 5 * 5, 8), nn.Tanh(), nn.Linear(8, k)).double()
+    _randomise_bn(m)
+    return m.train()
+
+
+def _randomise_bn(m):
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                mod.running_mean.uniform_(-0.3, 0.3)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+
+
+def mixed_labels(model, x, seed=0):
+    """Labels that make about half the samples correct (eval-mode prediction) and the others
+    misclassified."""
+    g = torch.Generator().manual_seed(seed)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    model.train(was)
+    pred = logits.argmax(1)
+    K = logits.shape[1]
+    wrong = (pred + torch.randint(1, K, pred.shape, generator=g)) % K
+    y = torch.where(torch.arange(len(x)) % 2 == 0, pred, wrong)
+    return y
+
+
+def mlp_data(B=8, seed=1):
+    return torch.randn(B, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def cnn_data(B=6, seed=2):
+    return torch.randn(B, 1, 7, 7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _params(m):
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+def _assert_rel(a, b, rtol=1e-6):
+    scale = float(b.abs().max())
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale + 1e-15)
+
+
+CONFIGS = [  # lam, c, d, max_iter, overshoot
+    (15.0, 25.0, 5.0, 5, 0.02),
+    (1.0, 2.0, 0.5, 2, 0.1),
+    (3.0, 5.0, 3.0, 1, 0.0),
+    (0.5, 1.0, 1.0, 4, 0.05),
+]
+
+
+# ----------------------------------------------------------------------- equality with the spec
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_value_and_parameter_gradients_match_slow(net, cfg):
+    lam, c, d, max_iter, overshoot = cfg
+    model = bn_mlp() if net == "mlp" else bn_cnn()
+    x = mlp_data() if net == "mlp" else cnn_data()
+    y = mixed_labels(model, x)
+    kw = dict(lam=lam, c=c, d=d, max_iter=max_iter, overshoot=overshoot)
+
+    reg, info = deepdefense_loss(model, x, y, return_info=True, **kw)
+    assert reg.dtype == torch.float64 and reg.dim() == 0
+    g_fast = torch.autograd.grad(reg, _params(model))
+    want, iters, correct = slow_deepdefense(model, x, y, **kw)
+    g_slow = torch.autograd.grad(want, _params(model))
+
+    assert correct.any() and (~correct).any()                  # a real mix
+    assert torch.equal(info.correct, correct)
+    assert torch.equal(info.iterations, iters)
+    _assert_rel(reg.detach(), want.detach())
+    for a, b in zip(g_fast, g_slow):
+        _assert_rel(a, b)
+    assert model.training                                      # the caller's mode is back
+
+
+def test_steps_actually_vary():
+    """The data above exercise early exit: samples stop at different steps."""
+    model, x = bn_cnn(), cnn_data()
+    _, info = deepdefense_loss(model, x, mixed_labels(model, x), max_iter=5, return_info=True)
+    assert len(set(info.iterations.tolist())) >= 2
+
+
+@pytest.mark.parametrize("candidates", [2, 3])
+def test_candidates_match_slow(candidates):
+    model, x = bn_mlp(seed=3), mlp_data(B=10, seed=4)
+    y = mixed_labels(model, x, seed=1)
+    reg = deepdefense_loss(model, x, y, candidates=candidates, lam=1.0, c=3.0, d=1.0)
+    want, _, _ = slow_deepdefense(model, x, y, candidates=candidates, lam=1.0, c=3.0, d=1.0)
+    _assert_rel(reg.detach(), want.detach())
+    for a, b in zip(torch.autograd.grad(reg, _params(model)), torch.autograd.grad(want, _params(model))):
+        _assert_rel(a, b)
+
+
+def test_candidates_matter():
+    """Top-2 candidates give a different (larger or equal) distance than all classes somewhere."""
+    model, x = bn_mlp(seed=3), mlp_data(B=10, seed=4)
+    y = mixed_labels(model, x, seed=1)
+    full = deepdefense_loss(model, x, y, lam=1.0, c=3.0, d=1.0)
+    top2 = deepdefense_loss(model, x, y, candidates=2, lam=1.0, c=3.0, d=1.0)
+    assert not torch.allclose(full, top2)
+
+
+def test_input_gradient_matches_slow():
+    model, x = bn_cnn(seed=5), cnn_data(seed=6)
+    y = mixed_labels(model, x, seed=2)
+    xf = x.clone().requires_grad_(True)
+    xs = x.clone().requires_grad_(True)
+    (gf,) = torch.autograd.grad(deepdefense_loss(model, xf, y, c=3.0, d=1.0), xf)
+    want, _, _ = slow_deepdefense(model, xs, y, c=3.0, d=1.0)
+    (gs,) = torch.autograd.grad(want, xs)
+    _assert_rel(gf, gs)
+
+
+def test_second_order_matches_slow():
+    """grad_theta ||dR/dtheta||^2: third derivatives of the model through every unrolled step."""
+    model, x = bn_mlp(seed=7), mlp_data(B=6, seed=8)
+    y = mixed_labels(model, x, seed=3)
+    kw = dict(lam=2.0, c=3.0, d=1.0, max_iter=3)
+    ps = _params(model)
+
+    def hv(R):
+        g = torch.autograd.grad(R, ps, create_graph=True)
+        return torch.autograd.grad(sum((gi * gi).sum() for gi in g), ps)
+
+    fast = hv(deepdefense_loss(model, x, y, **kw))
+    slow = hv(slow_deepdefense(model, x, y, **kw)[0])
+    assert any(float(a.abs().max()) > 0 for a in slow)
+    for a, b in zip(fast, slow):
+        _assert_rel(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_backends_agree(backend):
+    model, x = bn_mlp(seed=9), mlp_data(seed=10)
+    y = mixed_labels(model, x, seed=4)
+    want, _, _ = slow_deepdefense(model, x, y, c=3.0, d=1.0)
+    reg = deepdefense_loss(model, x, y, c=3.0, d=1.0, backend=backend)
+    _assert_rel(reg.detach(), want.detach())
+
+
+def test_loop_route_matches_batched():
+    model, x = bn_cnn(seed=11), cnn_data(seed=12)
+    y = mixed_labels(model, x, seed=5)
+    a = deepdefense_loss(model, x, y, c=3.0, d=1.0, method="batched")
+    b = deepdefense_loss(model, x, y, c=3.0, d=1.0, method="loop")
+    ga = torch.autograd.grad(a, _params(model))
+    gb = torch.autograd.grad(b, _params(model))
+    _assert_rel(a.detach(), b.detach(), 1e-12)
+    for u, v in zip(ga, gb):
+        _assert_rel(u, v, 1e-10)
+
+
+# ----------------------------------------------------------------------- behaviour
+def test_eval_mode_inside_modes_restored_and_buffers_untouched():
+    model, x = bn_cnn(seed=13), cnn_data(seed=14)
+    y = mixed_labels(model, x)
+    model[1].eval()                      # a mixed pattern of modes must come back as it was
+    modes = [m.training for m in model.modules()]
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    seen = []
+    hook = model[3].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    try:
+        a = deepdefense_loss(model, x, y)
+        b = deepdefense_loss(model, x, y)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)        # dropout (and everything) ran in eval mode
+    assert torch.equal(a, b)             # deterministic: dropout off
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_no_grad_written_by_the_call():
+    model, x = bn_mlp(seed=15), mlp_data(seed=16)
+    y = mixed_labels(model, x)
+    xr = x.clone().requires_grad_(True)
+    reg = deepdefense_loss(model, xr, y)
+    assert all(p.grad is None for p in model.parameters())
+    assert xr.grad is None
+    reg.backward()                        # the caller's backward reaches every parameter
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    assert xr.grad is not None
+
+
+def test_backward_reaches_every_parameter_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = torch.randn(16, 20)
+    y = torch.randint(0, 10, (16,))
+    reg = deepdefense_loss(model, x, y)
+    assert reg.dtype == torch.float32
+    reg.backward()
+    for p in model.parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
+def test_info():
+    model, x = bn_mlp(seed=17), mlp_data(seed=18)
+    y = mixed_labels(model, x)
+    reg, info = deepdefense_loss(model, x, y, return_info=True, lam=2.0, c=3.0, d=1.0)
+    assert isinstance(info, DeepDefenseInfo)
+    assert info.ratio.shape == (8,) and not info.ratio.requires_grad
+    assert bool((info.iterations >= 1).all()) and bool((info.iterations <= 5).all())
+    pen = torch.where(info.correct, torch.exp(-3.0 * info.ratio), torch.exp(1.0 * info.ratio))
+    _assert_rel(reg.detach(), 2.0 * pen.mean(), 1e-12)
+
+
+def test_max_iter_zero_is_constant():
+    model, x = bn_mlp(), mlp_data()
+    y = mixed_labels(model, x)
+    reg = deepdefense_loss(model, x, y, max_iter=0, lam=2.0)
+    torch.testing.assert_close(reg, torch.tensor(2.0, dtype=torch.float64))
+
+
+def test_empty_batch_backpropagates_zero():
+    model = bn_mlp()
+    reg, info = deepdefense_loss(model, torch.zeros(0, 12, dtype=torch.float64),
+                                 torch.zeros(0, dtype=torch.int64), return_info=True)
+    assert float(reg) == 0.0 and info.ratio.numel() == 0
+    reg.backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) == 0 for p in model.parameters())
+
+
+def test_module_form_equals_function():
+    model, x = bn_mlp(seed=19), mlp_data(seed=20)
+    y = mixed_labels(model, x)
+    dd = DeepDefense(model, lam=4.0, c=3.0, d=2.0, max_iter=3)
+    a = dd(x, y)
+    b = deepdefense_loss(model, x, y, lam=4.0, c=3.0, d=2.0, max_iter=3)
+    assert torch.equal(a, b)
+    r, info = dd(x, y, return_info=True)
+    assert isinstance(info, DeepDefenseInfo)
+    assert "lam=4.0" in repr(dd)
+
+
+def test_hopeless_misclassified_sample_stays_finite_float32():
+    """A misclassified sample far behind its boundary: d * ||D||/||x|| >> 88, where exp
+    overflows float32. The loss and its gradients stay finite."""
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.01, 0, 0, 0], [-0.01, 0, 0, 0]]))
+        model.bias.copy_(torch.tensor([5.0, -5.0]))
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    y = torch.tensor([1, 0])                               # sample 0 is hopelessly wrong
+    reg, info = deepdefense_loss(model, x, y, return_info=True)
+    assert not info.correct[0] and 5.0 * float(info.ratio[0]) > 88
+    assert bool(torch.isfinite(reg))
+    reg.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
+# ----------------------------------------------------------------------- bad input
+class _BadShape(nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.lin = nn.Linear(12, 5).double()
+        self.out = out
+
+    def forward(self, x):
+        z = self.lin(x)
+        return z.sum(1) if self.out == "1d" else z[..., None]
+
+
+@pytest.mark.parametrize("bad, arg", [
+    (lambda x, y: (x.index_fill(0, torch.tensor([1]), math.nan), y), "x"),
+    (lambda x, y: (x.index_fill(0, torch.tensor([2]), math.inf), y), "x"),
+    (lambda x, y: (x, None), "y"),
+    (lambda x, y: (x, y[:-1]), "y"),
+    (lambda x, y: (x, y + 10), "y"),
+    (lambda x, y: (x, y - 10), "y"),
+])
+def test_bad_input_names_the_argument(bad, arg):
+    model, x = bn_mlp(), mlp_data()
+    y = mixed_labels(model, x)
+    xb, yb = bad(x, y)
+    with pytest.raises(ValueError, match=rf"\b{arg}\b"):
+        deepdefense_loss(model, xb, yb)
+
+
+@pytest.mark.parametrize("out", ["1d", "3d"])
+def test_logits_not_2d(out):
+    with pytest.raises(ValueError, match="logits"):
+        deepdefense_loss(_BadShape(out), mlp_data(), torch.zeros(8, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("kw, arg", [({"lam": -1.0}, "lam"), ({"c": math.nan}, "c"), ({"d": -2}, "d"),
+                                     ({"max_iter": -1}, "max_iter"), ({"overshoot": -0.1}, "overshoot"),
+                                     ({"candidates": 1}, "candidates")])
+def test_bad_hyperparameters(kw, arg):
+    model, x = bn_mlp(), mlp_data()
+    with pytest.raises(ValueError, match=arg):
+        deepdefense_loss(model, x, mixed_labels(model, x), **kw)
