@@ -105,7 +105,8 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             rows = None if n == n_graph else keep.nonzero().squeeze(1)
         cur_logits = logits[keep] if t > 0 or y is not None else logits
         cand = cand_all[idx]
-        grads = jacobian.class_grads(model, xg, logits_g, None if all_classes else cand, rows)
+        grads = jacobian.class_grads(model, xg, logits_g, None if all_classes else cand, rows,
+                                      shape=shape)
         del xg, logits_g
         ones = torch.ones(n, dtype=torch.bool, device=x.device)
         ref_a = ref[idx]

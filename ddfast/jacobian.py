@@ -6,10 +6,14 @@ strided view: its last dim is contiguous). Routes:
 
 * ``"batched"``: one vmapped backward over the C one-hot output directions
   (``torch.autograd.grad(..., is_grads_batched=True)``), the fastest where vmap works;
-* ``"loop"``: one backward per direction, the fallback where vmap does not work
-  (e.g. some ``torch.compile``d models or custom autograd functions).
+* ``"replicate"``: a fresh forward of the batch repeated C times and one backward with
+  one direction per copy: no vmap and no retained graph, so it works where vmap does not
+  (e.g. ``torch.compile``d models, whose backward refuses ``retain_graph``) at the price of
+  C forwards;
+* ``"loop"``: one backward per direction on the existing graph (retain_graph).
 
-``"auto"`` tries ``"batched"`` once per model and remembers a failure.
+``"auto"`` tries ``"batched"`` once per model and remembers a failure; it then uses
+``"replicate"`` when the input shape is known, else ``"loop"``.
 """
 from __future__ import annotations
 
@@ -58,6 +62,15 @@ def _loop(logits: Tensor, xg: Tensor, go: Tensor, create_graph: bool,
     return torch.stack(rows, 0)                                        # [C, n, D]
 
 
+def _replicate(model: Callable, xg: Tensor, go: Tensor, shape: torch.Size,
+               create_graph: bool) -> Tensor:
+    C, n, K = go.shape
+    xr = xg.detach().repeat(C, 1).requires_grad_(True)                # [C * n, D]
+    out = model(xr.view(C * n, *shape))
+    (g,) = torch.autograd.grad(out, xr, go.reshape(C * n, K), create_graph=create_graph)
+    return g.view(C, n, -1)                                            # [C, n, D]
+
+
 def _remember_failure(model) -> None:
     try:
         _vmap_fails[model] = True
@@ -74,7 +87,8 @@ def _known_failure(model) -> bool:
 
 def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[Tensor] = None,
                 rows: Optional[Tensor] = None, method: str = "auto",
-                create_graph: bool = False, retain_graph: bool = False) -> Tensor:
+                create_graph: bool = False, retain_graph: bool = False,
+                shape: Optional[torch.Size] = None) -> Tensor:
     """Gradients of selected class logits w.r.t. the input, from an existing graph.
 
     Args:
@@ -82,10 +96,12 @@ def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[T
         xg: [n, D] the leaf the forward ran on; logits: [n, K] graph-carrying logits.
         classes: [m, C] int64 classes per kept row, or None for all K classes.
         rows: [m] int64 rows of the graph batch to return (None: all, m = n).
-        method: "auto", "batched" or "loop".
+        method: "auto", "batched", "replicate" or "loop".
         create_graph: keep the result differentiable (second order).
         retain_graph: keep the forward graph alive for later backwards (e.g. a
             graph-carrying row after a no-graph selection); implied by ``create_graph``.
+        shape: per-sample input shape the model expects (``xg`` rows are flat); needed by
+            the ``"replicate"`` route (default: flat rows).
 
     Returns:
         [m, C, D] gradients in ``xg``'s dtype (a view with a contiguous last dim).
@@ -96,20 +112,29 @@ def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[T
         full[rows] = classes
         classes = full
     go = _directions(n, K, classes, logits)
-    if method not in ("auto", "batched", "loop"):
-        raise ValueError(f"method must be 'auto', 'batched' or 'loop', got {method!r}")
-    if method == "loop" or (method == "auto" and _known_failure(model)):
-        g = _loop(logits, xg, go, create_graph, retain_graph)
-    elif method == "batched":
-        g = _batched(logits, xg, go, create_graph, retain_graph)
+    if method not in ("auto", "batched", "replicate", "loop"):
+        raise ValueError(f"method must be 'auto', 'batched', 'replicate' or 'loop', got {method!r}")
+    fallback = "loop" if shape is None else "replicate"
+
+    def run(route: str) -> Tensor:                                     # [C, m, D]
+        if route == "replicate":
+            x_rows, go_rows = (xg, go) if rows is None else (xg[rows], go[:, rows])
+            return _replicate(model, x_rows, go_rows, xg.shape[1:] if shape is None else shape,
+                              create_graph)
+        fn = _loop if route == "loop" else _batched
+        g = fn(logits, xg, go, create_graph, retain_graph)
+        return g if rows is None else g[:, rows]
+
+    if method != "auto":
+        g = run(method)
+    elif _known_failure(model):
+        g = run(fallback)
     else:
         try:
-            g = _batched(logits, xg, go, create_graph, retain_graph)
+            g = run("batched")
         except RuntimeError:
             _remember_failure(model)
-            g = _loop(logits, xg, go, create_graph, retain_graph)
-    if rows is not None:
-        g = g[:, rows]
+            g = run(fallback)
     return g.transpose(0, 1)
 
 
