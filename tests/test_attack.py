@@ -277,3 +277,22 @@ def test_hypothesis_shapes_against_slow(B, K, D, norm, cand, seed):
     torch.testing.assert_close(res.delta, sd, rtol=1e-8, atol=1e-10)
     assert torch.equal(res.iterations, si) and torch.equal(res.success, ss)
     assert torch.isfinite(res.delta).all()
+
+
+def test_noncontiguous_and_channels_last_inputs():
+    model = make_cnn().eval()
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    base = ddfast.deepfool(model, x, max_iter=10)
+    cl = ddfast.deepfool(model, x.to(memory_format=torch.channels_last), max_iter=10)
+    strided = torch.stack([x, torch.zeros_like(x)], -1)[..., 0]   # x through a strided view
+    assert not strided.is_contiguous()
+    nc = ddfast.deepfool(model, strided, max_iter=10)
+    for other in (cl, nc):
+        torch.testing.assert_close(other.delta, base.delta, rtol=1e-12, atol=1e-13)
+        assert torch.equal(other.iterations, base.iterations)
+
+
+def test_model_and_input_on_different_devices():
+    model = make_mlp().to("meta")
+    with pytest.raises(ValueError, match="x is on cpu but the model's parameters are on meta"):
+        ddfast.deepfool(model, torch.randn(2, 20, dtype=torch.float64))
