@@ -230,10 +230,12 @@ def evaluate(
     candidates: Optional[int] = None,
     batch_size: int = 500,
     progress: bool = True,
-) -> dict:
+    return_rho2: bool = False,
+):
     """One results row: ``acc``, ``rho2``, ``rho2_prime`` (0..255 units), ``fooled``, ``rho_inf``,
     ``eps50`` (this model's FGS eps for 50% error, preprocessed units) and, when ``eps_ref`` is
     given, ``acc_at_eps = {"0.2": acc, ...}`` at ``fraction * eps_ref``.
+    With ``return_rho2`` returns ``(row, Rho2)`` (per-sample ratios for histograms).
     """
     _check(x, y)
     r = rho2(model, x, max_iter=max_iter, candidates=candidates, scale=scale, batch_size=batch_size, progress=progress)
@@ -249,4 +251,4 @@ def evaluate(
     if eps_ref is not None:
         accs = acc_at_eps(model, x, y, [f * eps_ref for f in fractions], batch_size)
         row["acc_at_eps"] = {str(f): a for f, a in zip(fractions, accs)}
-    return row
+    return (row, r) if return_rho2 else row

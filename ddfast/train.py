@@ -245,7 +245,7 @@ def fit(
         start_epoch = int(ck["epoch"]) + 1
 
     x_fit = x_train
-    if cfg.method == "adversarial":
+    if cfg.method == "adversarial" and start_epoch <= cfg.epochs:
         # the fixed set comes from the *starting* model, kept in init.pt so a resume rebuilds it
         init_path = out / "init.pt" if out is not None else None
         if init_path is not None and init_path.exists():

@@ -1,0 +1,168 @@
+"""The ``ddfast`` command: ``train``, ``eval``, ``reproduce``.
+
+Errors the user can fix (missing or corrupt data, bad settings, a diverged run, an existing
+output directory) are printed as one ``ddfast: error: ...`` line and exit with status 2
+(1 for a diverged run, 130 when interrupted) instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def _floats(s: str):
+    try:
+        return tuple(float(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+
+
+def _ints(s: str):
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+def _common(p: argparse.ArgumentParser, threads_default) -> None:
+    p.add_argument("--data", type=Path, default=None, help="dataset directory (default: the shipped MNIST, or $DDFAST_DATA)")
+    p.add_argument("--threads", type=int, default=threads_default,
+                   help="torch CPU threads (0: torch's default; default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import METHODS, TrainConfig
+
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(prog="ddfast", description="Fast batched DeepFool and DeepDefense training.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train or fine-tune one model with one method")
+    t.add_argument("--model", default="mlp", help="mlp, lenet, convnet, nin (default %(default)s)")
+    t.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10 (default %(default)s)")
+    t.add_argument("--method", default="clean", choices=METHODS)
+    t.add_argument("--init", type=Path, help="start from these weights (state_dict or checkpoint)")
+    t.add_argument("--out", type=Path, required=True, help="output directory (checkpoint.pt, log.json, model.pt)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr, help="base lr for [0,1]-scaled inputs (default %(default)s)")
+    t.add_argument("--lr-milestones", type=_ints, default=d.lr_milestones, help="epochs after which the lr is halved")
+    t.add_argument("--momentum", type=float, default=d.momentum)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--lam", type=float, default=d.lam)
+    t.add_argument("--c", type=float, default=d.c)
+    t.add_argument("--d", type=float, default=d.d)
+    t.add_argument("--layers", type=lambda s: tuple(s.split(",")), default=None,
+                   help="regularize only these layers, e.g. fc1 (paper Fig. 5)")
+    t.add_argument("--parseval-beta", type=float, default=d.parseval_beta)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite)
+    t.add_argument("--eval-subset", type=int, default=d.eval_subset, help="test images for the per-epoch rho_2")
+    _common(t, 0)
+
+    e = sub.add_parser("eval", help="accuracy, rho_2, rho_inf, Acc@eps, rho'_2 of saved weights")
+    e.add_argument("weights", type=Path, help="model.pt or checkpoint.pt")
+    e.add_argument("--model", default="mlp")
+    e.add_argument("--dataset", default="mnist")
+    e.add_argument("--eps-ref", type=float, default=None, help="report Acc@{0.2,0.5,1.0} x this FGS eps")
+    e.add_argument("--max-iter", type=int, default=50, help="DeepFool iterations (default %(default)s)")
+    e.add_argument("--limit", type=int, default=None, help="first N test images only")
+    e.add_argument("--json", type=Path, default=None, help="also write the row to this file")
+    _common(e, 0)
+
+    r = sub.add_parser("reproduce", help="the paper's MNIST table, plots and a c sweep")
+    r.add_argument("experiment", help="mnist-mlp or mnist-lenet")
+    r.add_argument("--out", type=Path, required=True, help="output directory (rerun to resume)")
+    r.add_argument("--init", type=Path, default=None, help="reference weights instead of training one")
+    r.add_argument("--sweep", type=_floats, default=None, help="c values of the sweep ('' for none)")
+    r.add_argument("--eval-max-iter", type=int, default=50)
+    _common(r, 1)
+    return ap
+
+
+def _cmd_train(a) -> int:
+    from . import data, models
+    from .reproduce import load_weights
+    from .train import TrainConfig, fit
+
+    cfg = TrainConfig(method=a.method, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                      lr_milestones=a.lr_milestones, momentum=a.momentum, weight_decay=a.weight_decay,
+                      lam=a.lam, c=a.c, d=a.d, layers=a.layers, parseval_beta=a.parseval_beta, seed=a.seed,
+                      on_nonfinite=a.on_nonfinite, eval_subset=a.eval_subset)
+    import torch
+
+    torch.manual_seed(a.seed)
+    model = models.build_model(a.model)
+    if a.init is not None:
+        load_weights(model, a.init)
+    prep = data.prepare(a.dataset, a.data)
+    log = fit(model, prep.x_train, prep.y_train, prep.x_test, prep.y_test, cfg, out_dir=a.out, resume=a.resume,
+              scale=prep.scale, progress=not a.no_progress)
+    last = log[-1]
+    print(f"done: epoch {last['epoch']} test acc {100 * last['test_acc']:.2f}% rho_2 (subset) {last['rho2']:.4f}; "
+          f"weights in {a.out / 'model.pt'}")
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from . import data, metrics, models
+    from .reproduce import load_weights
+
+    model = load_weights(models.build_model(a.model), a.weights)
+    prep = data.prepare(a.dataset, a.data)
+    x, y = prep.x_test, prep.y_test
+    if a.limit is not None:
+        if a.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {a.limit}")
+        x, y = x[: a.limit], y[: a.limit]
+    row = metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
+                           progress=not a.no_progress)
+    print(json.dumps(row, indent=1))
+    if a.json is not None:
+        a.json.write_text(json.dumps(row, indent=1))
+    return 0
+
+
+def _cmd_reproduce(a) -> int:
+    from .reproduce import reproduce
+
+    reproduce(a.experiment, a.out, data_root=a.data, init=a.init, sweep=a.sweep, eval_max_iter=a.eval_max_iter,
+              progress=not a.no_progress)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``ddfast`` console script; returns the exit status."""
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    from .train import NonFiniteLossError
+
+    if a.threads is not None and a.threads < 0:
+        ap.error(f"--threads must be >= 0, got {a.threads}")
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    cmd = {"train": _cmd_train, "eval": _cmd_eval, "reproduce": _cmd_reproduce}[a.command]
+    try:
+        return cmd(a)
+    except NonFiniteLossError as exc:
+        print(f"ddfast: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
+        print(f"ddfast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddfast: interrupted; rerun the same command (train: with --resume) to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The ddfast command: train / eval / reproduce on a tiny generated MNIST, and readable errors."""
+import dataclasses
+import gzip
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ddfast import cli, reproduce
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # main() may set it
+
+
+def _idx(path, arr):
+    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    """200 train / 100 test images: 10 noisy class prototypes, learnable in a few epochs."""
+    rng = np.random.default_rng(0)
+    protos = rng.integers(0, 256, (10, 28, 28))
+    d = tmp_path / "mnist"
+    d.mkdir()
+    for split, n in (("train", 200), ("t10k", 100)):
+        y = rng.integers(0, 10, n)
+        x = np.clip(protos[y] + rng.normal(0, 40, (n, 28, 28)), 0, 255)
+        _idx(d / f"{split}-images-idx3-ubyte.gz", x)
+        _idx(d / f"{split}-labels-idx1-ubyte.gz", y)
+    return d
+
+
+def run(argv, capsys):
+    rc = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_train_then_eval(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", tiny_mnist, "--out", out, "--epochs", "2", "--lr", "0.05", "--batch-size", "50",
+            "--eval-subset", "20", "--threads", "1", "--no-progress"]
+    rc, stdout, err = run(args, capsys)
+    assert rc == 0, err
+    assert "epoch 2" in stdout and (out / "model.pt").exists()
+    assert len(json.loads((out / "log.json").read_text())) == 3
+    rc, _, err = run(args, capsys)  # same out without --resume: refused, readable
+    assert rc == 2 and "ddfast: error:" in err and "--resume" in err and "Traceback" not in err
+    rc, _, err = run(args[:-1] + ["--epochs", "3", "--resume", "--no-progress"], capsys)
+    assert rc == 2 and "other settings" in err  # resume with changed settings is refused
+    rc, stdout, err = run(["eval", out / "checkpoint.pt", "--data", tiny_mnist, "--eps-ref", "0.1",
+                           "--max-iter", "20", "--json", tmp_path / "row.json", "--no-progress"], capsys)
+    assert rc == 0, err
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert row["acc"] > 0.5 and row["rho2"] > 0 and set(row["acc_at_eps"]) == {"0.2", "0.5", "1.0"}
+
+
+def test_readable_errors(tiny_mnist, tmp_path, capsys):
+    rc, _, err = run(["eval", tmp_path / "missing.pt"], capsys)
+    assert rc == 2 and "missing.pt" in err
+    bad = tmp_path / "bad.pt"
+    torch.save({"fc1.weight": torch.zeros(3)}, bad)
+    rc, _, err = run(["eval", bad, "--data", tiny_mnist], capsys)
+    assert rc == 2 and "bad.pt" in err and "MLP" in err
+    rc, _, err = run(["reproduce", "cifar-resnet", "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "mnist-mlp" in err
+    rc, _, err = run(["train", "--out", tmp_path / "o", "--data", tmp_path / "nodata"], capsys)
+    assert rc == 2 and "nodata" in err
+    rc, _, err = run(["train", "--out", tmp_path / "o", "--model", "vgg", "--data", tiny_mnist], capsys)
+    assert rc == 2 and "vgg" in err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--out", str(tmp_path / "o"), "--method", "magic"])
+    assert "magic" in capsys.readouterr().err
+
+
+def test_corrupt_data_names_file(tiny_mnist, tmp_path, capsys):
+    import hashlib
+
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in sorted(tiny_mnist.iterdir())]
+    (tiny_mnist / "SHA256SUMS").write_text("# sums\n" + "\n".join(lines) + "\n")
+    f = tiny_mnist / "train-labels-idx1-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:-3] + b"xyz")
+    rc, _, err = run(["train", "--out", tmp_path / "o", "--data", tiny_mnist, "--no-progress"], capsys)
+    assert rc == 2 and "train-labels-idx1-ubyte.gz" in err and "SHA-256" in err
+
+
+def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
+    tiny = dict(batch_size=50, eval_subset=20, eval_max_iter=10)
+    exp = dict(model="mlp",
+               reference=reproduce.TrainConfig(method="clean", epochs=2, lr=0.05, lr_milestones=(), **tiny),
+               finetune=reproduce.TrainConfig(method="clean", epochs=2, lr=0.01, lr_milestones=(1,), **tiny),
+               sweep=(10.0,))
+    monkeypatch.setitem(reproduce.EXPERIMENTS, "mnist-mlp", exp)
+    out = tmp_path / "rep"
+    rc, stdout, err = run(["reproduce", "mnist-mlp", "--data", tiny_mnist, "--out", out, "--eval-max-iter", "20",
+                           "--no-progress"], capsys)
+    if rc != 0 and "regularizer" in err:
+        pytest.skip("ddfast.regularizer not available")
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["reference", "clean", "deepdefense", "adversarial", "parseval"]
+    for r in res["rows"]:
+        assert r["model"] == "mlp" and 0 <= r["acc"] <= 1 and r["rho2"] > 0 and r["rho_inf"] > 0
+        assert set(r["acc_at_eps"]) == {"0.2", "0.5", "1.0"} and r["rho2_prime"] > 0
+    dd = res["rows"][2]
+    assert dd["acc_at_eps"]["1.0"] == pytest.approx(0.5, abs=0.02)  # eps_ref is DeepDefense's own 50% eps
+    assert sorted(p["c"] for p in res["sweep"]) == [10.0, 25.0]
+    for png in ("convergence.png", "examples.png", "histograms.png", "c_sweep.png"):
+        assert (out / png).stat().st_size > 1000
+    md = (out / "results.md").read_text()
+    assert "| deepdefense | paper | 98.65 |" in md and "| deepdefense | ours |" in md
+    # rerun: every training is finished, nothing is retrained, same rows
+    rc, _, err = run(["reproduce", "mnist-mlp", "--data", tiny_mnist, "--out", out, "--eval-max-iter", "20",
+                      "--no-progress"], capsys)
+    assert rc == 0, err
+    again = json.loads((out / "results.json").read_text())
+    assert [r["acc"] for r in again["rows"]] == [r["acc"] for r in res["rows"]]
+
+
+def test_python_m_entry_points():
+    for mod in ("ddfast", "ddfast.cli"):
+        p = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "reproduce" in p.stdout
