@@ -1,0 +1,81 @@
+"""Pieces shared by the triton kernels: how long rows are split across programs, the
+per-(row, chunk) partial norm kernel, and the checks every launcher makes.
+
+Long rows (D up to 150528 for ImageNet) are cut into ``S`` chunks of ``chunk`` elements
+(a multiple of the block); one program reduces one (row, chunk) into a float32 partial,
+and a finishing kernel sums a row's ``S`` partials. Partial sums are float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import DTYPES
+
+#: Programs a split aims at (a few per streaming multiprocessor of a current GPU).
+TARGET_PROGRAMS = 1024
+#: Default block of a row: elements one program touches per loop step.
+BLOCK_D = 1024
+
+
+def split_rows(B: int, D: int, block: int) -> tuple[int, int]:
+    """(chunk, S): cut rows of length D into S >= 1 chunks of ``chunk`` elements (a
+    multiple of ``block``) so that about TARGET_PROGRAMS programs cover B rows."""
+    blocks = max(1, triton.cdiv(D, block))
+    want = max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, max(B, 1))))
+    chunk = triton.cdiv(blocks, want) * block
+    return chunk, max(1, triton.cdiv(D, chunk))
+
+
+def check(t: Tensor, name: str) -> None:
+    """The kernels take float32/float16/bfloat16 tensors on one device (CUDA, or CPU under
+    TRITON_INTERPRET=1); anything else is a caller error."""
+    if t.dtype not in DTYPES:
+        raise ValueError(f"the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes an output of ``dtype`` in. Triton's interpreter (3.9)
+    converts float32 to bfloat16 by truncation, where GPUs round to nearest even, so under
+    the interpreter bfloat16 outputs are written as float32 and rounded by torch
+    (``.to(dtype)``, a no-op otherwise)."""
+    from . import interpreting
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+
+
+def rows(t: Tensor) -> Tensor:
+    """A [B, D] view whose rows may be strided but whose elements are contiguous."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+@triton.jit
+def partial_norm_kernel(x_ptr, out_ptr, D, stride_b, chunk, S,
+                        Q: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i, s] = sum over the s-th chunk of row i of x[i, d]^2 (Q = 2) or |x[i, d]| (Q = 1),
+    in float32. Grid (B, S)."""
+    i = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    start = s * chunk
+    end = tl.minimum(start + chunk, D)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    base = x_ptr + i * stride_b
+    for d0 in range(start, end, BLOCK):
+        offs = d0 + tl.arange(0, BLOCK)
+        v = tl.load(base + offs, mask=offs < end, other=0.0).to(tl.float32)
+        if Q == 2:
+            acc += v * v
+        else:
+            acc += tl.abs(v)
+    tl.store(out_ptr + i * S + s, tl.sum(acc, axis=0))
+
+
+def partial_norms(x: Tensor, q: int, block: int) -> tuple[Tensor, int]:
+    """float32 [B, S] partial sums of |x|^q over chunks of each row of x [B, D] (q = 1, 2)."""
+    B, D = x.shape
+    chunk, S = split_rows(B, D, block)
+    out = torch.empty(B, S, dtype=torch.float32, device=x.device)
+    if B:
+        partial_norm_kernel[(B, S)](x, out, D, x.stride(0), chunk, S, Q=q, BLOCK=block)
+    return out, S
