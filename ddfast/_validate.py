@@ -24,8 +24,10 @@ def check_input(x, name: str = "x") -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    if x.numel():
+        lo, hi = torch.aminmax(x.detach())          # one pass; NaN propagates to both
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise ValueError(f"{name} contains NaN or Inf")
     return x
 
 

@@ -68,66 +68,74 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
                   lo: Optional[float], hi: Optional[float]) -> DeepFoolResult:
     B = x.shape[0]
     shape = x.shape[1:]
-    dtype = x.dtype
-    x0 = x.reshape(B, -1).to(memory_format=torch.contiguous_format).clone()
+    dtype, dev = x.dtype, x.device
+    x0 = x.detach().reshape(B, -1)
+    if x0.is_inference():                      # a tensor made under torch.inference_mode()
+        x0 = x0.clone()
     xg, logits_g = jacobian.forward_with_graph(model, x0, shape)
     logits = check_logits(logits_g, B).detach().to(dtype)
     K = logits.shape[1]
     pred = logits.argmax(1)
     if y is not None:
-        y = as_labels(y, B, K, x.device)
+        y = as_labels(y, B, K, dev)
     ref = pred if y is None else y
-    cand_all = _candidate_classes(logits, ref, k)
-    if cand_all is None:
-        cand_all = torch.arange(K, device=x.device).expand(B, K)
+    cand = _candidate_classes(logits, ref, k)
+    all_classes = cand is None
+    if all_classes:
+        cand = torch.arange(K, device=dev).expand(B, K)
 
-    r_tot = torch.zeros_like(x0)
-    x_final = x0.clone()
-    iterations = torch.zeros(B, dtype=torch.int64, device=x.device)
-    success = torch.zeros(B, dtype=torch.bool, device=x.device)
+    x_final = x0.clone()                       # rows are overwritten when a sample stops
+    iterations = torch.zeros(B, dtype=torch.int64, device=dev)
+    success = torch.zeros(B, dtype=torch.bool, device=dev)
     adv_label = pred.clone()
-    all_classes = k is None or k >= K
 
-    keep = torch.ones(B, dtype=torch.bool, device=x.device) if y is None else pred == y
-    success |= ~keep
+    # The active set, compacted: idx (its rows of the batch) and its working tensors.
+    idx = torch.arange(B, device=dev)
+    x0_a, r_tot_a, ref_a, x_cur = x0, torch.zeros_like(x0), ref, x0
+    keep = None if y is None else pred == y
+    if keep is not None:
+        success |= ~keep
     for t in range(max_iter):
-        idx = keep.nonzero().squeeze(1) if t == 0 else idx[keep]
+        if keep is not None and not bool(keep.all()):
+            rows = keep.nonzero().squeeze(1)
+            idx, x0_a, r_tot_a, ref_a, cand, logits = (
+                idx[rows], x0_a[rows], r_tot_a[rows], ref_a[rows], cand[rows], logits[rows])
+        else:
+            rows = None
         n = idx.numel()
         if n == 0:
             break
         n_graph = logits_g.shape[0]
-        if n < n_graph and (n_graph - n) * K > n:
-            # Few rows survive: a fresh forward on them is cheaper than a Jacobian of the
+        if rows is not None and (n_graph - n) * K > n:
+            # Few rows survive: a fresh forward on them costs less than a Jacobian of the
             # whole graph batch.
-            xg, logits_g = jacobian.forward_with_graph(model, x_final[idx], shape)
+            xg, logits_g = jacobian.forward_with_graph(model, x_cur[rows], shape)
             rows = None
-        else:
-            rows = None if n == n_graph else keep.nonzero().squeeze(1)
-        cur_logits = logits[keep] if t > 0 or y is not None else logits
-        cand = cand_all[idx]
         grads = jacobian.class_grads(model, xg, logits_g, None if all_classes else cand, rows,
-                                      shape=shape)
+                                     shape=shape)
         del xg, logits_g
-        ones = torch.ones(n, dtype=torch.bool, device=x.device)
-        ref_a = ref[idx]
-        _, _, r = ops.select_boundary(cur_logits, grads.to(dtype), cand, ref_a, ones, norm)
+        ones = torch.ones(n, dtype=torch.bool, device=dev)
+        _, _, r = ops.select_boundary(logits, grads.to(dtype), cand, ref_a, ones, norm)
         del grads
-        r_tot_a, x_next = ops.deepfool_update(x0[idx], r_tot[idx], r, ones, overshoot, lo, hi)
-        r_tot[idx] = r_tot_a
-        x_final[idx] = x_next
+        r_tot_a, x_cur = ops.deepfool_update(x0_a, r_tot_a, r, ones, overshoot, lo, hi)
         iterations[idx] = t + 1
         if t + 1 < max_iter:
-            xg, logits_g = jacobian.forward_with_graph(model, x_next, shape)
+            xg, logits_g = jacobian.forward_with_graph(model, x_cur, shape)
             out = logits_g
         else:
             with torch.no_grad():
-                out = model(x_next.view(n, *shape))
+                out = model(x_cur.view(n, *shape))
         logits = check_logits(out, n).detach().to(dtype)
         new_pred = logits.argmax(1)
-        adv_label[idx] = new_pred
-        done = new_pred != ref_a
-        success[idx[done]] = True
-        keep = ~done
+        keep = new_pred == ref_a
+        if not bool(keep.all()):
+            done = (~keep).nonzero().squeeze(1)
+            stop = idx[done]
+            x_final[stop] = x_cur[done]
+            adv_label[stop] = new_pred[done]
+            success[stop] = True
+        if t + 1 == max_iter:
+            x_final[idx[keep]] = x_cur[keep]
 
     delta = (x_final - x0).view(B, *shape)
     return DeepFoolResult(delta=delta, x_adv=x_final.view(B, *shape), iterations=iterations,
