@@ -1,0 +1,103 @@
+// Device helpers shared by the ddfast CUDA kernels (included by the .cu files only):
+// float32 conversion of the storage types, warp/block sums, the row split, the shared
+// per-(row, chunk) partial norm kernel, dtype dispatch and launch error reporting.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "launchers.cuh"
+
+namespace ddfast_cuda {
+
+constexpr int kThreads = 256;        // threads of every block
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sums v[0..N) over the block; the totals are valid in thread 0. Every thread must call it.
+template <int N>
+__device__ __forceinline__ void block_sum(float (&v)[N]) {
+  __shared__ float sh[N][kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int t = 0; t < N; ++t) {
+    v[t] = warp_sum(v[t]);
+    if (lane == 0) sh[t][warp] = v[t];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int t = 0; t < N; ++t) v[t] = warp_sum(lane < kWarps ? sh[t][lane] : 0.0f);
+  }
+  __syncthreads();  // sh may be reused by the next call
+}
+
+__device__ __forceinline__ float sign_f(float w) { return (w > 0.0f) - (w < 0.0f); }
+
+// |w|^Q term of a norm: w*w (Q = 2) or |w| (Q = 1).
+template <int Q>
+__device__ __forceinline__ float norm_term(float w) { return Q == 2 ? w * w : fabsf(w); }
+
+// out[i, s] = sum over the s-th chunk of row i of |x[i, d]|^Q, float32. Grid (B, S).
+template <typename T, int Q>
+__global__ void partial_norm_kernel(const T* __restrict__ x, float* __restrict__ out,
+                                    std::int64_t D, std::int64_t stride_b, std::int64_t chunk,
+                                    std::int64_t S) {
+  const std::int64_t i = blockIdx.x, s = blockIdx.y;
+  const std::int64_t start = s * chunk;
+  const std::int64_t end = start + chunk < D ? start + chunk : D;
+  const T* row = x + i * stride_b;
+  float acc[1] = {0.0f};
+  for (std::int64_t d = start + threadIdx.x; d < end; d += blockDim.x) acc[0] += norm_term<Q>(to_f(row[d]));
+  block_sum<1>(acc);
+  if (threadIdx.x == 0) out[i * S + s] = acc[0];
+}
+
+template <typename T>
+void launch_partial_norm(const T* x, float* out, std::int64_t B, std::int64_t D,
+                         std::int64_t stride_b, bool q1, cudaStream_t st) {
+  const std::int64_t chunk = chunk_len(B, D), S = row_chunks(B, D);
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(S));
+  if (q1)
+    partial_norm_kernel<T, 1><<<grid, kThreads, 0, st>>>(x, out, D, stride_b, chunk, S);
+  else
+    partial_norm_kernel<T, 2><<<grid, kThreads, 0, st>>>(x, out, D, stride_b, chunk, S);
+}
+
+inline std::string last_error() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? std::string() : std::string(cudaGetErrorString(e));
+}
+
+inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+template <typename T>
+inline T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// Calls F<T>() with T the storage type of the dtype code.
+#define DDFAST_DISPATCH(code, ...)                       \
+  switch (code) {                                        \
+    case kF16: { using T = __half; __VA_ARGS__; break; } \
+    case kBF16: { using T = __nv_bfloat16; __VA_ARGS__; break; } \
+    default: { using T = float; __VA_ARGS__; break; }    \
+  }
+
+}  // namespace ddfast_cuda

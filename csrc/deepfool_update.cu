@@ -1,0 +1,49 @@
+// deepfool_update on CUDA (spec: ddfast.reference.deepfool_update), one elementwise pass over
+// a (B, D-slices) grid: r_tot' = r_tot + r on active rows, x_next = clip(x0 + (1 + overshoot)
+// r_tot'), float32 arithmetic.
+#include "cuda_common.cuh"
+
+namespace ddfast_cuda {
+namespace {
+
+constexpr int kSlice = 1024;  // elements per block
+
+template <typename T>
+__global__ void du_kernel(const T* __restrict__ x0, const T* __restrict__ r_tot,
+                          const T* __restrict__ r, const bool* __restrict__ active,
+                          T* __restrict__ r_tot_out, T* __restrict__ x_next, std::int64_t D,
+                          float k, bool has_lo, float lo, bool has_hi, float hi) {
+  const std::int64_t i = blockIdx.x;
+  const std::int64_t d0 = static_cast<std::int64_t>(blockIdx.y) * kSlice;
+  const std::int64_t d1 = d0 + kSlice < D ? d0 + kSlice : D;
+  const bool act = active[i];
+  for (std::int64_t d = d0 + threadIdx.x; d < d1; d += blockDim.x) {
+    const std::int64_t o = i * D + d;
+    float rt = to_f(r_tot[o]);
+    if (act) rt += to_f(r[o]);
+    float xn = to_f(x0[o]) + k * rt;
+    if (has_lo) xn = fmaxf(xn, lo);
+    if (has_hi) xn = fminf(xn, hi);
+    r_tot_out[o] = from_f<T>(rt);
+    x_next[o] = from_f<T>(xn);
+  }
+}
+
+}  // namespace
+
+std::string deepfool_update(std::uintptr_t x0, std::uintptr_t r_tot, std::uintptr_t r,
+                            std::uintptr_t active, std::uintptr_t r_tot_out,
+                            std::uintptr_t x_next, std::int64_t B, std::int64_t D,
+                            double overshoot, bool has_lo, double lo, bool has_hi, double hi,
+                            int dtype, std::uintptr_t stream) {
+  if (B == 0 || D == 0) return "";
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(cdiv(D, kSlice)));
+  const float k = static_cast<float>(1.0 + overshoot);
+  DDFAST_DISPATCH(dtype, du_kernel<T><<<grid, kThreads, 0, as_stream(stream)>>>(
+      ptr<const T>(x0), ptr<const T>(r_tot), ptr<const T>(r), ptr<const bool>(active),
+      ptr<T>(r_tot_out), ptr<T>(x_next), D, k, has_lo, static_cast<float>(lo), has_hi,
+      static_cast<float>(hi)));
+  return last_error();
+}
+
+}  // namespace ddfast_cuda

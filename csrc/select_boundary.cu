@@ -1,0 +1,157 @@
+// select_boundary on CUDA, two kernels (spec: ddfast.reference.select_boundary):
+//  1. sb_partial, grid (B, S): block (i, s) sums |g_j[d] - g_ref[d]|^q over the s-th chunk
+//     of d for every candidate j, kCT candidates at a time (g_ref is read once per kCT rows),
+//     into part[i, j, s] (float32).
+//  2. sb_finish, grid (B, R): warp 0 of every block sums row i's partials and takes the
+//     exact first-index argmin of |f_j - f_ref| / ||w_j||_q; the block then writes its
+//     kThreads * kPerThread slice of r from the chosen row alone; block (i, 0) writes l, dist.
+#include <cmath>
+
+#include "cuda_common.cuh"
+
+namespace ddfast_cuda {
+namespace {
+
+constexpr int kCT = 8;         // candidates per pass of sb_partial
+constexpr int kRSlice = 1024;  // r elements per sb_finish block
+
+__device__ __forceinline__ std::int64_t ref_position(const std::int64_t* cand, std::int64_t ref,
+                                                     std::int64_t C) {
+  for (std::int64_t j = 0; j < C; ++j)
+    if (cand[j] == ref) return j;
+  return 0;  // absent: as the reference's argmax of an all-false row
+}
+
+template <typename T, int Q>
+__global__ void sb_partial(const T* __restrict__ grads, const std::int64_t* __restrict__ cand,
+                           const std::int64_t* __restrict__ ref, const bool* __restrict__ active,
+                           float* __restrict__ part, std::int64_t C, std::int64_t D,
+                           std::int64_t gs_b, std::int64_t gs_c, std::int64_t chunk,
+                           std::int64_t S) {
+  const std::int64_t i = blockIdx.x, s = blockIdx.y;
+  if (!active[i]) return;  // uniform over the block: no barrier is skipped by half of it
+  const std::int64_t rp = ref_position(cand + i * C, ref[i], C);
+  const T* row = grads + i * gs_b;
+  const T* g_ref = row + rp * gs_c;
+  const std::int64_t start = s * chunk;
+  const std::int64_t end = start + chunk < D ? start + chunk : D;
+  for (std::int64_t c0 = 0; c0 < C; c0 += kCT) {
+    float acc[kCT];
+#pragma unroll
+    for (int t = 0; t < kCT; ++t) acc[t] = 0.0f;
+    for (std::int64_t d = start + threadIdx.x; d < end; d += blockDim.x) {
+      const float gr = to_f(g_ref[d]);
+#pragma unroll
+      for (int t = 0; t < kCT; ++t)
+        if (c0 + t < C) acc[t] += norm_term<Q>(to_f(row[(c0 + t) * gs_c + d]) - gr);
+    }
+    block_sum<kCT>(acc);
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int t = 0; t < kCT; ++t)
+        if (c0 + t < C) part[(i * C + c0 + t) * S + s] = acc[t];
+    }
+  }
+}
+
+// (dist, pos) lexicographic minimum: the first index among equal distances.
+__device__ __forceinline__ bool better(float d, std::int64_t p, float bd, std::int64_t bp) {
+  return d < bd || (d == bd && p < bp);
+}
+
+template <typename T, int Q>
+__global__ void sb_finish(const float* __restrict__ logits, const T* __restrict__ grads,
+                          const std::int64_t* __restrict__ cand, const std::int64_t* __restrict__ ref,
+                          const bool* __restrict__ active, const float* __restrict__ part,
+                          std::int64_t* __restrict__ l, float* __restrict__ dist, T* __restrict__ r,
+                          std::int64_t K, std::int64_t C, std::int64_t D, std::int64_t gs_b,
+                          std::int64_t gs_c, std::int64_t S, float eps) {
+  const std::int64_t i = blockIdx.x;
+  const std::int64_t d0 = static_cast<std::int64_t>(blockIdx.y) * kRSlice;
+  const std::int64_t d1 = d0 + kRSlice < D ? d0 + kRSlice : D;
+  T* ri = r + i * D;
+  const bool first = blockIdx.y == 0 && threadIdx.x == 0;
+  if (!active[i]) {
+    for (std::int64_t d = d0 + threadIdx.x; d < d1; d += blockDim.x) ri[d] = from_f<T>(0.0f);
+    if (first) { l[i] = ref[i]; dist[i] = 0.0f; }
+    return;
+  }
+  __shared__ std::int64_t s_pos, s_rp;
+  __shared__ float s_best, s_norm;
+  const std::int64_t* cand_i = cand + i * C;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const std::int64_t rp = ref_position(cand_i, ref[i], C);
+    const float f_ref = logits[i * K + ref[i]];
+    const float inf = INFINITY;
+    float best = inf, best_n = 0.0f;
+    std::int64_t pos = INT64_MAX;
+    for (std::int64_t j = lane; j < C; j += 32) {  // ascending j: the lane's first minimum
+      float npow = 0.0f;
+      for (std::int64_t s = 0; s < S; ++s) npow += part[(i * C + j) * S + s];
+      const float n = Q == 2 ? sqrtf(npow) : npow;
+      const float dj = (j != rp && n > 0.0f) ? fabsf(logits[i * K + cand_i[j]] - f_ref) / n : inf;
+      if (better(dj, j, best, pos)) { best = dj; pos = j; best_n = n; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const std::int64_t op = __shfl_xor_sync(0xffffffffu, pos, o);
+      const float on = __shfl_xor_sync(0xffffffffu, best_n, o);
+      if (better(ob, op, best, pos)) { best = ob; pos = op; best_n = on; }
+    }
+    if (lane == 0) {
+      s_pos = pos == INT64_MAX ? 0 : pos;
+      s_rp = rp;
+      s_best = best;
+      s_norm = best_n;
+    }
+  }
+  __syncthreads();
+  const std::int64_t pos = s_pos;
+  const float best = s_best, n = s_norm;
+  const bool finite = best < INFINITY;
+  const float scale = finite ? best + eps : 0.0f;
+  const float coef = (finite && n > 0.0f) ? scale / n : 0.0f;
+  const T* g_l = grads + i * gs_b + pos * gs_c;
+  const T* g_ref = grads + i * gs_b + s_rp * gs_c;
+  for (std::int64_t d = d0 + threadIdx.x; d < d1; d += blockDim.x) {
+    const float w = to_f(g_l[d]) - to_f(g_ref[d]);
+    ri[d] = from_f<T>(Q == 2 ? coef * w : scale * sign_f(w));
+  }
+  if (first) { l[i] = cand_i[pos]; dist[i] = best; }
+}
+
+template <typename T, int Q>
+void launch(std::uintptr_t logits, std::uintptr_t grads, std::uintptr_t cand, std::uintptr_t ref,
+            std::uintptr_t active, std::uintptr_t part, std::uintptr_t l, std::uintptr_t dist,
+            std::uintptr_t r, std::int64_t B, std::int64_t K, std::int64_t C, std::int64_t D,
+            std::int64_t gs_b, std::int64_t gs_c, float eps, cudaStream_t st) {
+  const std::int64_t chunk = chunk_len(B, D), S = row_chunks(B, D);
+  sb_partial<T, Q><<<dim3(static_cast<unsigned>(B), static_cast<unsigned>(S)), kThreads, 0, st>>>(
+      ptr<const T>(grads), ptr<const std::int64_t>(cand), ptr<const std::int64_t>(ref),
+      ptr<const bool>(active), ptr<float>(part), C, D, gs_b, gs_c, chunk, S);
+  const unsigned R = static_cast<unsigned>(cdiv(D, kRSlice));
+  sb_finish<T, Q><<<dim3(static_cast<unsigned>(B), R), kThreads, 0, st>>>(
+      ptr<const float>(logits), ptr<const T>(grads), ptr<const std::int64_t>(cand),
+      ptr<const std::int64_t>(ref), ptr<const bool>(active), ptr<const float>(part),
+      ptr<std::int64_t>(l), ptr<float>(dist), ptr<T>(r), K, C, D, gs_b, gs_c, S, eps);
+}
+
+}  // namespace
+
+std::string select_boundary(std::uintptr_t logits, std::uintptr_t grads, std::uintptr_t cand,
+                            std::uintptr_t ref, std::uintptr_t active, std::uintptr_t part,
+                            std::uintptr_t l, std::uintptr_t dist, std::uintptr_t r,
+                            std::int64_t B, std::int64_t K, std::int64_t C, std::int64_t D,
+                            std::int64_t gs_b, std::int64_t gs_c, bool norm_inf, double eps,
+                            int dtype, std::uintptr_t stream) {
+  if (B == 0 || D == 0) return "";
+  const cudaStream_t st = as_stream(stream);
+  const float e = static_cast<float>(eps);
+  DDFAST_DISPATCH(dtype, norm_inf
+      ? launch<T, 1>(logits, grads, cand, ref, active, part, l, dist, r, B, K, C, D, gs_b, gs_c, e, st)
+      : launch<T, 2>(logits, grads, cand, ref, active, part, l, dist, r, B, K, C, D, gs_b, gs_c, e, st));
+  return last_error();
+}
+
+}  // namespace ddfast_cuda
