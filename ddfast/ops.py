@@ -176,6 +176,62 @@ torch.library.register_autograd("ddfast::deepfool_update", _no_backward,
 
 
 # ------------------------------------------------------------------------ public entry points
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _tensor(t, name: str, ndim: int, kind: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _need(t.dim() == ndim, f"{name} must be {ndim}-d, got shape {list(t.shape)}")
+    ok = {"float": t.is_floating_point(), "int": not t.is_floating_point() and not t.is_complex()
+          and t.dtype != torch.bool, "bool": t.dtype == torch.bool}[kind]
+    if not ok:
+        raise TypeError(f"{name} must be a {kind} tensor, got dtype {t.dtype}")
+    return t
+
+
+def _same_device(*named) -> None:
+    dev = named[0][1].device
+    for name, t in named[1:]:
+        _need(t.device == dev, f"{name} is on {t.device} but {named[0][0]} is on {dev}")
+
+
+def _check_select(logits, grads, cand, ref, active) -> None:
+    _tensor(logits, "logits", 2, "float")
+    _tensor(grads, "grads", 3, "float")
+    _tensor(cand, "cand", 2, "int")
+    _tensor(ref, "ref", 1, "int")
+    _tensor(active, "active", 1, "bool")
+    B, C, _ = grads.shape
+    K = logits.shape[1]
+    _need(logits.shape[0] == B, f"logits must have {B} rows like grads, got {list(logits.shape)}")
+    _need(tuple(cand.shape) == (B, C), f"cand must have shape [{B}, {C}], got {list(cand.shape)}")
+    _need(ref.shape[0] == B and active.shape[0] == B,
+          f"ref and active must have shape [{B}], got {list(ref.shape)} and {list(active.shape)}")
+    _same_device(("grads", grads), ("logits", logits), ("cand", cand), ("ref", ref),
+                 ("active", active))
+    if B and C:
+        lo, hi = torch.aminmax(cand)
+        _need(int(lo) >= 0 and int(hi) < K, f"cand holds classes outside [0, {K})")
+        _need(bool((cand == ref[:, None]).any(1).all()), "every ref[i] must appear in cand[i]")
+    elif B:
+        raise ValueError("cand must hold at least one class per row (the reference)")
+
+
+def _check_rows(named, B: Optional[int] = None, D: Optional[int] = None) -> None:
+    """Each (name, tensor, ndim, kind) has B rows (and D columns when 2-d), one device."""
+    for name, t, ndim, kind in named:
+        _tensor(t, name, ndim, kind)
+        B = t.shape[0] if B is None else B
+        _need(t.shape[0] == B, f"{name} must have {B} rows, got shape {list(t.shape)}")
+        if ndim == 2:
+            D = t.shape[1] if D is None else D
+            _need(t.shape[1] == D, f"{name} must have shape [{B}, {D}], got {list(t.shape)}")
+    _same_device(*[(n, t) for n, t, _, _ in named])
+
+
 def _norm_value(norm) -> float:
     if isinstance(norm, str):
         key = norm.lower()
@@ -199,8 +255,9 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor,
 
     logits [B, K], grads [B, C, D], cand [B, C] int64, ref [B] int64, active [B] bool
     (default all) -> (l [B] int64, dist [B], r [B, D])."""
-    if active is None:
+    if active is None and isinstance(grads, Tensor):
         active = torch.ones(grads.shape[0], dtype=torch.bool, device=grads.device)
+    _check_select(logits, grads, cand, ref, active)
     name = backends.resolve(backend, grads.device, grads.dtype)
     return torch.ops.ddfast.select_boundary(logits, grads, cand, ref, active,
                                             _norm_value(norm), float(eps), name)
@@ -210,6 +267,7 @@ def boundary_step(fdiff: Tensor, w: Tensor, norm=2, eps: float = 1e-4,
                   backend: Optional[str] = None) -> Tensor:
     """Differentiable DeepFool step ``r`` [B, D] from ``fdiff`` [B] and ``w`` [B, D]; see
     :func:`ddfast.reference.boundary_step`."""
+    _check_rows([("fdiff", fdiff, 1, "float"), ("w", w, 2, "float")])
     name = backends.resolve(backend, w.device, w.dtype)
     return torch.ops.ddfast.boundary_step(fdiff, w, _norm_value(norm), float(eps), name)
 
@@ -218,6 +276,7 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
                         backend: Optional[str] = None) -> Tensor:
     """Per-sample penalty [B] from ``delta``, ``x`` [B, D] and ``correct`` [B] bool; see
     :func:`ddfast.reference.deepdefense_penalty`."""
+    _check_rows([("delta", delta, 2, "float"), ("x", x, 2, "float"), ("correct", correct, 1, "bool")])
     name = backends.resolve(backend, delta.device, delta.dtype)
     return torch.ops.ddfast.deepdefense_penalty(delta, x, correct, float(c), float(d), name)
 
@@ -226,6 +285,8 @@ def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, oversh
                     lo: Optional[float] = None, hi: Optional[float] = None,
                     backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """(r_tot', x_next), each [B, D]; see :func:`ddfast.reference.deepfool_update`."""
+    _check_rows([("x0", x0, 2, "float"), ("r_tot", r_tot, 2, "float"), ("r", r, 2, "float"),
+                 ("active", active, 1, "bool")])
     name = backends.resolve(backend, x0.device, x0.dtype)
     lo = None if lo is None else float(lo)
     hi = None if hi is None else float(hi)
