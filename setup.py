@@ -70,7 +70,7 @@ class BuildExt(build_ext):
         for src in CUDA_KERNELS:
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                   "--cudart=static", "-Icsrc"] + gencode
+                   "--cudart=static", "--threads", "0", "-Icsrc"] + gencode
             print("ddfast: " + " ".join(cmd))
             subprocess.check_call(cmd)
             objects.append(obj)

@@ -35,6 +35,7 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
     code = _code(grads)
     B, C, D = grads.shape
     K = logits.shape[1]
+    logits_dtype = logits.dtype
     logits = _c(logits, grads.dtype)
     if grads.stride(2) != 1:  # rows may be strided (e.g. a transposed Jacobian), not elements
         grads = grads.contiguous()
@@ -48,7 +49,7 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
                        active.data_ptr(), l.data_ptr(), dist.data_ptr(), r.data_ptr(),
                        B, K, C, D, grads.stride(0), grads.stride(1), math.isinf(norm), float(eps),
                        code)
-    return l, dist, r
+    return l, dist.to(logits_dtype), r
 
 
 def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4) -> Tensor:

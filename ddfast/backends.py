@@ -24,8 +24,11 @@ import torch
 
 __all__ = ["BACKENDS", "available_backends", "set_backend", "get_backend", "resolve", "load"]
 
-#: Every backend name, in order of preference for the default choice on a device.
+#: Every backend name.
 BACKENDS = ("cuda", "triton", "cpu", "torch")
+#: Order of preference of the default choice, per device type (the Triton interpreter on
+#: CPU tensors exists for testing and is the slowest).
+_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "triton", "torch")}
 
 _MODULES = {
     "torch": "ddfast.reference",
@@ -64,7 +67,11 @@ def available_backends(device: Union[str, torch.device, None] = None,
     """Names of the backends usable for tensors of ``device`` (default CPU) and ``dtype``,
     fastest first."""
     device = torch.device(device if device is not None else "cpu")
-    return [b for b in BACKENDS if _supports(b, device, dtype)]
+    return [b for b in _preference(device) if _supports(b, device, dtype)]
+
+
+def _preference(device: torch.device):
+    return _PREFERENCE.get(device.type, BACKENDS)
 
 
 class set_backend:
@@ -104,7 +111,7 @@ def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype) -> st
     if name is None:
         name = get_backend()
     if name is None:
-        for b in BACKENDS:
+        for b in _preference(device):
             if _supports(b, device, dtype):
                 return b
         raise ValueError(f"no ddfast backend supports {device} tensors of dtype {dtype}")
