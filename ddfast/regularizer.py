@@ -85,6 +85,20 @@ def _zero_loss(model: Callable, x: Tensor) -> Tensor:
     return zero + sum(parts) if parts else zero
 
 
+def _reforward(n_graph: int, n: int, C: int) -> bool:
+    """Whether ``n`` of ``n_graph`` rows of the current graph survive so few that a fresh
+    graph forward on them is cheaper than the ``C`` selection rows, the create_graph row and
+    the second-order graph over the whole graph batch (in units of one row pass)."""
+    return (n_graph - n) * (C + 1) > n
+
+
+def _iterate(x0: Tensor, r_tot: Tensor, idx: Tensor, overshoot: float) -> Tensor:
+    """``x0 + (1 + overshoot) * r_tot`` on the rows ``idx`` ([n, D], graph-carrying)."""
+    if idx.numel() == x0.shape[0]:
+        return x0 + (1.0 + overshoot) * r_tot
+    return x0[idx] + (1.0 + overshoot) * r_tot[idx]
+
+
 def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: int,
             overshoot: float, k: Optional[int], backend: Optional[str],
             method: str) -> Tuple[Tensor, Tensor, Tensor]:
@@ -109,40 +123,60 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
     all_cand = cand_all is None
     r_tot = None                                                  # [B, D] once a step was taken
     iterations = torch.zeros(B, dtype=torch.int64, device=x0.device)
+    C = K if all_cand else cand_all.shape[1]                      # selection rows per sample
     gidx = torch.arange(B, device=x0.device)                      # batch rows of the graph
     eye = torch.eye(K, dtype=logits.dtype, device=logits.device)
     for t in range(max_iter):
         cur = logits.detach().argmax(1)                           # ref of every active row
-        if t == 0:
-            keep = torch.ones_like(correct)
-        else:  # done: correct rows left yhat, misclassified rows reached y
+        n_graph = gidx.numel()
+        rows = None                                               # active rows of the graph (None: all)
+        if t > 0:  # done: correct rows left yhat, misclassified rows reached y
             keep = torch.where(correct[gidx], cur == pred[gidx], cur != y[gidx])
-        act = keep.nonzero().squeeze(1)                           # active rows of the graph
-        if act.numel() == 0:
-            break
-        target = y[gidx].clone()                                  # l for misclassified rows
-        sel = (keep & correct[gidx]).nonzero().squeeze(1)
+            act = keep.nonzero().squeeze(1)
+            n = act.numel()
+            if n == 0:
+                break
+            if n < n_graph:
+                gidx = gidx[act]
+                if _reforward(n_graph, n, C):
+                    x_in = _graph_input(_iterate(x0, r_tot, gidx, overshoot))
+                    logits = check_logits(net(x_in.view(n, *shape)), n)
+                    cur = cur[act]
+                else:
+                    rows = act
+        logits_d = logits.detach()
+        cur_a = cur if rows is None else cur[rows]                # [n] ref = current prediction
+        target = y[gidx].clone()                                  # [n] l: y where misclassified
+        sel = correct[gidx].nonzero().squeeze(1)                  # active correct rows, in [0, n)
         if sel.numel():
             cand = (torch.arange(K, device=x0.device).expand(sel.numel(), K) if all_cand
                     else cand_all[gidx[sel]])
-            g = jacobian.class_grads(net, x_in, logits, None if all_cand else cand, sel,
-                                     method=method, create_graph=False, retain_graph=True)
+            srows = sel if rows is None else rows[sel]            # their rows in the graph
+            whole = srows.numel() == logits.shape[0]
+            g = jacobian.class_grads(net, x_in, logits, None if all_cand else cand,
+                                     None if whole else srows, method=method,
+                                     create_graph=False, retain_graph=True)
             ones = torch.ones(sel.numel(), dtype=torch.bool, device=x0.device)
-            l_sel, _, _ = ops.select_boundary(logits.detach()[sel], g.to(logits.dtype), cand,
-                                              cur[sel], ones, 2, _EPS, backend)
+            l_sel, _, _ = ops.select_boundary(logits_d if whole else logits_d[srows],
+                                              g.to(logits.dtype), cand, cur_a[sel], ones, 2,
+                                              _EPS, backend)
             del g
             target[sel] = l_sel
-        direction = (eye[target] - eye[cur]) * keep[:, None].to(logits.dtype)   # [n, K]
-        w = jacobian.one_row_with_graph(logits, x_in, direction)                 # [n, D]
-        fdiff = (logits * direction).sum(1)                                      # [n]
-        if act.numel() < gidx.numel():
-            w, fdiff = w[act], fdiff[act]
-        r = ops.boundary_step(fdiff, w.to(x0.dtype), 2, _EPS, backend)          # [m, D]
-        gidx = gidx[act]
-        r_tot = (r.new_zeros(B, r.shape[1]) if r_tot is None else r_tot).index_add(0, gidx, r)
+        direction = eye[target] - eye[cur_a]                      # [n, K]
+        if rows is not None:
+            direction = direction.new_zeros(logits.shape).index_copy(0, rows, direction)
+        w = jacobian.one_row_with_graph(logits, x_in, direction)  # [graph rows, D]
+        fdiff = (logits * direction).sum(1)
+        if rows is not None:
+            w, fdiff = w[rows], fdiff[rows]
+        r = ops.boundary_step(fdiff, w.to(x0.dtype), 2, _EPS, backend)          # [n, D]
+        if r_tot is None and gidx.numel() == B:
+            r_tot = r
+        else:
+            r_tot = (r.new_zeros(B, r.shape[1]) if r_tot is None else r_tot).index_add(0, gidx, r)
         iterations[gidx] = t + 1
         if t + 1 < max_iter:
-            x_in = _graph_input(x0[gidx] + (1.0 + overshoot) * r_tot[gidx])
+            x_in = _graph_input(_iterate(x0, r_tot, gidx, overshoot))
             logits = check_logits(net(x_in.view(gidx.numel(), *shape)), gidx.numel())
     if r_tot is None:
         delta = torch.zeros_like(x0)
