@@ -1,0 +1,247 @@
+"""Shared helpers of the benchmarks in bench/.
+
+* :func:`trained_model` -- a trained MNIST MLP / LeNet (or the CIFAR-shaped ConvNet trained on
+  MNIST placed in 3x32x32), trained here in a few epochs with ``ddfast.models`` +
+  ``ddfast.data`` and cached as a state_dict under ``bench/.cache/`` (git-ignored).
+  The returned model takes images on the **[0, 1] pixel scale** and subtracts the training
+  mean image itself (first module), so every attack library sees the same [0, 1] inputs
+  (torchattacks insists on them) while the network is the paper's.
+* :func:`mnist_test` -- the shipped MNIST test set as float32 ``[N, 1, 28, 28]`` in [0, 1].
+* :func:`timed` / :func:`best_of` -- wall-clock timing.
+* :func:`environment` / :func:`write_json` -- JSON results with device, torch, CPU info.
+
+Run ``python bench/common.py`` to train (or load) the cached models and print their accuracy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+CACHE = BENCH / ".cache"
+RESULTS = BENCH / "results"
+
+if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout without an install
+    sys.path.insert(0, str(ROOT))
+
+from ddfast import data as dd_data  # noqa: E402
+from ddfast import models as dd_models  # noqa: E402
+
+#: models of the benchmarks: name -> (ddfast.models class name, input shape)
+SHAPES = {"mlp": (1, 28, 28), "lenet": (1, 28, 28), "convnet": (3, 32, 32)}
+#: training recipe (SGD momentum 0.9, weight decay 5e-4, batch 100, as DESIGN.md); epochs per model
+EPOCHS = {"mlp": 12, "lenet": 3, "convnet": 2}
+LR = 0.01
+
+
+class PixelInput(nn.Module):
+    """``net((x - mean))``: the network sees the paper's mean-subtracted [0,1] space while the
+    caller passes images in [0, 1]. The buffer is called ``pixel_mean`` on purpose: torchattacks
+    treats a model attribute named ``mean`` as a normalisation to undo."""
+
+    def __init__(self, net: nn.Module, pixel_mean: Tensor):
+        super().__init__()
+        self.net = net
+        self.register_buffer("pixel_mean", pixel_mean.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x - self.pixel_mean)
+
+
+def to_cifar_shape(x: Tensor) -> Tensor:
+    """MNIST ``[N, 1, 28, 28]`` -> ``[N, 3, 32, 32]``: zero-padded by 2 and repeated over 3 channels."""
+    return nn.functional.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1)
+
+
+def _mnist01(split: str) -> Tuple[Tensor, Tensor]:
+    images, labels = dd_data.load_mnist(split=split)
+    return images.unsqueeze(1).to(torch.float32) / 255.0, labels
+
+
+def mnist_test(n: Optional[int] = None, model: str = "mlp") -> Tuple[Tensor, Tensor]:
+    """The first ``n`` (default all 10000) MNIST test images in [0, 1], shaped for ``model``."""
+    x, y = _mnist01("test")
+    if n is not None:
+        x, y = x[:n], y[:n]
+    if SHAPES[model] == (3, 32, 32):
+        x = to_cifar_shape(x)
+    return x.contiguous(), y
+
+
+def _cache_path(name: str, epochs: int, seed: int) -> Path:
+    tag = hashlib.sha1(f"{name}-{epochs}-{seed}-{LR}-v1".encode()).hexdigest()[:8]
+    return CACHE / f"{name}-e{epochs}-s{seed}-{tag}.pt"
+
+
+def _train(name: str, epochs: int, seed: int, log: Callable[[str], None]) -> Dict[str, Tensor]:
+    torch.manual_seed(seed)
+    x, y = _mnist01("train")
+    if SHAPES[name] == (3, 32, 32):
+        x = to_cifar_shape(x)
+    mean = x.mean(0, keepdim=True)
+    net = dd_models.build_model(name)
+    model = PixelInput(net, mean)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(x), generator=g)
+        total = 0.0
+        for i in range(0, len(x), 100):
+            idx = perm[i : i + 100]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        log(f"  {name} epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f} ({time.perf_counter() - t0:.0f} s)")
+    return model.state_dict()
+
+
+def trained_model(name: str = "mlp", epochs: Optional[int] = None, seed: int = 0,
+                  log: Callable[[str], None] = print) -> nn.Module:
+    """A trained ``name`` model (``"mlp"``, ``"lenet"``, ``"convnet"``) in eval mode, float32, CPU.
+
+    Trains on the shipped MNIST training set the first time (MLP ~2 s an epoch, LeNet ~10 s,
+    ConvNet ~3 min on 2 cores) and caches the state_dict in ``bench/.cache/``. The model takes
+    [0, 1] images (see :class:`PixelInput`). The ConvNet is the paper's CIFAR-10 network; CIFAR-10
+    is not shipped, so it is trained on MNIST placed in 3x32x32 (:func:`to_cifar_shape`).
+    """
+    if name not in SHAPES:
+        raise ValueError(f"model must be one of {sorted(SHAPES)}, got {name!r}")
+    epochs = EPOCHS[name] if epochs is None else epochs
+    path = _cache_path(name, epochs, seed)
+    state = None
+    if path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt cache file: train again
+            log(f"bench: ignoring unreadable cache {path.name}: {e}")
+    if state is None:
+        log(f"bench: training {name} for {epochs} epoch(s) (cached in {path.relative_to(ROOT)})")
+        state = _train(name, epochs, seed, log)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent trainers do not collide
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    shape = SHAPES[name]
+    model = PixelInput(dd_models.build_model(name), torch.zeros(1, *shape))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
+    hits = sum((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum().item() for i in range(0, len(x), batch))
+    return hits / len(x)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch: int = 1000) -> Tensor:
+    return torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, len(x), batch)])
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], Any]) -> Tuple[float, Any]:
+    """``(seconds, fn())`` by wall clock (perf_counter)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def best_of(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> Tuple[float, Any]:
+    """Minimum wall-clock seconds of ``repeat`` calls after ``warmup`` calls, and the last result.
+
+    The minimum is the least noisy estimate on a shared machine (noise only ever adds time)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        t, out = timed(fn)
+        best = min(best, t)
+    return best, out
+
+
+# ----------------------------------------------------------------------------- environment + JSON
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(mod)
+    except Exception:
+        return None
+
+
+def environment(device: str = "cpu") -> Dict[str, Any]:
+    """Where the numbers come from: device (with the GPU's name), torch, CPU, threads, versions."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev_name = f"cuda: {torch.cuda.get_device_name(dev)}"
+    else:
+        dev_name = f"cpu: {_cpu_name()}"
+    return {
+        "device": dev_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {p: _version(p) for p in ("ddfast", "foolbox", "eagerpy", "torchattacks",
+                                               "adversarial-robustness-toolbox", "deeprobust", "numpy")},
+    }
+
+
+def write_json(path: os.PathLike, payload: Dict[str, Any], device: str = "cpu") -> Path:
+    """Write ``payload`` merged over :func:`environment` as indented JSON; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {**environment(device), **payload}
+    path.write_text(json.dumps(out, indent=2, sort_keys=False, default=float) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    for name in ("mlp", "lenet", "convnet"):
+        m = trained_model(name)
+        x, y = mnist_test(model=name)
+        print(f"{name}: test accuracy {accuracy(m, x, y):.4f}")
