@@ -31,6 +31,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_GPU = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ROOT = Path(__file__).resolve().parents[1]
+# Children run from tests/: from the repository root, ``python -m`` would put the source tree
+# (which has no compiled module and no ddfast.kernels) before the installed package.
+CHILD_CWD = ROOT / "tests"
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
 here = pytest.mark.skipif(not HAS_TRITON or not (INTERPRET or HAS_GPU),
@@ -42,8 +45,9 @@ here = pytest.mark.skipif(not HAS_TRITON or not (INTERPRET or HAS_GPU),
 def test_triton_cases_in_interpreter_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "tests/test_triton.py", "tests/test_ops_backends.py", "-k", "triton"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+           str(ROOT / "tests" / "test_triton.py"), str(ROOT / "tests" / "test_ops_backends.py"),
+           "-k", "triton"]
+    proc = subprocess.run(cmd, cwd=CHILD_CWD, env=env, capture_output=True, text=True, timeout=600)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
@@ -53,7 +57,7 @@ def test_import_is_cheap_and_lazy():
     code = ("import sys, ddfast, ddfast.kernels as k; assert 'triton' not in sys.modules; "
             "print(k.supports('cpu', __import__('torch').float64))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=CHILD_CWD, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
