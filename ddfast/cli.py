@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="output directory (rerun to resume)")
     r.add_argument("--init", type=Path, default=None, help="reference weights instead of training one")
     r.add_argument("--sweep", type=_floats, default=None, help="c values of the sweep ('' for none)")
+    r.add_argument("--methods", type=lambda s: tuple(v for v in s.split(",") if v), default=None,
+                   help="fine-tuned rows to run (default: clean,deepdefense,adversarial,parseval)")
     r.add_argument("--eval-max-iter", type=int, default=50)
     _common(r, 1)
     return ap
@@ -133,8 +135,9 @@ def _cmd_eval(a) -> int:
 def _cmd_reproduce(a) -> int:
     from .reproduce import reproduce
 
+    kw = {} if a.methods is None else {"methods": a.methods}
     reproduce(a.experiment, a.out, data_root=a.data, init=a.init, sweep=a.sweep, eval_max_iter=a.eval_max_iter,
-              progress=not a.no_progress)
+              progress=not a.no_progress, **kw)
     return 0
 
 

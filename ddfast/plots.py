@@ -16,6 +16,11 @@ import numpy as np
 __all__ = ["convergence", "example_grid", "histograms", "c_sweep"]
 
 
+#: one colour per method in every figure
+COLORS = {"reference": "tab:gray", "clean": "tab:blue", "deepdefense": "tab:orange", "adversarial": "tab:green",
+          "parseval": "tab:red"}
+
+
 def _plt():
     import matplotlib
 
@@ -31,8 +36,8 @@ def convergence(logs: Mapping[str, List[dict]], path: Path, title: str = "") -> 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, log in logs.items():
         ep = [e["epoch"] for e in log]
-        axes[0].plot(ep, [100 * e["test_acc"] for e in log], marker="o", label=name)
-        axes[1].plot(ep, [e["rho2"] for e in log], marker="o", label=name)
+        axes[0].plot(ep, [100 * e["test_acc"] for e in log], marker="o", label=name, color=COLORS.get(name))
+        axes[1].plot(ep, [e["rho2"] for e in log], marker="o", label=name, color=COLORS.get(name))
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title} accuracy".strip())
     axes[1].set(xlabel="epoch", ylabel=r"$\rho_2$ (test subset)", title=rf"{title} $\rho_2$".strip())
     for ax in axes:
@@ -48,12 +53,13 @@ def example_grid(images: np.ndarray, adv: Mapping[str, np.ndarray], labels: Mapp
                  ratios: Mapping[str, Sequence[float]], path: Path) -> Path:
     """Fig. 3: for each test image (rows, uint8 ``[N, H, W]``), the clean image and per model
     (``adv[name]`` uint8 ``[N, H, W]``) the adversarial example titled ``-> class, ratio``;
-    under each image row, the perturbation ``adv - image`` (grey = 0)."""
+    under each image row, the perturbation ``adv - image`` (white = 0, one colour scale per row)."""
     plt = _plt()
     names = list(adv)
     n = images.shape[0]
     fig, axes = plt.subplots(2 * n, 1 + len(names), figsize=(1.9 * (1 + len(names)), 2.0 * 2 * n), squeeze=False)
     for i in range(n):
+        vmax = max(float(np.abs(adv[k][i].astype(np.float32) - images[i]).max()) for k in names) or 1.0
         axes[2 * i, 0].imshow(images[i], cmap="gray", vmin=0, vmax=255)
         axes[2 * i, 0].set_title("clean", fontsize=9)
         axes[2 * i + 1, 0].set_axis_off()
@@ -61,7 +67,7 @@ def example_grid(images: np.ndarray, adv: Mapping[str, np.ndarray], labels: Mapp
             axes[2 * i, j].imshow(adv[name][i], cmap="gray", vmin=0, vmax=255)
             axes[2 * i, j].set_title(f"{name}\n-> {labels[name][i]}, {ratios[name][i]:.3f}", fontsize=8)
             diff = adv[name][i].astype(np.float32) - images[i].astype(np.float32)
-            axes[2 * i + 1, j].imshow(diff, cmap="seismic", vmin=-255, vmax=255)
+            axes[2 * i + 1, j].imshow(diff, cmap="seismic", vmin=-vmax, vmax=vmax)
         for ax in axes[2 * i].tolist() + axes[2 * i + 1].tolist():
             ax.set_xticks([])
             ax.set_yticks([])
@@ -79,7 +85,8 @@ def histograms(ratios: Mapping[str, np.ndarray], path: Path) -> Path:
     hi = max(float(np.quantile(r, 0.995)) for r in ratios.values())
     bins = np.linspace(0, hi, 60)
     for name, r in ratios.items():
-        line = ax.hist(r, bins=bins, histtype="step", lw=1.5, label=f"{name} (mean {np.mean(r):.3f})")
+        line = ax.hist(r, bins=bins, histtype="step", lw=1.5, label=f"{name} (mean {np.mean(r):.3f})",
+                       color=COLORS.get(name))
         ax.axvline(np.mean(r), color=line[2][0].get_edgecolor(), ls="--", lw=1)
     ax.set(xlabel=r"$\|D\|_2 / \|x\|_2$ (DeepFool, test set)", ylabel="images")
     ax.legend()

@@ -37,19 +37,22 @@ __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
 
 ROWS = ("reference", "clean", "deepdefense", "adversarial", "parseval")
 
-#: experiment -> model name, reference training, fine-tuning, c values of the sweep
+#: experiment -> model name, reference training, fine-tuning (shared by all methods), DeepDefense's c,
+#: c values of the sweep (lambda 15 and d 5 stay the paper's)
 EXPERIMENTS = {
     "mnist-mlp": dict(
         model="mlp",
         reference=TrainConfig(method="clean", epochs=12, lr=0.05, lr_milestones=(6, 9)),
         finetune=TrainConfig(method="clean", epochs=5, lr=0.01, lr_milestones=(4,)),
-        sweep=(10.0, 45.0),
+        c=10.0,
+        sweep=(5.0, 25.0),
     ),
     "mnist-lenet": dict(
         model="lenet",
         reference=TrainConfig(method="clean", epochs=10, lr=0.02, lr_milestones=(5, 8)),
         finetune=TrainConfig(method="clean", epochs=5, lr=0.005, lr_milestones=(4,)),
-        sweep=(10.0, 45.0),
+        c=25.0,
+        sweep=(10.0,),
     ),
 }
 
@@ -128,7 +131,7 @@ def _markdown(results: dict) -> str:
             lines.append(f"| {p['c']:g} | {100 * p['acc']:.2f} | {p['rho2']:.3f} | {p['rho2'] / ref['rho2']:.2f}x |")
     s = results["settings"]
     lines += ["", "## Settings", "", f"- reference: {json.dumps(s['reference'])}",
-              f"- fine-tuning (all methods): {json.dumps(s['finetune'])}",
+              f"- fine-tuning (all methods): {json.dumps(s['finetune'])}; DeepDefense c = {s['deepdefense_c']:g}",
               f"- preprocessing: pixels/255 minus the training mean image (scale {s['scale']:.6f}); "
               "rho'_2 converted to 0..255 units",
               f"- threads: {s['threads']}; total time {results['time_s'] / 60:.1f} min", "",
@@ -153,22 +156,31 @@ def _examples(trained: Dict[str, torch.nn.Module], prep, out: Path, n: int = 3) 
 
 
 def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, init: Optional[Path] = None,
-              sweep: Optional[Sequence[float]] = None, eval_max_iter: int = 50, progress: bool = True,
-              log=print) -> dict:
+              sweep: Optional[Sequence[float]] = None, methods: Sequence[str] = ROWS[1:], eval_max_iter: int = 50,
+              progress: bool = True, log=print) -> dict:
     """Run ``experiment`` (a key of :data:`EXPERIMENTS`) into ``out`` and return the results dict.
 
     ``init``: reference weights to start from instead of training one. ``sweep``: c values
     of the DeepDefense sweep (default: the experiment's; ``()`` for none). Rerunning with the
-    same ``out`` continues interrupted trainings and reuses finished ones.
+    same ``out`` continues interrupted trainings and reuses finished ones. ``methods``: the
+    fine-tuned rows to run (a subset of ``clean, deepdefense, adversarial, parseval``); without
+    ``deepdefense`` there is no eps_ref, no Acc@eps and no sweep.
     """
     if experiment not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {sorted(EXPERIMENTS)}, got {experiment!r}")
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in ROWS[1:]]
+    if bad or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {ROWS[1:]}, got {methods}")
+    methods = tuple(m for m in ROWS[1:] if m in methods)
     exp = EXPERIMENTS[experiment]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prep = ddata.prepare("mnist", data_root)
     sweep = exp["sweep"] if sweep is None else tuple(sweep)
+    if "deepdefense" not in methods:
+        sweep = ()
 
     def new_model():
         torch.manual_seed(0)
@@ -177,11 +189,9 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
     logs: Dict[str, List[dict]] = {}
     trained: Dict[str, torch.nn.Module] = {}
     ref = new_model()
-    ref_src = out / "reference"
     if init is not None:
         load_weights(ref, init)
         log(f"reference: loaded {init}")
-        ref_src = Path(init)
     else:
         log(f"reference: training {exp['model']} from scratch ({exp['reference'].epochs} epochs)")
         logs["reference"] = _run(ref, prep, exp["reference"], out / "reference", progress)
@@ -189,14 +199,15 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
     ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
 
     ft = exp["finetune"]
-    for method in ROWS[1:]:
+    for method in methods:
         m = new_model()
         m.load_state_dict(ref_state)
         log(f"{method}: fine-tuning from the reference ({ft.epochs} epochs)")
-        logs[method] = _run(m, prep, replace(ft, method=method), out / method, progress)
+        cfg = replace(ft, method=method, c=exp["c"]) if method == "deepdefense" else replace(ft, method=method)
+        logs[method] = _run(m, prep, cfg, out / method, progress)
         trained[method] = m
     sweep_models = {}
-    for c in sweep:
+    for c in (c for c in sweep if float(c) != float(exp["c"])):
         m = new_model()
         m.load_state_dict(ref_state)
         log(f"deepdefense c={c:g}: fine-tuning (sweep)")
@@ -205,16 +216,15 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
 
     log("evaluating on the full test set")
     kw = dict(scale=prep.scale, max_iter=eval_max_iter, progress=progress)
-    eps_ref = metrics.fgs_eps50(trained["deepdefense"], prep.x_test, prep.y_test)
+    eps_ref = metrics.fgs_eps50(trained["deepdefense"], prep.x_test, prep.y_test) if "deepdefense" in trained else None
     ratios, rows = {}, []
-    for method in ROWS:
+    for method in ("reference", *methods):
         row, r = metrics.evaluate(trained[method], prep.x_test, prep.y_test, eps_ref=eps_ref, return_rho2=True, **kw)
         ratios[method] = r.ratios.numpy()
         rows.append({"model": exp["model"], "method": method, **row})
         log(f"  {method:12s} acc {100 * row['acc']:.2f}%  rho_2 {row['rho2']:.4f}  rho_inf {row['rho_inf']:.4f}")
-    dd = rows[ROWS.index("deepdefense")]
-    points = [{"c": float(ft.c), "acc": dd["acc"], "rho2": dd["rho2"], "rho2_prime": dd["rho2_prime"],
-               "fooled": dd["fooled"]}]
+    dd = [r for r in rows if r["method"] == "deepdefense"]
+    points = [{"c": float(exp["c"]), **{k: dd[0][k] for k in ("acc", "rho2", "rho2_prime", "fooled")}}] if dd else []
     for c, m in sweep_models.items():
         r = metrics.rho2(m, prep.x_test, max_iter=eval_max_iter, scale=prep.scale, progress=progress)
         points.append({"c": c, "acc": metrics.accuracy(m, prep.x_test, prep.y_test), "rho2": r.rho2,
@@ -222,18 +232,18 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
 
     results = {
         "experiment": experiment, "model": exp["model"], "rows": rows, "eps_ref": eps_ref,
-        "sweep": points if sweep else [],
+        "sweep": points if len(points) > 1 else [],
         "paper": {m: dict(zip(("acc", "rho2", "rho_inf", "acc_at_eps", "rho2_prime"), v))
                   for m, v in PAPER.get(exp["model"], {}).items()},
         "settings": {"reference": exp["reference"].to_dict() if init is None else {"init": str(init)},
-                     "finetune": ft.to_dict(), "scale": prep.scale, "eval_max_iter": eval_max_iter,
+                     "finetune": ft.to_dict(), "deepdefense_c": exp["c"], "scale": prep.scale, "eval_max_iter": eval_max_iter,
                      "threads": torch.get_num_threads()},
         "logs": logs,
     }
     plots.convergence({k: v for k, v in logs.items() if k != "reference"}, out / "convergence.png",
                       title=f"MNIST {exp['model'].upper()}")
     plots.histograms(ratios, out / "histograms.png")
-    if sweep:
+    if len(points) > 1:
         plots.c_sweep(points, out / "c_sweep.png", reference=rows[0])
     _examples(trained, prep, out)
     results["time_s"] = time.time() - t0

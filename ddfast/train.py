@@ -122,6 +122,9 @@ def atomic_save(obj, path: Path) -> None:
                 fh.write(json.dumps(obj, indent=1).encode())
             else:
                 torch.save(obj, fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -99,7 +99,7 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
     exp = dict(model="mlp",
                reference=reproduce.TrainConfig(method="clean", epochs=2, lr=0.05, lr_milestones=(), **tiny),
                finetune=reproduce.TrainConfig(method="clean", epochs=2, lr=0.01, lr_milestones=(1,), **tiny),
-               sweep=(10.0,))
+               c=25.0, sweep=(10.0,))
     monkeypatch.setitem(reproduce.EXPERIMENTS, "mnist-mlp", exp)
     out = tmp_path / "rep"
     rc, stdout, err = run(["reproduce", "mnist-mlp", "--data", tiny_mnist, "--out", out, "--eval-max-iter", "20",
@@ -131,3 +131,9 @@ def test_python_m_entry_points():
     for mod in ("ddfast", "ddfast.cli"):
         p = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and "reproduce" in p.stdout
+
+
+def test_reproduce_rejects_unknown_methods(tmp_path):
+    with pytest.raises(ValueError, match="methods"):
+        reproduce.reproduce("mnist-mlp", tmp_path, methods=("clean", "magic"))
+    assert not any(tmp_path.iterdir())  # nothing written before the check
