@@ -1,5 +1,4 @@
 """The ddfast command: train / eval / reproduce on a tiny generated MNIST, and readable errors."""
-import dataclasses
 import gzip
 import json
 import struct
