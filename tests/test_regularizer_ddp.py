@@ -1,8 +1,8 @@
-"""deepdefense_loss under DistributedDataParallel: two gloo processes on 127.0.0.1, each on
+"""deepdefense_loss under DistributedDataParallel: two gloo processes (loopback; file
+rendezvous, so no port can be taken by a concurrent run), each on
 half of the batch, give the same parameter gradients as one process on the whole batch.
 The user's recipe: ``F.cross_entropy(ddp(x), y) + deepdefense_loss(ddp, x, y)``."""
 import os
-import socket
 import tempfile
 
 import pytest
@@ -33,9 +33,10 @@ def _loss(model, x, y):
     return F.cross_entropy(model(x), y) + deepdefense_loss(model, x, y, **KW)
 
 
-def _worker(rank, world, port, out_dir, find_unused):
+def _worker(rank, world, out_dir, find_unused):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank,
+                            world_size=world)
     try:
         model = nn.parallel.DistributedDataParallel(_model(), find_unused_parameters=find_unused)
         x, y = _data()
@@ -48,19 +49,13 @@ def _worker(rank, world, port, out_dir, find_unused):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("find_unused", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_ddp_two_processes_equal_one_process(find_unused):
     model = _model()
     x, y = _data()
     want = torch.autograd.grad(_loss(model, x, y), list(model.parameters()))
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, _free_port(), out, find_unused), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, out, find_unused), nprocs=2, join=True)
         got = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
     for a, b in zip(got[0], got[1]):          # all-reduced: identical on both ranks
         assert torch.equal(a, b)
