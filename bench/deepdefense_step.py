@@ -12,10 +12,11 @@ at batch 100 on trained MNIST models (:func:`common.trained_model`), for:
 
 The methods are timed round-robin in the same process (each on its own copy of the model and
 optimizer), so the 2 shared cores' noise hits them alike; the median per method is reported,
-and the ratios to ``ce`` come from the same run. ``naive`` and ``ddfast`` are checked to give
+and the ratios to ``ce`` come from the same run (``naive``, 10-40x slower, joins only the
+first ``--naive-rounds`` rounds). ``naive`` and ``ddfast`` are checked to give
 the same regularizer value on the first batch.
 
-    python bench/deepdefense_step.py [--models mlp lenet] [--rounds 10] [--threads N]
+    python bench/deepdefense_step.py [--models mlp lenet] [--rounds 20] [--naive-rounds 5] [--threads N]
 
 Writes ``bench/results/deepdefense_step.json``.
 """
@@ -93,7 +94,7 @@ def _losses() -> Dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]]:
     }
 
 
-def bench_model(name: str, rounds: int, batch: int = 100, log=print) -> Dict:
+def bench_model(name: str, rounds: int, naive_rounds: int, batch: int = 100, log=print) -> Dict:
     base = common.trained_model(name, log=log)
     x_all, y_all = common.mnist_test(n=batch * (rounds + 2), model=name)
     # same values from both implementations on the first batch (float64 to compare tightly)
@@ -117,6 +118,8 @@ def bench_model(name: str, rounds: int, batch: int = 100, log=print) -> Dict:
         i = (r % (rounds + 2)) * batch
         x, y = x_all[i:i + batch], y_all[i:i + batch]
         for k, fn in losses.items():
+            if k == "naive" and r > naive_rounds:
+                continue
             m, opt = state[k]
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -130,7 +133,7 @@ def bench_model(name: str, rounds: int, batch: int = 100, log=print) -> Dict:
     ratios = {k: med[k] / med["ce"] for k in med}
     out = {"median_s": med, "min_s": {k: min(v) for k, v in times.items()},
            "ratio_to_ce": ratios, "naive_over_ddfast": med["naive"] / med["ddfast"],
-           "check": check, "rounds": rounds, "batch": batch}
+           "check": check, "rounds": rounds, "naive_rounds": naive_rounds, "batch": batch}
     log(f"{name}: " + ", ".join(f"{k} {med[k] * 1e3:.1f} ms ({ratios[k]:.1f}x)" for k in med)
         + f"; naive/ddfast {out['naive_over_ddfast']:.2f}x")
     return out
@@ -139,13 +142,14 @@ def bench_model(name: str, rounds: int, batch: int = 100, log=print) -> Dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["mlp", "lenet"], choices=["mlp", "lenet"])
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--naive-rounds", type=int, default=5, help="rounds that also time the (slow) naive step")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", default=str(common.RESULTS / "deepdefense_step.json"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {name: bench_model(name, args.rounds) for name in args.models}
+    results = {name: bench_model(name, args.rounds, min(args.rounds, args.naive_rounds)) for name in args.models}
     payload = {"benchmark": "deepdefense_step", "lam": LAM, "c": C, "d": D, "max_iter": MAX_ITER,
                "overshoot": OVERSHOOT, "optimizer": "SGD lr 1e-3 momentum 0.9 wd 5e-4",
                "note": "full training step, batch 100, methods timed round-robin in one process; "

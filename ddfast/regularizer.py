@@ -214,6 +214,8 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
         (``R.backward()`` reaches every parameter that influences it), and with
         ``return_info`` the tuple ``(R, info)``. The call writes no ``.grad``: inner
         derivatives use ``torch.autograd.grad``. An empty batch gives 0.0 (backpropagates).
+        Under ``torch.no_grad()`` / ``torch.inference_mode()`` (e.g. to log R on a validation
+        set) the unrolled steps still take their input gradients; R then carries no graph.
 
     DDP: wrap as usual and compute the cross-entropy with the wrapped model in the same step
     (``loss = F.cross_entropy(ddp(x), y) + deepdefense_loss(ddp, x, y)``). The unrolled passes
@@ -248,7 +250,9 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
     check_model_device(net, x)
     shape = x.shape[1:]
     x0 = x.reshape(B, -1)
-    with frozen_model(model), torch.enable_grad():
+    with frozen_model(model), torch.inference_mode(False), torch.enable_grad():
+        if x0.is_inference():  # made under inference_mode: a normal copy can carry a graph
+            x0 = x0.clone()
         delta, correct, iterations = _unroll(net, x0, shape, y, max_iter, overshoot, k,
                                              backend, method)
     x_pen = x0 if x0.dtype == delta.dtype else x0.to(delta.dtype)

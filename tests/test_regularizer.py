@@ -315,6 +315,18 @@ def test_backward_reaches_every_parameter_float32():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+def test_value_under_no_grad_and_inference_mode(ctx):
+    model, x = bn_mlp(seed=23), mlp_data(seed=24)
+    y = mixed_labels(model, x)
+    want = deepdefense_loss(model, x, y, c=3.0, d=1.0).detach()
+    with ctx():
+        xi = x.clone()
+        got = deepdefense_loss(model, xi, y, c=3.0, d=1.0)
+    assert not got.requires_grad
+    assert torch.equal(got, want)
+
+
 def test_info():
     model, x = bn_mlp(seed=17), mlp_data(seed=18)
     y = mixed_labels(model, x)
