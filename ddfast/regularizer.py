@@ -155,7 +155,7 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
             whole = srows.numel() == logits.shape[0]
             g = jacobian.class_grads(net, x_in, logits, None if all_cand else cand,
                                      None if whole else srows, method=method,
-                                     create_graph=False, retain_graph=True)
+                                     create_graph=False, retain_graph=True, shape=shape)
             ones = torch.ones(sel.numel(), dtype=torch.bool, device=x0.device)
             l_sel, _, _ = ops.select_boundary(logits_d if whole else logits_d[srows],
                                               g.to(logits.dtype), cand, cur_a[sel], ones, 2,

@@ -258,11 +258,12 @@ def test_backends_agree(backend):
     _assert_rel(reg.detach(), want.detach())
 
 
-def test_loop_route_matches_batched():
+@pytest.mark.parametrize("method", ["loop", "replicate"])
+def test_other_jacobian_routes_match_batched(method):
     model, x = bn_cnn(seed=11), cnn_data(seed=12)
     y = mixed_labels(model, x, seed=5)
     a = deepdefense_loss(model, x, y, c=3.0, d=1.0, method="batched")
-    b = deepdefense_loss(model, x, y, c=3.0, d=1.0, method="loop")
+    b = deepdefense_loss(model, x, y, c=3.0, d=1.0, method=method)
     ga = torch.autograd.grad(a, _params(model))
     gb = torch.autograd.grad(b, _params(model))
     _assert_rel(a.detach(), b.detach(), 1e-12)
