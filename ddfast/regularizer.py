@@ -57,12 +57,22 @@ class DeepDefenseInfo:
 
 
 def _inner_model(model: Callable) -> Callable:
-    """The module the unrolled passes call: ``model.module`` for (Distributed)DataParallel
-    wrappers, so that the many inner forwards never touch DDP's reducer; the gradients still
-    land in the same parameters, which DDP all-reduces in the caller's backward."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
+    """The module the unrolled passes call, unwrapping (in any nesting):
+
+    * (Distributed)DataParallel -> ``.module``, so the many inner forwards never touch DDP's
+      reducer; the gradients still land in the same parameters, which DDP all-reduces in
+      the caller's backward;
+    * ``torch.compile``d modules -> the original module (same parameters), because compiled
+      graphs do not support the double backward the unrolled steps need; the caller's own
+      forward (the cross-entropy) keeps running compiled.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, nn.Module) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _graph_input(z: Tensor) -> Tensor:
