@@ -2,6 +2,7 @@
 // The kernels take pointers and sizes from Python (which checked dtype, device and
 // contiguity), so this library links nothing from libtorch.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -32,43 +33,52 @@ inline bool parallel_over_rows(std::int64_t rows, std::int64_t row_len) {
 // Below this much work a parallel region costs more than it saves.
 constexpr std::int64_t kMinParallelWork = 1 << 15;
 
-// Sum over d of (a[d] - b[d])^2 (Q = 2) or |a[d] - b[d]| (Q = 1), accumulated in double.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DDFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DDFAST_CLONES
+#endif
+
+// Row reductions (reductions.cpp): diff_pow2 = sum (a - b)^2, diff_pow1 = sum |a - b|,
+// norm_pow2 = sum a^2, norm_pow1 = sum |a|; see reductions.cpp for the accumulation.
+double diff_pow2(const float* a, const float* b, std::int64_t n);
+double diff_pow1(const float* a, const float* b, std::int64_t n);
+double norm_pow2(const float* a, std::int64_t n);
+double norm_pow1(const float* a, std::int64_t n);
+double diff_pow2(const double* a, const double* b, std::int64_t n);
+double diff_pow1(const double* a, const double* b, std::int64_t n);
+double norm_pow2(const double* a, std::int64_t n);
+double norm_pow1(const double* a, std::int64_t n);
+
+// Long rows are cut into chunks of this many elements when split across threads.
+constexpr std::int64_t kChunk = 4096;
+
+// Sum over d of (a[d] - b[d])^2 (Q = 2) or |a[d] - b[d]| (Q = 1), split across threads when
+// ``parallel``.
 template <int Q, typename T>
 inline double diff_norm_pow(const T* a, const T* b, std::int64_t n, bool parallel) {
+  auto part = [&](std::int64_t lo, std::int64_t len) {
+    return Q == 2 ? diff_pow2(a + lo, b + lo, len) : diff_pow1(a + lo, b + lo, len);
+  };
+  if (!parallel) return part(0, n);
   double s = 0.0;
-  if (parallel) {
-#pragma omp parallel for simd reduction(+ : s) schedule(static)
-    for (std::int64_t d = 0; d < n; ++d) {
-      double v = static_cast<double>(a[d]) - static_cast<double>(b[d]);
-      s += (Q == 2) ? v * v : std::fabs(v);
-    }
-  } else {
-#pragma omp simd reduction(+ : s)
-    for (std::int64_t d = 0; d < n; ++d) {
-      double v = static_cast<double>(a[d]) - static_cast<double>(b[d]);
-      s += (Q == 2) ? v * v : std::fabs(v);
-    }
-  }
+  const std::int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+  for (std::int64_t c = 0; c < chunks; ++c) s += part(c * kChunk, std::min(kChunk, n - c * kChunk));
   return s;
 }
 
-// Sum over d of a[d]^2 (Q = 2) or |a[d]| (Q = 1), accumulated in double.
+// Sum over d of a[d]^2 (Q = 2) or |a[d]| (Q = 1), split across threads when ``parallel``.
 template <int Q, typename T>
 inline double norm_pow(const T* a, std::int64_t n, bool parallel) {
+  auto part = [&](std::int64_t lo, std::int64_t len) {
+    return Q == 2 ? norm_pow2(a + lo, len) : norm_pow1(a + lo, len);
+  };
+  if (!parallel) return part(0, n);
   double s = 0.0;
-  if (parallel) {
-#pragma omp parallel for simd reduction(+ : s) schedule(static)
-    for (std::int64_t d = 0; d < n; ++d) {
-      double v = static_cast<double>(a[d]);
-      s += (Q == 2) ? v * v : std::fabs(v);
-    }
-  } else {
-#pragma omp simd reduction(+ : s)
-    for (std::int64_t d = 0; d < n; ++d) {
-      double v = static_cast<double>(a[d]);
-      s += (Q == 2) ? v * v : std::fabs(v);
-    }
-  }
+  const std::int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for reduction(+ : s) schedule(static)
+  for (std::int64_t c = 0; c < chunks; ++c) s += part(c * kChunk, std::min(kChunk, n - c * kChunk));
   return s;
 }
 

@@ -1,45 +1,55 @@
 // select_boundary on CPU: one pass over each row's candidate gradients computes every
 // ||g_k - g_ref||_q, the argmin of |f_k - f_ref| / ||g_k - g_ref||_q, then writes the step
 // r from the chosen row alone. Spec: ddfast.reference.select_boundary.
+//
+// Rows are taken in small blocks, candidate-major inside a block: when grads is a
+// transposed Jacobian ([C, B, D] viewed as [B, C, D], as the attack passes it), the rows of
+// one candidate are adjacent in memory, so a block streams C contiguous runs instead of
+// jumping between C far-apart planes for every row.
+#include <vector>
+
 #include "kernels.h"
 
 namespace ddfast {
 namespace {
 
-template <int Q, typename T>
-void select_row(const T* logits, const T* grads, std::int64_t gs_c, const std::int64_t* cand,
-                std::int64_t ref, std::int64_t C, std::int64_t D, double eps, bool par,
-                std::int64_t* l_out, T* dist_out, T* r) {
-  std::int64_t ref_pos = 0;
+constexpr std::int64_t kRowBlock = 8;
+
+inline std::int64_t ref_position(const std::int64_t* cand, std::int64_t ref, std::int64_t C) {
   for (std::int64_t j = 0; j < C; ++j)
-    if (cand[j] == ref) { ref_pos = j; break; }
-  const T* g_ref = grads + ref_pos * gs_c;
-  const double f_ref = static_cast<double>(logits[ref]);
+    if (cand[j] == ref) return j;
+  return 0;
+}
+
+// Given npow[j] = ||g_j - g_ref||^q (q = 2 or 1) of one row: the first minimum of the
+// distances (the reference counting as +inf, as torch.argmin), and the step r.
+template <int Q, typename T>
+void finish_row(const T* logits, const T* grads, std::int64_t gs_c, const std::int64_t* cand,
+                std::int64_t ref, std::int64_t ref_pos, std::int64_t C, std::int64_t D,
+                double eps, bool par, const double* npow, std::int64_t* l_out, T* dist_out, T* r) {
   const double inf = std::numeric_limits<double>::infinity();
-  // First minimum over all positions, the reference counting as +inf (as torch.argmin).
-  double best = inf;
+  const double f_ref = static_cast<double>(logits[ref]);
+  double best = inf, best_norm = 0.0;
   std::int64_t best_pos = -1;
-  double best_norm = 0.0;
   for (std::int64_t j = 0; j < C; ++j) {
     double dist = inf, n = 0.0;
     if (j != ref_pos) {
-      const double npow = diff_norm_pow<Q>(grads + j * gs_c, g_ref, D, par);
-      n = (Q == 2) ? std::sqrt(npow) : npow;
+      n = (Q == 2) ? std::sqrt(npow[j]) : npow[j];
       if (n > 0.0) dist = std::fabs(static_cast<double>(logits[cand[j]]) - f_ref) / n;
     }
     if (best_pos < 0 || dist < best) { best = dist; best_pos = j; best_norm = n; }
   }
   *l_out = cand[best_pos];
   *dist_out = static_cast<T>(best);
-  const T* g_l = grads + best_pos * gs_c;
   if (!(best < inf)) {
     for (std::int64_t d = 0; d < D; ++d) r[d] = T(0);
     return;
   }
+  const T* g_l = grads + best_pos * gs_c;
+  const T* g_ref = grads + ref_pos * gs_c;
   const double scale = best + eps;
   if (Q == 2) {
-    const double n2 = best_norm;
-    const double s = scale / n2;
+    const double s = scale / best_norm;
 #pragma omp parallel for simd if (par) schedule(static)
     for (std::int64_t d = 0; d < D; ++d)
       r[d] = static_cast<T>(s * (static_cast<double>(g_l[d]) - static_cast<double>(g_ref[d])));
@@ -52,6 +62,13 @@ void select_row(const T* logits, const T* grads, std::int64_t gs_c, const std::i
   }
 }
 
+template <typename T>
+void inactive_row(std::int64_t ref, std::int64_t* l_out, T* dist_out, T* r, std::int64_t D) {
+  *l_out = ref;
+  *dist_out = T(0);
+  for (std::int64_t d = 0; d < D; ++d) r[d] = T(0);
+}
+
 template <int Q, typename T>
 void select_boundary_impl(const SelectArgs& a) {
   const T* logits = as_ptr<const T>(a.logits);
@@ -62,20 +79,45 @@ void select_boundary_impl(const SelectArgs& a) {
   std::int64_t* l = as_ptr<std::int64_t>(a.l);
   T* dist = as_ptr<T>(a.dist);
   T* r = as_ptr<T>(a.r);
-  const std::int64_t B = a.B, K = a.K, C = a.C, D = a.D;
-  const bool rows_par = parallel_over_rows(B, D) && B * C * D >= kMinParallelWork;
-  const bool inner_par = !parallel_over_rows(B, D);
-#pragma omp parallel for schedule(static) if (rows_par)
-  for (std::int64_t i = 0; i < B; ++i) {
-    T* ri = r + i * D;
-    if (!active[i]) {
-      l[i] = ref[i];
-      dist[i] = T(0);
-      for (std::int64_t d = 0; d < D; ++d) ri[d] = T(0);
-      continue;
+  const std::int64_t B = a.B, K = a.K, C = a.C, D = a.D, gs_b = a.gs_b, gs_c = a.gs_c;
+
+  if (!parallel_over_rows(B, D)) {  // few long rows: split each row's reductions instead
+    std::vector<double> npow(C, 0.0);
+    for (std::int64_t i = 0; i < B; ++i) {
+      if (!active[i]) { inactive_row(ref[i], l + i, dist + i, r + i * D, D); continue; }
+      const T* g = grads + i * gs_b;
+      const std::int64_t p = ref_position(cand + i * C, ref[i], C);
+      for (std::int64_t j = 0; j < C; ++j)
+        npow[j] = j == p ? 0.0 : diff_norm_pow<Q>(g + j * gs_c, g + p * gs_c, D, true);
+      finish_row<Q, T>(logits + i * K, g, gs_c, cand + i * C, ref[i], p, C, D, a.eps, true,
+                       npow.data(), l + i, dist + i, r + i * D);
     }
-    select_row<Q, T>(logits + i * K, grads + i * a.gs_b, a.gs_c, cand + i * C, ref[i], C, D, a.eps,
-                     inner_par, l + i, dist + i, ri);
+    return;
+  }
+  const std::int64_t blocks = (B + kRowBlock - 1) / kRowBlock;
+  const bool par = B * C * D >= kMinParallelWork;
+#pragma omp parallel if (par)
+  {
+    std::vector<double> npow(kRowBlock * C, 0.0);
+    std::int64_t pos[kRowBlock];
+#pragma omp for schedule(static)
+    for (std::int64_t blk = 0; blk < blocks; ++blk) {
+      const std::int64_t i0 = blk * kRowBlock, n = std::min(kRowBlock, B - i0);
+      for (std::int64_t b = 0; b < n; ++b) pos[b] = ref_position(cand + (i0 + b) * C, ref[i0 + b], C);
+      for (std::int64_t j = 0; j < C; ++j)
+        for (std::int64_t b = 0; b < n; ++b) {
+          const T* g = grads + (i0 + b) * gs_b;
+          npow[b * C + j] = (!active[i0 + b] || j == pos[b])
+                                ? 0.0
+                                : diff_norm_pow<Q>(g + j * gs_c, g + pos[b] * gs_c, D, false);
+        }
+      for (std::int64_t b = 0; b < n; ++b) {
+        const std::int64_t i = i0 + b;
+        if (!active[i]) { inactive_row(ref[i], l + i, dist + i, r + i * D, D); continue; }
+        finish_row<Q, T>(logits + i * K, grads + i * gs_b, gs_c, cand + i * C, ref[i], pos[b], C,
+                         D, a.eps, false, npow.data() + b * C, l + i, dist + i, r + i * D);
+      }
+    }
   }
 }
 

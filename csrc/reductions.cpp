@@ -1,0 +1,70 @@
+// Row reductions of the CPU kernels: sum of squares / of absolute values of a row or of the
+// difference of two rows. Differences of float rows (select_boundary's hot loop) are summed
+// in float within blocks of kBlock elements -- the differences are float, exactly as a
+// float32 torch composition computes them -- and the block sums in double; everything else
+// is accumulated in double. Each function is compiled for AVX-512, AVX2
+// and baseline x86-64 and the loader picks the best the CPU has (GCC target_clones), so a
+// build is both fast and safe to run on another x86-64 machine.
+#include "common.h"
+
+namespace ddfast {
+namespace {
+
+constexpr std::int64_t kBlock = 64;
+
+template <int Q, bool Diff, typename T>
+inline double blocked_sum(const T* a, const T* b, std::int64_t n) {
+  double s = 0.0;
+  for (std::int64_t d0 = 0; d0 < n; d0 += kBlock) {
+    const std::int64_t d1 = d0 + kBlock < n ? d0 + kBlock : n;
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (std::int64_t d = d0; d < d1; ++d) {
+      const T v = Diff ? a[d] - b[d] : a[d];
+      acc += (Q == 2) ? v * v : (v < T(0) ? -v : v);
+    }
+    s += static_cast<double>(acc);
+  }
+  return s;
+}
+
+template <int Q, bool Diff, typename T>
+inline double double_sum(const T* a, const T* b, std::int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (std::int64_t d = 0; d < n; ++d) {
+    const double v = Diff ? static_cast<double>(a[d]) - static_cast<double>(b[d])
+                          : static_cast<double>(a[d]);
+    s += (Q == 2) ? v * v : std::fabs(v);
+  }
+  return s;
+}
+
+}  // namespace
+
+DDFAST_CLONES double diff_pow2(const float* a, const float* b, std::int64_t n) {
+  return blocked_sum<2, true>(a, b, n);
+}
+DDFAST_CLONES double diff_pow1(const float* a, const float* b, std::int64_t n) {
+  return blocked_sum<1, true>(a, b, n);
+}
+DDFAST_CLONES double norm_pow2(const float* a, std::int64_t n) {
+  return double_sum<2, false>(a, a, n);
+}
+DDFAST_CLONES double norm_pow1(const float* a, std::int64_t n) {
+  return double_sum<1, false>(a, a, n);
+}
+DDFAST_CLONES double diff_pow2(const double* a, const double* b, std::int64_t n) {
+  return double_sum<2, true>(a, b, n);
+}
+DDFAST_CLONES double diff_pow1(const double* a, const double* b, std::int64_t n) {
+  return double_sum<1, true>(a, b, n);
+}
+DDFAST_CLONES double norm_pow2(const double* a, std::int64_t n) {
+  return double_sum<2, false>(a, a, n);
+}
+DDFAST_CLONES double norm_pow1(const double* a, std::int64_t n) {
+  return double_sum<1, false>(a, a, n);
+}
+
+}  // namespace ddfast
