@@ -64,8 +64,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", default=str(common.RESULTS / "deepfool_floor.json"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = common.trained_model("mlp")
     x, _ = common.mnist_test(args.n)
@@ -95,7 +98,7 @@ def main(argv=None):
         "mean_iterations": float(res.iterations.float().mean()), "active_sizes": sizes,
     }
     payload = {"bench": "deepfool_floor", "model": "mlp 784-500-150-10", "n_images": args.n,
-               "repeat": args.repeat, "timing": "best of repeat, interleaved", **rows}
+               "repeat": args.repeat, "threads": torch.get_num_threads(), "timing": "best of repeat, interleaved", **rows}
     path = common.write_json(args.json, payload)
     for k in ("ddfast_s", "floor_s", "floor_check_s", "naive_s", "ddfast_over_floor",
               "ddfast_over_floor_check", "naive_over_ddfast",
