@@ -4,23 +4,38 @@
 * :func:`deepdefense_loss` / :class:`DeepDefense` -- the DeepDefense regularizer, an unrolled
   differentiable DeepFool (gradients reach the parameters through every step).
 * :mod:`ddfast.ops` -- the fused step ops (``torch.library`` custom ops) and their backends.
+* :mod:`ddfast.metrics`, :mod:`ddfast.data`, :mod:`ddfast.models`, :mod:`ddfast.train` --
+  the paper's robustness metrics, MNIST/CIFAR readers, networks and training (imported on
+  first use, so ``import ddfast`` stays light).
 """
+import importlib
+
 from . import attacks, ops, reference
 from .attack import DeepFoolResult, deepfool
 from .backends import available_backends, get_backend, set_backend
-from .regularizer import DeepDefense, deepdefense_loss
+from .regularizer import DeepDefense, DeepDefenseInfo, deepdefense_loss
 
 __version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("data", "models", "metrics", "train", "reproduce", "plots", "cli", "jacobian")
 
 __all__ = [
     "deepfool",
     "DeepFoolResult",
     "deepdefense_loss",
     "DeepDefense",
+    "DeepDefenseInfo",
     "attacks",
     "ops",
     "reference",
     "available_backends",
     "set_backend",
     "get_backend",
+    *_LAZY_SUBMODULES,
 ]
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ddfast' has no attribute {name!r}")
