@@ -53,13 +53,9 @@ double norm_pow1(const double* a, std::int64_t n);
 // Long rows are cut into chunks of this many elements when split across threads.
 constexpr std::int64_t kChunk = 4096;
 
-// Sum over d of (a[d] - b[d])^2 (Q = 2) or |a[d] - b[d]| (Q = 1), split across threads when
-// ``parallel``.
-template <int Q, typename T>
-inline double diff_norm_pow(const T* a, const T* b, std::int64_t n, bool parallel) {
-  auto part = [&](std::int64_t lo, std::int64_t len) {
-    return Q == 2 ? diff_pow2(a + lo, b + lo, len) : diff_pow1(a + lo, b + lo, len);
-  };
+// part(lo, len) summed over [0, n): in one call, or chunk by chunk across threads.
+template <typename Part>
+inline double chunked_sum(std::int64_t n, bool parallel, Part part) {
   if (!parallel) return part(0, n);
   double s = 0.0;
   const std::int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -68,18 +64,20 @@ inline double diff_norm_pow(const T* a, const T* b, std::int64_t n, bool paralle
   return s;
 }
 
-// Sum over d of a[d]^2 (Q = 2) or |a[d]| (Q = 1), split across threads when ``parallel``.
+// Sum over d of (a[d] - b[d])^2 (Q = 2) or |a[d] - b[d]| (Q = 1).
+template <int Q, typename T>
+inline double diff_norm_pow(const T* a, const T* b, std::int64_t n, bool parallel) {
+  return chunked_sum(n, parallel, [&](std::int64_t lo, std::int64_t len) {
+    return Q == 2 ? diff_pow2(a + lo, b + lo, len) : diff_pow1(a + lo, b + lo, len);
+  });
+}
+
+// Sum over d of a[d]^2 (Q = 2) or |a[d]| (Q = 1).
 template <int Q, typename T>
 inline double norm_pow(const T* a, std::int64_t n, bool parallel) {
-  auto part = [&](std::int64_t lo, std::int64_t len) {
+  return chunked_sum(n, parallel, [&](std::int64_t lo, std::int64_t len) {
     return Q == 2 ? norm_pow2(a + lo, len) : norm_pow1(a + lo, len);
-  };
-  if (!parallel) return part(0, n);
-  double s = 0.0;
-  const std::int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for reduction(+ : s) schedule(static)
-  for (std::int64_t c = 0; c < chunks; ++c) s += part(c * kChunk, std::min(kChunk, n - c * kChunk));
-  return s;
+  });
 }
 
 template <typename T>
