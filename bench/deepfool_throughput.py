@@ -12,8 +12,9 @@ torch DeepFool, side by side in one run, same models, same inputs, same device.
 * Every implementation leaves the model's prediction at x (``ref``), runs 50 steps at most,
   overshoot 0.02, all classes, the same batch size (ART's ``batch_size`` set, its default is 1),
   and (where it has bounds) keeps the iterates in [0, 1].
-* Per row: ``img_per_s`` = images / wall-clock seconds (best of ``--repeat`` interleaved runs,
-  after one warm-up call); ``rho2`` = mean over the images the implementation fooled of
+* Timing: batch by batch, every implementation runs on batch b (best of ``--repeat``) before
+  any runs on batch b+1, so the shared machine's load drifts hit all alike; per row the best
+  per-batch times are summed. ``img_per_s`` = images / those seconds; ``rho2`` = mean over the images the implementation fooled of
   ||x_adv - x||_2 / ||x||_2 (x on the [0, 1] pixel scale, so this is *not* the paper's rho_2 on
   mean-subtracted images); ``fooled`` = fraction of images with argmax f(x_adv) != ref;
   ``mean_iterations`` where the implementation reports it; ``speedup`` = the ddfast (default
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import warnings
@@ -92,6 +94,42 @@ def per_sample(dn, fooled, dn_ref, fooled_ref) -> Dict[str, Optional[float]]:
             "vs_ref_within_1e-3": float((rel <= 1e-3).float().mean())}
 
 
+def measure(jobs, N: int, B: int, args):
+    """Time every job batch by batch, interleaved: for each batch of B images, each job that covers
+    it runs on it (``repeat`` times, best kept, unless its first run took over ``repeat_below_s``
+    per batch), before the next batch starts. Load drifts of the shared machine thus hit every
+    job alike at the granularity of one batch. A job ``(fn(lo, hi) -> Outcome, n[, first])`` covers the
+    batches from ``first`` (default 0) below n (the last one cut at n). Returns per-job ``{(lo, hi): best seconds}`` and the
+    concatenated outcomes."""
+    times = {k: {} for k in jobs}
+    parts = {k: [] for k in jobs}
+    t_start = time.perf_counter()
+    for lo in range(0, N, B):
+        for r in range(args.repeat):
+            for k, (fn, n, *first) in jobs.items():
+                hi = min(lo + B, N, n)
+                if hi <= lo or (first and lo < first[0]):
+                    continue
+                if r > 0 and times[k][(lo, hi)] > args.repeat_below_s:
+                    continue
+                t0 = time.perf_counter()
+                out = fn(lo, hi)
+                t = time.perf_counter() - t0
+                times[k][(lo, hi)] = min(times[k].get((lo, hi), math.inf), t)
+                if r == 0:
+                    parts[k].append(out)
+        if lo == 0 or (lo // B) % 10 == 0:
+            log(f"   batch {lo // B + 1}/{-(-N // B)} done ({time.perf_counter() - t_start:.0f} s)")
+    outs = {}
+    for k, ps in parts.items():
+        its = [p.iterations for p in ps]
+        if not ps:
+            continue
+        outs[k] = peers.Outcome(torch.cat([p.x_adv for p in ps]),
+                                None if any(i is None for i in its) else torch.cat(its))
+    return times, outs
+
+
 def bench_model(name: str, args, available: Dict[str, Optional[str]]) -> Dict[str, list]:
     dev = torch.device(args.device)
     model = common.trained_model(name, log=log).to(dev)
@@ -126,56 +164,45 @@ def bench_model(name: str, args, available: Dict[str, Optional[str]]) -> Dict[st
         plan.append((p if p in PEERS_CLIPPED else f"{p} (no clip)", p, {}, n, None,
                      "[0,1]" if p in PEERS_CLIPPED else None))
 
-    def runner(impl, kw, n):
+    def runner(impl, kw):
         fn = peers.RUNNERS[impl]
-        xs, rs = x_all[:n], ref_all[:n]
-        return lambda: fn(model, xs, rs, batch_size=B, max_iter=args.max_iter, overshoot=args.overshoot, **kw)
+        return lambda lo, hi: fn(model, x_all[lo:hi], ref_all[lo:hi], batch_size=B, max_iter=args.max_iter,
+                                 overshoot=args.overshoot, **kw)
 
-    # reference timings of ddfast (default backend) on every prefix a slow peer uses, both bounds settings
-    ref_jobs = {}
-    if backends:
-        for (_, impl, _, n, _, bounds) in plan:
-            key = (n, bounds)
-            if n != len(x_all) and key not in ref_jobs:
-                kw = dict(backend=backends[0]) if bounds else dict(backend=backends[0], bounds=None)
-                ref_jobs[key] = runner("ddfast", kw, n)
-
-    jobs = {label: runner(impl, kw, n) for (label, impl, kw, n, _, _) in plan}
-    jobs.update({f"_ref_{n}_{b}": fn for (n, b), fn in ref_jobs.items()})
+    jobs = {label: (runner(impl, kw), n) for (label, impl, kw, n, _, _) in plan}
+    # ddfast (default backend, same bounds) on the partial batch of a peer that runs fewer than B
+    # images beyond a multiple of B: the reference time for that peer's speedup
+    for (label, impl, kw, n, _, bounds) in plan:
+        if n % B and n != len(x_all):
+            kw_ref = dict(backend=backends[0]) if bounds else dict(backend=backends[0], bounds=None)
+            jobs.setdefault(f"_ref_{n}_{bounds}", (runner("ddfast", kw_ref), n, n - n % B))
 
     # warm-up: one small call each (imports, lazy native loads, allocator)
     for (label, impl, kw, n, _, _) in plan:
-        fn = peers.RUNNERS[impl]
-        fn(model, x_all[:2], ref_all[:2], batch_size=B, max_iter=args.max_iter, overshoot=args.overshoot, **kw)
+        runner(impl, kw)(0, 2)
+    times, outs = measure(jobs, len(x_all), B, args)
 
-    best = {k: math.inf for k in jobs}
-    outs = {}
-    for r in range(args.repeat):  # interleaved: load drifts on the shared machine hit every row
-        for k, fn in jobs.items():
-            if r > 0 and best[k] > args.repeat_below_s:
-                continue  # a run this long is its own average: one timed run
-            t0 = time.perf_counter()
-            outs[k] = fn()
-            t = time.perf_counter() - t0
-            best[k] = min(best[k], t)
-            if r == 0:
-                log(f"   {k:22s} {t:8.2f} s")
+    def t_on(label, n):
+        """seconds of `label` on the first n images (sum of its per-batch best times)."""
+        return sum(t for (lo, hi), t in times[label].items() if hi <= n)
 
     rows = []
     refs = {}  # per-sample reference of each group: foolbox (clipped), ddfast without bounds (unclipped)
     for bounds, ref_label in (("[0,1]", "foolbox"), (None, "ddfast, no bounds")):
         if ref_label in outs:
-            n_r = next(n for (lab, _, _, n, _, _) in plan if lab == ref_label)
+            n_r = jobs[ref_label][1]
             _, dn_r, fooled_r = evaluate(model, x_all[:n_r], ref_all[:n_r], outs[ref_label])
             refs[bounds] = (ref_label, dn_r, fooled_r)
     for (label, impl, kw, n, backend, bounds) in plan:
         metrics, dn, fooled = evaluate(model, x_all[:n], ref_all[:n], outs[label])
-        t = best[label]
-        if n == len(x_all):
+        t = t_on(label, n)
+        t_ref = None
+        if backends:
             ref_label = plan[0][0] if bounds else "ddfast, no bounds"
-            t_ref = best.get(ref_label)
-        else:
-            t_ref = best.get(f"_ref_{n}_{bounds}")
+            if n == len(x_all) or n % B == 0:
+                t_ref = t_on(ref_label, n)
+            else:  # full batches of the default row + ddfast on the peer's partial last batch
+                t_ref = t_on(ref_label, n - n % B) + t_on(f"_ref_{n}_{bounds}", n)
         row = {
             "model": name, "impl": impl, "label": label, "backend": backend, "bounds": bounds,
             "n_images": n, "batch_size": B if impl not in ("torchattacks", "deeprobust") else 1,
@@ -197,27 +224,19 @@ def bench_model(name: str, args, available: Dict[str, Optional[str]]) -> Dict[st
     if args.candidates and backends:
         ks = [k for k in (2, 3, 5, 10) if k <= int(model(x_all[:1]).shape[1])]
         n = min(len(x_all), args.n_candidates or N_CANDIDATES[name])
-        xs, rs = x_all[:n], ref_all[:n]
         cjobs = {}
         for k in ks:
-            cjobs[("ddfast", k)] = (lambda k=k: peers.ddfast_run(model, xs, rs, batch_size=B, max_iter=args.max_iter,
-                                                                  overshoot=args.overshoot, candidates=k,
-                                                                  backend=backends[0]))
+            cjobs[("ddfast", k)] = (lambda lo, hi, k=k: peers.ddfast_run(
+                model, x_all[lo:hi], ref_all[lo:hi], batch_size=B, max_iter=args.max_iter,
+                overshoot=args.overshoot, candidates=k, backend=backends[0]), n)
             if "foolbox" in args.impls and available.get("foolbox") is None:
-                cjobs[("foolbox", k)] = (lambda k=k: peers.foolbox_run(model, xs, rs, batch_size=B,
-                                                                        max_iter=args.max_iter,
-                                                                        overshoot=args.overshoot, candidates=k))
-        cbest = {key: math.inf for key in cjobs}
-        couts = {}
-        for r in range(args.repeat):
-            for key, fn in cjobs.items():
-                if r > 0 and cbest[key] > args.repeat_below_s:
-                    continue
-                t0 = time.perf_counter()
-                couts[key] = fn()
-                cbest[key] = min(cbest[key], time.perf_counter() - t0)
-        for (impl, k), t in cbest.items():
-            metrics, _, _ = evaluate(model, xs, rs, couts[(impl, k)])
+                cjobs[("foolbox", k)] = (lambda lo, hi, k=k: peers.foolbox_run(
+                    model, x_all[lo:hi], ref_all[lo:hi], batch_size=B, max_iter=args.max_iter,
+                    overshoot=args.overshoot, candidates=k), n)
+        ctimes, couts = measure(cjobs, n, B, args)
+        for (impl, k) in cjobs:
+            t = sum(ctimes[(impl, k)].values())
+            metrics, _, _ = evaluate(model, x_all[:n], ref_all[:n], couts[(impl, k)])
             cands.append({"model": name, "impl": impl, "candidates": k, "n_images": n, "seconds": t,
                           "img_per_s": n / t, **metrics})
             log(f"   candidates {impl:8s} k={k:2d} {n / t:9.1f} img/s  rho2 {metrics['rho2']:.4f}  "
@@ -333,8 +352,9 @@ def main(argv=None):
                     help=f"images for the candidates trade-off (default {N_CANDIDATES})")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per row, best of (default 3)")
-    ap.add_argument("--repeat-below-s", type=float, default=30.0,
-                    help="repeat only rows whose first timed run took less than this (default 30 s)")
+    ap.add_argument("--repeat-below-s", type=float, default=3.0,
+                    help="repeat a job on a batch only if its first run on it took less (default 3 s)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--max-iter", type=int, default=50)
     ap.add_argument("--overshoot", type=float, default=0.02)
     ap.add_argument("--device", default="cpu")
@@ -355,6 +375,9 @@ def main(argv=None):
 
     logging.getLogger("art").setLevel(logging.ERROR)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
     available = peers.available()
     log("implementations: " + ", ".join(f"{k} ({'ok' if v is None else 'missing'})" for k, v in available.items()))
     t_start = time.perf_counter()
@@ -374,14 +397,16 @@ def main(argv=None):
                      "quick": args.quick,
                      "inputs": "MNIST test set, first n images, [0, 1] pixel scale (mean subtracted inside the model)",
                      "ref": "the model's prediction at x",
-                     "timing": "wall clock, best of repeat interleaved runs after a warm-up call "
-                               "(rows whose first run took longer than repeat_below_s: that one run)",
+                     "timing": "wall clock per batch, all implementations interleaved batch by batch, "
+                               "best of repeat per batch (one run where the first took over repeat_below_s), "
+                               "summed over the batches; after a warm-up call",
                      "rho2": "mean over fooled images of ||x_adv - x||_2 / ||x||_2, x in [0, 1] pixels",
                      "speedup": "ddfast (default backend, same bounds) seconds on the same images / row seconds"},
         "unavailable": {k: v for k, v in available.items() if v is not None},
         "rows": all_rows,
         "candidates": all_cands,
         "wall_s": time.perf_counter() - t_start,
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
     }
     path = common.write_json(json_path, payload, device=args.device)
     import json

@@ -163,7 +163,7 @@ def deeprobust_run(model, x, ref, *, batch_size, max_iter=50, overshoot=0.02, ca
         adv, _r, it = deepfool(model, x[i : i + 1], k, overshoot, max_iter, x.device)
         advs.append(adv.detach())
         its.append(it + 1)  # it is the index of the last step taken
-    return Outcome(torch.cat(advs).to(torch.float32), torch.tensor(its, dtype=torch.int64))
+    return Outcome(torch.cat(advs).to(x.dtype), torch.tensor(its, dtype=torch.int64))
 
 
 # ----------------------------------------------------------------------------- registry

@@ -69,7 +69,11 @@ def render(name: str, results: Path) -> str:
         return md.read_text().rstrip() + "\n"
     if js.exists():
         return table_from_json(json.loads(js.read_text())).rstrip() + "\n"
-    return f"_(no results yet: run `bench/run_all.sh`; {js.relative_to(BENCH.parent)} is missing)_\n"
+    try:
+        shown = js.relative_to(BENCH.parent)
+    except ValueError:
+        shown = js
+    return f"_(no results yet: run `bench/run_all.sh`; {shown} is missing)_\n"
 
 
 def refresh(readme: Path, results: Path) -> List[str]:
