@@ -3,11 +3,19 @@
 Errors the user can fix (missing or corrupt data, bad settings, a diverged run, an existing
 output directory) are printed as one ``ddfast: error: ...`` line and exit with status 2
 (1 for a diverged run, 130 when interrupted) instead of a traceback.
+
+Distributed training: ``torchrun --nproc_per_node N -m ddfast.cli train ...`` (or
+``python -m torch.distributed.run ...``) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``; ``train``
+then joins the process group (gloo on CPU, nccl with ``--device cuda``, one GPU per local rank),
+trains with DistributedDataParallel (``--batch-size`` is the global batch, split across ranks;
+see :mod:`ddfast.train`), writes files and prints from rank 0 only, and leaves the group at the end.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -65,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite)
     t.add_argument("--eval-subset", type=int, default=d.eval_subset, help="test images for the per-epoch rho_2")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu, or cuda (under torchrun: cuda:LOCAL_RANK) (default %(default)s)")
     _common(t, 0)
 
     e = sub.add_parser("eval", help="accuracy, rho_2, rho_inf, Acc@eps, rho'_2 of saved weights")
@@ -89,6 +99,39 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _dist_env() -> Optional[dict]:
+    """``{"rank", "world_size", "local_rank"}`` from a torchrun environment with more than one
+    process, else ``None``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return {"rank": int(os.environ["RANK"]), "world_size": world, "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
+@contextlib.contextmanager
+def _process_group(env: Optional[dict], device: str):
+    """Join the default process group for the block (nothing without ``env``); yields the torch device."""
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        dev = torch.device("cuda", env["local_rank"] if env else torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if env is None:
+        yield dev
+        return
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://",
+                            rank=env["rank"], world_size=env["world_size"])
+    try:
+        yield dev
+    finally:
+        dist.destroy_process_group()
+
+
 def _cmd_train(a) -> int:
     from . import data, models
     from .reproduce import load_weights
@@ -100,16 +143,21 @@ def _cmd_train(a) -> int:
                       on_nonfinite=a.on_nonfinite, eval_subset=a.eval_subset)
     import torch
 
-    torch.manual_seed(a.seed)
+    env = _dist_env()
+    torch.manual_seed(a.seed)  # the same initial model on every rank
     model = models.build_model(a.model)
     if a.init is not None:
         load_weights(model, a.init)
     prep = data.prepare(a.dataset, a.data)
-    log = fit(model, prep.x_train, prep.y_train, prep.x_test, prep.y_test, cfg, out_dir=a.out, resume=a.resume,
-              scale=prep.scale, progress=not a.no_progress)
-    last = log[-1]
-    print(f"done: epoch {last['epoch']} test acc {100 * last['test_acc']:.2f}% rho_2 (subset) {last['rho2']:.4f}; "
-          f"weights in {a.out / 'model.pt'}")
+    with _process_group(env, a.device) as dev:
+        model.to(dev)
+        tensors = [t.to(dev) for t in (prep.x_train, prep.y_train, prep.x_test, prep.y_test)]
+        log = fit(model, *tensors, cfg, out_dir=a.out, resume=a.resume, scale=prep.scale,
+                  progress=not a.no_progress)
+    if env is None or env["rank"] == 0:
+        last = log[-1]
+        print(f"done: epoch {last['epoch']} test acc {100 * last['test_acc']:.2f}% rho_2 (subset) "
+              f"{last['rho2']:.4f}; weights in {a.out / 'model.pt'}")
     return 0
 
 

@@ -14,6 +14,16 @@ The data order of epoch ``e`` is a permutation drawn from a generator seeded by
 ``(seed, e)``, and an interrupted epoch is redone from the previous epoch's checkpoint, so a
 run resumed after an interruption ends bit-identical to an uninterrupted one.
 
+Distributed (``torch.distributed`` initialised, e.g. by ``ddfast train`` under ``torchrun``):
+the model is wrapped in ``DistributedDataParallel``; every rank draws the same permutation and
+``cfg.batch_size`` is the *global* batch: each global batch is split into ``world_size``
+near-equal contiguous parts, rank ``r`` takes part ``r``, and its loss is weighted by
+``world_size * n_r / n`` so that DDP's gradient average equals the gradient of one process on
+the whole global batch (also for a last, uneven batch). The regularizer is called with the
+wrapped model (``deepdefense_loss(ddp, x, y)``, the README's recipe). Evaluation, logs and
+checkpoint files come from rank 0 only (the others wait at a barrier); the returned log of
+the other ranks holds the training statistics (global, all-reduced) without the test metrics.
+
 Learning rates: the paper fine-tunes at 5e-4 in its 0..255 MatConvNet setup; that rate does
 not carry over to PyTorch-initialised models on [0,1]-scaled inputs (DESIGN.md). The
 defaults here (:class:`TrainConfig`) are the paper's schedule shape (batch 100, 5 epochs, SGD
@@ -32,6 +42,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .metrics import accuracy, rho2
@@ -224,12 +235,15 @@ def fit(
         if ckpt_path.exists() and not resume:
             raise FileExistsError(f"{ckpt_path} exists: pass resume=True (CLI: --resume) or another output directory")
 
+    rank, world = _dist_rank_world()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if world > 1 and cfg.layers is not None:
+        raise ValueError("layers (layer-wise regularizer) is not supported in distributed training: "
+                         "it needs two backward passes per step, DDP reduces gradients in one")
     reg_params = None
-    if cfg.method == "deepdefense":
-        from .regularizer import deepdefense_loss  # lazy: the regularizer lives in its own module
-
-        if cfg.layers is not None:
-            reg_params = _layer_params(model, cfg.layers)
+    if cfg.method == "deepdefense" and cfg.layers is not None:
+        reg_params = _layer_params(model, cfg.layers)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     log: List[dict] = []
@@ -245,6 +259,9 @@ def fit(
         torch.set_rng_state(ck["rng"])
         log = json.loads(ck["log"])
         start_epoch = int(ck["epoch"]) + 1
+    _barrier(world)  # every rank has checked and read the output directory before rank 0 writes to it
+    writer = out is not None and rank == 0
+    progress = progress and rank == 0
 
     x_fit = x_train
     if cfg.method == "adversarial" and start_epoch <= cfg.epochs:
@@ -254,28 +271,37 @@ def fit(
             src = _clone_with(model, load_checkpoint(init_path))
         else:
             src = _clone_with(model, model.state_dict())
-            if init_path is not None:
+            if writer:
                 atomic_save(src.state_dict(), init_path)
         x_fit = adversarial_set(src, x_train, y_train, max_iter=cfg.adv_max_iter, overshoot=cfg.overshoot,
                                 progress=progress)
         del src
 
     def save(epoch: int):
-        if out is None:
-            return
-        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                     "rng": torch.get_rng_state(), "log": json.dumps(log), "config": json.dumps(cfg.to_dict())},
-                    ckpt_path)
-        atomic_save(model.state_dict(), out / "model.pt")
-        atomic_save(log, out / "log.json")
+        if writer:
+            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                         "rng": torch.get_rng_state(), "log": json.dumps(log), "config": json.dumps(cfg.to_dict())},
+                        ckpt_path)
+            atomic_save(model.state_dict(), out / "model.pt")
+            atomic_save(log, out / "log.json")
+        _barrier(world)
+
+    def evaluated(entry: dict) -> dict:
+        if rank == 0:
+            entry.update(_evaluate_epoch(model, x_test, y_test, cfg, scale, progress))
+        return entry
 
     if start_epoch == 1 and not log:
         t0 = time.time()
-        entry = {"epoch": 0, "lr": 0.0, **_evaluate_epoch(model, x_test, y_test, cfg, scale, progress)}
+        entry = evaluated({"epoch": 0, "lr": 0.0})
         entry["time_s"] = time.time() - t0
         log.append(entry)
         save(0)
 
+    net = model
+    if world > 1:
+        dev = next(model.parameters()).device
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     n = x_fit.shape[0]
     was_training = model.training
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -291,46 +317,43 @@ def fit(
 
             steps = tqdm(steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
         sums = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "correct": 0, "seen": 0, "skipped": 0}
-        model.train()
+        net.train()
         for step, i in enumerate(steps):
             idx = order[i:i + cfg.batch_size]
-            xb, yb = x_fit[idx], y_train[idx]
+            part = torch.tensor_split(idx, world)[rank]
+            xb, yb = x_fit[part], y_train[part]
             opt.zero_grad(set_to_none=True)
-            logits = model(xb)
-            ce = F.cross_entropy(logits, yb)
-            reg = torch.zeros(())
-            if cfg.method == "deepdefense":
-                reg = deepdefense_loss(model, xb, yb, lam=cfg.lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
-                                       overshoot=cfg.overshoot)
-            loss = ce + reg
-            if not torch.isfinite(loss):
-                where = f"epoch {epoch}, step {step} (loss {loss.item()}, cross-entropy {ce.item()}, regularizer {reg.item()})"
+            ce, reg, correct = _step_losses(net, xb, yb, cfg)
+            ce_sum, reg_sum, correct, bad = _global_sums(ce, reg, correct, len(part), world)
+            if bad:
+                where = (f"epoch {epoch}, step {step} (loss {(ce_sum + reg_sum) / len(idx)}, "
+                         f"cross-entropy {ce_sum / len(idx)}, regularizer {reg_sum / len(idx)})")
                 if cfg.on_nonfinite == "stop":
                     last = f"{ckpt_path} (end of epoch {epoch - 1})" if out is not None else "none (no out_dir)"
                     raise NonFiniteLossError(f"non-finite loss at {where}; stopped. Last good checkpoint: {last}. "
                                              "Lower the learning rate or lambda/c, then --resume.")
                 sums["skipped"] += 1
                 continue
+            weight = world * len(part) / len(idx)  # 1.0 in one process: DDP's mean becomes the global mean
             if reg_params is None:
-                loss.backward()
+                ((ce + reg) * weight).backward()
             else:
                 ce.backward(retain_graph=True)
                 reg.backward(inputs=reg_params)
             opt.step()
             if cfg.method == "parseval":
                 parseval_project(model, cfg.parseval_beta, cfg.parseval_frac, gen)
-            sums["loss"] += loss.item() * len(idx)
-            sums["ce"] += ce.item() * len(idx)
-            sums["reg"] += reg.item() * len(idx)
-            sums["correct"] += (logits.argmax(1) == yb).sum().item()
+            sums["loss"] += ce_sum + reg_sum
+            sums["ce"] += ce_sum
+            sums["reg"] += reg_sum
+            sums["correct"] += correct
             sums["seen"] += len(idx)
             if step_callback is not None:
                 step_callback(epoch, step)
         seen = max(sums["seen"], 1)
-        entry = {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / seen, "train_ce": sums["ce"] / seen,
-                 "train_reg": sums["reg"] / seen, "train_acc": sums["correct"] / seen,
-                 "skipped_steps": sums["skipped"],
-                 **_evaluate_epoch(model, x_test, y_test, cfg, scale, progress)}
+        entry = evaluated({"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / seen, "train_ce": sums["ce"] / seen,
+                           "train_reg": sums["reg"] / seen, "train_acc": sums["correct"] / seen,
+                           "skipped_steps": sums["skipped"]})
         entry["time_s"] = time.time() - t0
         log.append(entry)
         save(epoch)
@@ -339,6 +362,47 @@ def fit(
                   f"rho2 {entry['rho2']:.4f} ({entry['time_s']:.0f}s)", flush=True)
     model.train(was_training)
     return log
+
+
+def _dist_rank_world() -> Tuple[int, int]:
+    """``(rank, world_size)`` of the initialised default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _step_losses(net: nn.Module, xb: Tensor, yb: Tensor, cfg: TrainConfig) -> Tuple[Tensor, Tensor, int]:
+    """``(ce, reg, correct)`` of one (local) batch: mean cross-entropy and the regularizer (scalars
+    with graph; an empty batch gives zeros still attached to every parameter, so DDP's all-reduce
+    runs on every rank) and the number of correctly classified samples."""
+    logits = net(xb)
+    ce = F.cross_entropy(logits, yb) if len(yb) else logits.sum() * 0.0
+    reg = torch.zeros((), device=logits.device)
+    if cfg.method == "deepdefense":
+        from .regularizer import deepdefense_loss  # lazy: the regularizer lives in its own module
+
+        reg = deepdefense_loss(net, xb, yb, lam=cfg.lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
+                               overshoot=cfg.overshoot)
+    return ce, reg, int((logits.argmax(1) == yb).sum())
+
+
+def _global_sums(ce: Tensor, reg: Tensor, correct: int, n_local: int, world: int) -> Tuple[float, float, int, bool]:
+    """Sums over the global batch of the per-sample cross-entropy and regularizer, correct count,
+    and whether any rank's loss is non-finite (all-reduced, so every rank skips or stops alike)."""
+    ce_v, reg_v = ce.detach().double(), reg.detach().double()
+    bad = ~torch.isfinite(ce_v + reg_v)
+    t = torch.stack([ce_v * n_local, reg_v * n_local, torch.tensor(float(correct), dtype=torch.float64),
+                     bad.double()])
+    if world > 1:
+        t = t.to(ce.device)
+        dist.all_reduce(t)
+        t = t.cpu()
+    return t[0].item(), t[1].item(), int(t[2].item()), bool(t[3].item() > 0)
 
 
 def _clone_with(model: nn.Module, state: dict) -> nn.Module:

@@ -1,0 +1,81 @@
+"""``ddfast train`` under torchrun: two gloo processes on loopback train with
+DistributedDataParallel, rank 0 alone writes the files, and the weights equal those of one
+process on the same global batches (the per-rank loss weighting makes DDP's gradient average the
+global-batch gradient even for uneven splits; the regularizer runs on the DDP-wrapped model).
+
+The children run with ``cwd=tests/`` so that they import the installed package, not the source
+tree (CI installs with a plain ``pip install .``)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddfast import cli
+from test_cli import tiny_mnist  # noqa: F401  (fixture: 200/100 generated MNIST-format images)
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, nproc=2, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "ddfast.cli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=TESTS_DIR, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _train_args(data, out, method="deepdefense"):
+    # 200 images in global batches of 45: 45, 45, 45, 45, 20 -> per-rank parts 23/22 and 10/10 (uneven)
+    return ["train", "--data", data, "--out", out, "--method", method, "--epochs", "1", "--batch-size", "45",
+            "--lr", "0.01", "--lam", "2", "--c", "5", "--eval-subset", "10", "--threads", "1", "--no-progress"]
+
+
+def test_torchrun_two_processes_equal_one_process(tiny_mnist, tmp_path):  # noqa: F811
+    p = _torchrun(_train_args(tiny_mnist, tmp_path / "ddp"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("done: epoch 1") == 1  # rank 0 alone prints
+    files = sorted(f.name for f in (tmp_path / "ddp").iterdir())
+    assert files == ["checkpoint.pt", "log.json", "model.pt"]  # one writer, no temp files left
+    assert cli.main([str(a) for a in _train_args(tiny_mnist, tmp_path / "one")]) == 0
+    got = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
+    want = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    start = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    log_ddp = json.loads((tmp_path / "ddp" / "log.json").read_text())
+    log_one = json.loads((tmp_path / "one" / "log.json").read_text())
+    for key in ("train_loss", "train_ce", "train_reg", "train_acc", "test_acc"):
+        assert log_ddp[1][key] == pytest.approx(log_one[1][key], rel=1e-5, abs=1e-7), key
+    assert log_one[1]["train_reg"] > 0 and log_one[1]["test_acc"] > 0.5 and start["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_torchrun_resume_finished_run_and_parseval(tiny_mnist, tmp_path):  # noqa: F811
+    args = _train_args(tiny_mnist, tmp_path / "ddp", method="parseval")
+    assert _torchrun(args).returncode == 0
+    before = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
+    p = _torchrun(args + ["--resume"])  # nothing left to do: every rank loads, nobody hangs
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert cli.main([str(a) for a in _train_args(tiny_mnist, tmp_path / "one", method="parseval")]) == 0
+    want = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    for k in want:
+        torch.testing.assert_close(after[k], want[k], rtol=0, atol=1e-6, msg=k)
