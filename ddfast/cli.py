@@ -189,6 +189,11 @@ def _cmd_reproduce(a) -> int:
     return 0
 
 
+def _error(exc: BaseException) -> None:
+    """Print ``exc`` as one ``ddfast: error: ...`` line on stderr."""
+    print("ddfast: error: " + " ".join(str(exc).split()), file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``ddfast`` console script; returns the exit status."""
     ap = build_parser()
@@ -205,10 +210,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return cmd(a)
     except NonFiniteLossError as exc:
-        print(f"ddfast: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 1
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as exc:
-        print(f"ddfast: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ImportError) as exc:  # OSError: missing/unreadable files
+        _error(exc)
         return 2
     except KeyboardInterrupt:
         print("ddfast: interrupted; rerun the same command (train: with --resume) to continue", file=sys.stderr)

@@ -33,7 +33,7 @@ import torch
 
 from . import data as ddata
 from . import metrics, models, plots
-from .train import TrainConfig, fit
+from .train import TrainConfig, fit, load_state, read_tensor_file
 
 __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
 
@@ -76,21 +76,18 @@ PAPER = {
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """Load a ``state_dict`` file or a :mod:`ddfast.train` checkpoint (``weights_only``) into ``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable / not a torch file / refused by weights_only
-        raise ValueError(f"{path}: cannot read weights ({exc})") from exc
+    """Load a ``state_dict`` file or a :mod:`ddfast.train` checkpoint into ``model`` (in place; returned).
+
+    Read with ``torch.load(weights_only=True)``: a file holding arbitrary Python objects is
+    refused. ``FileNotFoundError`` / ``ValueError`` name ``path`` (missing, corrupt, refused, or
+    the weights of another architecture).
+    """
+    state = read_tensor_file(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path} does not hold weights of a {type(model).__name__}: {exc}") from exc
-    return model
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict or a ddfast checkpoint, got a {type(state).__name__}")
+    return load_state(model, state, path)
 
 
 def _run(model, prep, cfg, out: Path, progress: bool) -> List[dict]:

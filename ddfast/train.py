@@ -34,7 +34,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +51,7 @@ from torch import Tensor, nn
 from .metrics import accuracy, rho2
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
-           "adversarial_set", "atomic_save", "load_checkpoint"]
+           "adversarial_set", "atomic_save", "load_checkpoint", "read_tensor_file", "load_state"]
 
 METHODS = ("clean", "deepdefense", "adversarial", "parseval")
 
@@ -142,9 +145,52 @@ def atomic_save(obj, path: Path) -> None:
         raise
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by :func:`fit` (``weights_only=True``: no code is unpickled)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_tensor_file(path: os.PathLike) -> object:
+    """Read a file written by ``torch.save`` with ``torch.load(weights_only=True)`` onto the CPU:
+    tensors and plain containers only, no code is unpickled.
+
+    Raises ``FileNotFoundError`` if ``path`` is not a file and ``ValueError`` naming ``path`` if it
+    is corrupt or truncated, or if it holds arbitrary Python objects (refused, never executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notices of the weights-only unpickler
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise ValueError(f"{path}: refused: holds Python objects other than tensors and plain containers{what}; "
+                         "only weights are loaded (torch.load weights_only=True)") from exc
+    except Exception as exc:  # zip/stream errors, EOF: a truncated or non-torch file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: corrupt or not a torch file ({first})") from exc
+
+
+_CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "rng", "log", "config")
+
+
+def load_checkpoint(path: os.PathLike) -> dict:
+    """A checkpoint written by :func:`fit` (read with :func:`read_tensor_file`; ``ValueError``
+    naming the file if it is unreadable or lacks any of the keys ``fit`` writes)."""
+    ck = read_tensor_file(path)
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{path}: not a ddfast training checkpoint (missing {missing})")
+    return ck
+
+
+def load_state(model: nn.Module, state: dict, path: os.PathLike) -> nn.Module:
+    """``model.load_state_dict(state)``; ``ValueError`` naming ``path`` (where ``state`` came
+    from) when the weights belong to another architecture."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"{path} does not hold weights of this {type(model).__name__} ({first} ...)") from exc
+    return model
 
 
 def _weights(model: nn.Module) -> List[Tensor]:
@@ -254,7 +300,7 @@ def fit(
         if saved != cfg.to_dict():
             diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
             raise ValueError(f"{ckpt_path} was written with other settings (saved, now): {diff}")
-        model.load_state_dict(ck["model"])
+        load_state(model, ck["model"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
         log = json.loads(ck["log"])
@@ -268,7 +314,7 @@ def fit(
         # the fixed set comes from the *starting* model, kept in init.pt so a resume rebuilds it
         init_path = out / "init.pt" if out is not None else None
         if init_path is not None and init_path.exists():
-            src = _clone_with(model, load_checkpoint(init_path))
+            src = _clone_with(model, read_tensor_file(init_path))
         else:
             src = _clone_with(model, model.state_dict())
             if writer:

@@ -24,19 +24,23 @@ def _idx(path, arr):
     path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
 
 
-@pytest.fixture
-def tiny_mnist(tmp_path):
-    """200 train / 100 test images: 10 noisy class prototypes, learnable in a few epochs."""
-    rng = np.random.default_rng(0)
+def make_mnist(d, n_train=200, n_test=100, seed=0):
+    """MNIST-format IDX files (gzip) in ``d``: 10 noisy class prototypes, learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
     protos = rng.integers(0, 256, (10, 28, 28))
-    d = tmp_path / "mnist"
-    d.mkdir()
-    for split, n in (("train", 200), ("t10k", 100)):
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
         y = rng.integers(0, 10, n)
         x = np.clip(protos[y] + rng.normal(0, 40, (n, 28, 28)), 0, 255)
         _idx(d / f"{split}-images-idx3-ubyte.gz", x)
         _idx(d / f"{split}-labels-idx1-ubyte.gz", y)
     return d
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    """200 train / 100 test images (:func:`make_mnist`)."""
+    return make_mnist(tmp_path / "mnist")
 
 
 def run(argv, capsys):
