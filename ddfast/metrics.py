@@ -12,8 +12,12 @@
   1.0} eps_ref, eps_ref the :func:`fgs_eps50` of the DeepDefense model).
 * :func:`evaluate`: all of the above for one model, as one results row.
 
-Inputs are preprocessed tensors ``x [N, ...]`` and labels ``y int64 [N]``. Every function runs
-the model in eval mode and restores its mode; no parameter ``.grad`` is touched.
+Inputs are preprocessed float tensors ``x [N, ...]`` (N >= 1, finite, on the model's device)
+and integer labels ``y [N]`` in ``[0, K)``; anything else raises ``TypeError``/``ValueError``
+naming the argument before any work. Every function runs the model in eval mode and restores
+every submodule's mode; nothing of the caller's changes: no parameter, ``.grad``, buffer,
+``requires_grad`` flag, input, the global RNG state or the grad mode (they work under
+``torch.no_grad()`` and ``torch.inference_mode()`` too).
 """
 from __future__ import annotations
 
@@ -26,8 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validate import (as_labels, check_candidates, check_input, check_logits, check_max_iter, check_model_device,
+                        check_nonneg)
+
 __all__ = [
     "Rho2",
+    "check_data",
     "accuracy",
     "predict",
     "rho2",
@@ -52,17 +60,44 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.train(t)
 
 
-def _check(x: Tensor, y: Optional[Tensor]) -> None:
-    if not isinstance(x, Tensor) or x.ndim < 2:
-        raise TypeError("x must be a tensor [N, ...]")
-    if y is not None:
-        if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.dtype != torch.int64:
-            raise TypeError(f"y must be an int64 tensor [{x.shape[0]}], got {getattr(y, 'shape', type(y))}")
+_UNLABELLED = object()
+
+
+def check_data(model: nn.Module, x: Tensor, y=_UNLABELLED, names=("x", "y")) -> Optional[Tensor]:
+    """Check a data set before any work: ``x`` a finite float tensor ``[N, ...]`` with N >= 1 on the
+    model's device; ``y`` (when passed; ``None`` is refused) integer labels ``[N]`` in ``[0, K)``, K read from one probe
+    forward of ``x[:1]`` (eval mode, no graph; also checks the model returns logits ``[1, K]``).
+    Returns ``y`` as int64 (or None). Raises ``TypeError``/``ValueError`` naming the argument."""
+    xname, yname = names
+    check_input(x, xname)
+    if x.dim() < 2:
+        raise ValueError(f"{xname} must have shape [N, ...] with at least 2 dimensions, got {list(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{xname} is empty: a metric needs at least one sample")
+    check_model_device(model, x)
+    if y is _UNLABELLED:
+        return None
+    if y is None:
+        raise TypeError(f"{yname} (labels [N]) is required, got None")
+    y = as_labels(y, x.shape[0], None, x.device, yname)
+    with torch.no_grad(), eval_mode(model):
+        k = check_logits(model(x[:1]), 1).shape[1]
+    return as_labels(y, x.shape[0], k, x.device, yname)
+
+
+def _positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return batch_size
 
 
 def _batches(n: int, batch_size: int, progress: bool, desc: str):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -73,15 +108,16 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
-    """Predicted labels ``int64 [N]`` (eval mode, no graph)."""
-    _check(x, None)
+    """Predicted labels ``int64 [N]`` of ``x [N, ...]`` (eval mode, no graph)."""
+    check_data(model, x)
+    _batch_size(batch_size)
     with eval_mode(model):
         return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    """Fraction of ``x`` classified as ``y``."""
-    _check(x, y)
+    """Fraction (0..1) of ``x [N, ...]`` classified as ``y [N]``."""
+    y = check_data(model, x, y)
     return (predict(model, x, batch_size) == y).double().mean().item()
 
 
@@ -117,13 +153,17 @@ def rho2(
 ) -> Rho2:
     """rho_2 under DeepFool (from each sample's predicted class), rho'_2 and the fooled fraction.
 
-    ``scale``: the preprocessing scale (``1/255`` for the [0,1] space); rho'_2 divides by it.
+    ``x [N, ...]``; ``scale``: the preprocessing scale (``1/255`` for the [0,1] space); rho'_2
+    divides by it. ``max_iter``, ``overshoot``, ``candidates``: :func:`ddfast.deepfool`'s.
     """
     from . import deepfool  # the lead's batched attack
 
-    _check(x, None)
-    if scale <= 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    check_data(model, x)
+    _positive(scale, "scale")
+    check_max_iter(max_iter)
+    check_nonneg(overshoot, "overshoot")
+    check_candidates(candidates)
+    _batch_size(batch_size)
     ratios, norms, iters, fooled, deltas = [], [], [], [], []
     for i in _batches(x.shape[0], batch_size, progress, "DeepFool rho_2"):
         xb = x[i:i + batch_size]
@@ -148,12 +188,13 @@ def rho2(
 
 
 def fgs_direction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
-    """``sign(grad_x CE(f(x), y))`` per sample, ``[N, ...]`` (eval mode; parameters' .grad untouched)."""
-    _check(x, y)
+    """``sign(grad_x CE(f(x), y))`` per sample, ``[N, ...]`` like ``x`` (eval mode; parameters' .grad untouched)."""
+    y = check_data(model, x, y)
+    _batch_size(batch_size)
     out = []
-    with eval_mode(model):
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].detach().requires_grad_(True)
+            xb = x[i:i + batch_size].detach().clone().requires_grad_(True)  # clone: x may be an inference tensor
             loss = F.cross_entropy(model(xb), y[i:i + batch_size], reduction="sum")
             (g,) = torch.autograd.grad(loss, xb)
             out.append(g.sign())
@@ -162,7 +203,10 @@ def fgs_direction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000
 
 @torch.no_grad()
 def fgs_error(model: nn.Module, x: Tensor, y: Tensor, direction: Tensor, eps: float, batch_size: int = 1000) -> float:
-    """Fraction misclassified at ``x + eps * direction``."""
+    """Fraction (0..1) of ``x`` misclassified (not ``y``) at ``x + eps * direction``."""
+    y = check_data(model, x, y)
+    _check_direction(direction, x)
+    check_nonneg(eps, "eps")
     return 1.0 - (predict(model, x + eps * direction, batch_size) == y).double().mean().item()
 
 
@@ -178,12 +222,16 @@ def fgs_eps50(
 ) -> float:
     """Smallest FGS eps (bisection, relative tolerance ``rel_tol``) misclassifying >= ``target`` of ``x``.
 
-    Returns 0 if the clean error already reaches ``target``; ``inf`` if no eps up to
-    ``1e6 * mean|x|`` does.
+    ``eps`` is in the units of the preprocessed ``x`` (an L-inf step per pixel). Returns 0 if the
+    clean error already reaches ``target``; ``inf`` if no eps up to ``1e6 * mean|x|`` does.
     """
-    _check(x, y)
-    if not 0 < target <= 1:
-        raise ValueError(f"target must be in (0, 1], got {target}")
+    y = check_data(model, x, y)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target!r}")
+    _positive(rel_tol, "rel_tol")
+    _batch_size(batch_size)
+    if direction is not None:
+        _check_direction(direction, x)
     s = fgs_direction(model, x, y, batch_size) if direction is None else direction
     err = lambda e: fgs_error(model, x, y, s, e, batch_size)  # noqa: E731
     if err(0.0) >= target:
@@ -203,8 +251,17 @@ def fgs_eps50(
     return hi
 
 
+def _check_direction(direction, x: Tensor) -> None:
+    if not isinstance(direction, Tensor) or direction.shape != x.shape:
+        raise ValueError(f"direction must be a tensor shaped like x {list(x.shape)}, "
+                         f"got {list(getattr(direction, 'shape', [])) or type(direction).__name__}")
+
+
 def rho_inf(model: nn.Module, x: Tensor, y: Tensor, *, eps: Optional[float] = None, batch_size: int = 1000):
-    """``(rho_inf, eps)``: mean ``||D||_inf/||x||_inf`` of FGS at ``eps`` (default: :func:`fgs_eps50`)."""
+    """``(rho_inf, eps)``: mean ``||D||_inf/||x||_inf`` of FGS at ``eps`` (default: :func:`fgs_eps50`),
+    ``eps`` in the units of the preprocessed ``x``."""
+    if eps is not None:
+        check_nonneg(eps, "eps")
     s = fgs_direction(model, x, y, batch_size)
     if eps is None:
         eps = fgs_eps50(model, x, y, direction=s, batch_size=batch_size)
@@ -213,7 +270,11 @@ def rho_inf(model: nn.Module, x: Tensor, y: Tensor, *, eps: Optional[float] = No
 
 
 def acc_at_eps(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], batch_size: int = 1000) -> List[float]:
-    """Accuracy under FGS at each of ``eps`` (same order)."""
+    """Accuracy (0..1) under FGS at each of ``eps`` (same order; units of the preprocessed ``x``)."""
+    if isinstance(eps, (str, bytes)) or not isinstance(eps, Sequence):
+        raise TypeError(f"eps must be a sequence of numbers, got {type(eps).__name__}")
+    for e in eps:
+        check_nonneg(e, "eps")
     s = fgs_direction(model, x, y, batch_size)
     return [1.0 - fgs_error(model, x, y, s, float(e), batch_size) for e in eps]
 
@@ -237,7 +298,11 @@ def evaluate(
     given, ``acc_at_eps = {"0.2": acc, ...}`` at ``fraction * eps_ref``.
     With ``return_rho2`` returns ``(row, Rho2)`` (per-sample ratios for histograms).
     """
-    _check(x, y)
+    y = check_data(model, x, y)
+    if eps_ref is not None:
+        check_nonneg(eps_ref, "eps_ref")
+    for f in fractions:
+        check_nonneg(f, "fractions")
     r = rho2(model, x, max_iter=max_iter, candidates=candidates, scale=scale, batch_size=batch_size, progress=progress)
     ri, eps = rho_inf(model, x, y, batch_size=batch_size)
     row = {

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .metrics import accuracy, rho2
+from ._validate import check_max_iter, check_nonneg
+from .metrics import accuracy, check_data, rho2
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
            "adversarial_set", "atomic_save", "load_checkpoint", "read_tensor_file", "load_state"]
@@ -98,15 +99,25 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("epochs", "batch_size", "eval_subset"):
+            _check_int(getattr(self, name), name, 1)
+        _check_int(self.seed, "seed", None)
+        for name in ("dd_max_iter", "adv_max_iter", "eval_max_iter"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        for name in ("lr", "lr_gamma"):
+            v = getattr(self, name)
+            if check_nonneg(v, name) == 0:
+                raise ValueError(f"{name} must be positive, got {v!r}")
+        for name in ("momentum", "weight_decay", "lam", "c", "d", "overshoot", "parseval_beta"):
+            check_nonneg(getattr(self, name), name)
         if not 0 < self.parseval_frac <= 1:
             raise ValueError(f"parseval_frac must be in (0, 1], got {self.parseval_frac}")
-        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        self.lr_milestones = tuple(_check_int(m, "lr_milestones", 0) for m in self.lr_milestones)
         if self.layers is not None:
+            if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):
+                raise TypeError(f"layers must be a sequence of layer names, got {self.layers!r}")
             self.layers = tuple(self.layers)
 
     def to_dict(self) -> dict:
@@ -114,6 +125,14 @@ class TrainConfig:
         d["lr_milestones"] = list(self.lr_milestones)
         d["layers"] = None if self.layers is None else list(self.layers)
         return d
+
+
+def _check_int(value, name: str, minimum: Optional[int]) -> int:
+    """``value`` as an int (``ValueError`` naming ``name`` unless it is an int >= ``minimum``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be an int{bound}, got {value!r}")
+    return value
 
 
 class NonFiniteLossError(RuntimeError):
@@ -200,7 +219,13 @@ def _weights(model: nn.Module) -> List[Tensor]:
 @torch.no_grad()
 def parseval_project(model: nn.Module, beta: float, frac: float, generator: torch.Generator) -> None:
     """Parseval step on every Linear/Conv weight W (conv: ``[out, in*k*k]``), on a random
-    ``frac`` of its rows S: ``W_S <- (1 + beta) W_S - beta W_S W_S^T W_S`` (in place)."""
+    ``frac`` of its rows S: ``W_S <- (1 + beta) W_S - beta W_S W_S^T W_S`` (in place).
+    ``beta >= 0``; ``frac`` in (0, 1]; ``generator`` draws the rows."""
+    check_nonneg(beta, "beta")
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+        raise ValueError(f"frac must be in (0, 1], got {frac!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     for w in _weights(model):
         w2 = w.view(w.shape[0], -1)
         k = max(1, int(round(frac * w2.shape[0])))
@@ -212,8 +237,14 @@ def parseval_project(model: nn.Module, beta: float, frac: float, generator: torc
 def adversarial_set(model: nn.Module, x: Tensor, y: Tensor, *, max_iter: int = 50, overshoot: float = 0.02,
                     batch_size: int = 1000, progress: bool = True) -> Tensor:
     """DeepFool adversarial examples of ``(x, y)`` against ``model`` (the fixed set of
-    adversarial training, Moosavi-Dezfooli et al.); misclassified samples stay unperturbed."""
+    adversarial training, Moosavi-Dezfooli et al.), ``[N, ...]`` like ``x``; misclassified
+    samples stay unperturbed. ``x [N, ...]`` float, ``y [N]`` labels in ``[0, K)``."""
     from . import deepfool
+
+    y = check_data(model, x, y)
+    check_max_iter(max_iter)
+    check_nonneg(overshoot, "overshoot")
+    _check_int(batch_size, "batch_size", 1)
 
     out = []
     starts = range(0, x.shape[0], batch_size)
@@ -269,9 +300,14 @@ def fit(
     Raises :class:`NonFiniteLossError` on a NaN/Inf loss when ``cfg.on_nonfinite == "stop"``.
     """
     if not isinstance(cfg, TrainConfig):
-        raise TypeError("cfg must be a TrainConfig")
-    if x_train.shape[0] != y_train.shape[0] or x_test.shape[0] != y_test.shape[0]:
-        raise ValueError("x and y sizes differ")
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    y_train = check_data(net, x_train, y_train, ("x_train", "y_train"))
+    y_test = check_data(net, x_test, y_test, ("x_test", "y_test"))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a number > 0, got {scale!r}")
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / "checkpoint.pt" if out is not None else None
     if resume and out is None:

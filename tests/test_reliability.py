@@ -191,3 +191,38 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
                        cwd=TESTS_DIR, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith("ddfast: error:") and str(tmp_path / "nodata") in p.stderr
+
+
+# ---------------------------------------------------------------- the library's entry points
+
+
+@pytest.mark.parametrize("arg,value", [("lam", -1.0), ("c", float("nan")), ("d", -2), ("overshoot", -0.1),
+                                       ("max_iter", -1), ("max_iter", 2.0), ("candidates", 1)])
+def test_deepdefense_module_checks_settings(arg, value):
+    from ddfast import DeepDefense
+
+    with pytest.raises(ValueError, match=arg):
+        DeepDefense(torch.nn.Linear(4, 3), **{arg: value})
+
+
+def test_attack_regularizer_metrics_use_no_global_rng():
+    """None of them draws from torch's global generator (nor changes the grad mode)."""
+    import ddfast
+    from conftest import make_cnn
+    from ddfast import metrics
+
+    m = make_cnn(k=4)
+    m.train()  # dropout would draw random numbers if it were left on
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=g)
+    calls = {
+        "deepfool": lambda: ddfast.deepfool(m, x, y, max_iter=5),
+        "deepdefense_loss": lambda: ddfast.deepdefense_loss(m, x, y, max_iter=3).backward(),
+        "evaluate": lambda: metrics.evaluate(m, x, y, eps_ref=0.1, max_iter=5, progress=False),
+    }
+    for name, call in calls.items():
+        rng = torch.get_rng_state()
+        call()
+        assert torch.equal(torch.get_rng_state(), rng), name
+        assert torch.is_grad_enabled() and m.training, name

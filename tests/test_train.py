@@ -139,13 +139,64 @@ def test_adversarial_training_uses_fixed_deepfool_set(tmp_path):
     assert (tmp_path / "adv" / "init.pt").exists() and len(log) == 2
 
 
-def test_config_errors():
-    with pytest.raises(ValueError, match="method"):
-        train.TrainConfig(method="magic")
-    with pytest.raises(ValueError, match="on_nonfinite"):
-        train.TrainConfig(on_nonfinite="ignore")
-    with pytest.raises(ValueError, match="epochs"):
-        train.TrainConfig(epochs=0)
+@pytest.mark.parametrize("field,value", [
+    ("method", "magic"), ("on_nonfinite", "ignore"), ("epochs", 0), ("epochs", 2.5), ("batch_size", 0),
+    ("eval_subset", 0), ("seed", "0"), ("lr", 0.0), ("lr", float("nan")), ("lr_gamma", -0.5), ("momentum", -0.1),
+    ("weight_decay", -1e-4), ("lam", -1.0), ("c", -1.0), ("d", float("inf")), ("overshoot", -0.02),
+    ("parseval_beta", -1e-4), ("parseval_frac", 0.0), ("dd_max_iter", -1), ("adv_max_iter", 1.5),
+    ("eval_max_iter", -1), ("lr_milestones", (1.5,)),
+])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        train.TrainConfig(**{field: value})
+    with pytest.raises(TypeError, match="layers"):
+        train.TrainConfig(layers="fc1")  # a string, not a sequence of names
+
+
+@pytest.mark.parametrize("case,arg", [("nan", "x_train"), ("int", "x_train"), ("labels", "y_train"),
+                                      ("count", "y_test"), ("test_range", "y_test"), ("scale", "scale")])
+def test_fit_checks_data_before_work(tmp_path, case, arg):
+    x, y, xt, yt = tiny_data(n_train=20, n_test=10)
+    kw = {}
+    if case == "nan":
+        x = x.clone()
+        x[3, 0, 0, 0] = float("nan")
+    elif case == "int":
+        x = x.long()
+    elif case == "labels":
+        y = y.double()
+    elif case == "count":
+        yt = yt[:-1]
+    elif case == "test_range":
+        yt = yt.clone().fill_(10)
+    else:
+        kw["scale"] = 0.0
+    model = fresh_model()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises((ValueError, TypeError), match=arg):
+        train.fit(model, x, y, xt, yt, tiny_cfg(), out_dir=tmp_path, progress=False, **kw)
+    assert not any(tmp_path.iterdir())  # nothing written
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(TypeError, match="cfg"):
+        train.fit(model, x, y, xt, yt, {"epochs": 1}, progress=False)
+
+
+def test_helpers_check_arguments():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="beta"):
+        train.parseval_project(lin, -0.1, 0.5, g)
+    with pytest.raises(ValueError, match="frac"):
+        train.parseval_project(lin, 0.1, 1.5, g)
+    with pytest.raises(TypeError, match="generator"):
+        train.parseval_project(lin, 0.1, 0.5, 0)
+    x, y, _, _ = tiny_data(n_train=10, n_test=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        train.adversarial_set(fresh_model(), x, y, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="max_iter"):
+        train.adversarial_set(fresh_model(), x, y, max_iter=-1, progress=False)
+    with pytest.raises(ValueError, match=r"\by\b"):
+        train.adversarial_set(fresh_model(), x, y.clone().fill_(12), progress=False)
 
 
 def _has_regularizer():
