@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -118,6 +119,15 @@ def measure(jobs, N: int, B: int, args):
                 times[k][(lo, hi)] = min(times[k].get((lo, hi), math.inf), t)
                 if r == 0:
                     parts[k].append(out)
+        # a hiccup of the shared machine (one run several times slower than this job's usual batch)
+        # that was not repeated above gets one more run
+        for k, (fn, n, *first) in jobs.items():
+            hi = min(lo + B, N, n)
+            prev = [t for (a, b), t in times[k].items() if a < lo and b - a == hi - lo]
+            if (lo, hi) in times[k] and len(prev) >= 2 and times[k][(lo, hi)] > 3 * statistics.median(prev):
+                t0 = time.perf_counter()
+                fn(lo, hi)
+                times[k][(lo, hi)] = min(times[k][(lo, hi)], time.perf_counter() - t0)
         if lo == 0 or (lo // B) % 10 == 0:
             log(f"   batch {lo // B + 1}/{-(-N // B)} done ({time.perf_counter() - t_start:.0f} s)")
     outs = {}
@@ -352,8 +362,8 @@ def main(argv=None):
                     help=f"images for the candidates trade-off (default {N_CANDIDATES})")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per row, best of (default 3)")
-    ap.add_argument("--repeat-below-s", type=float, default=3.0,
-                    help="repeat a job on a batch only if its first run on it took less (default 3 s)")
+    ap.add_argument("--repeat-below-s", type=float, default=10.0,
+                    help="repeat a job on a batch only if its first run on it took less (default 10 s)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--max-iter", type=int, default=50)
     ap.add_argument("--overshoot", type=float, default=0.02)
