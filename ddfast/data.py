@@ -25,7 +25,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -258,13 +258,13 @@ class RestrictedUnpickler(pickle.Unpickler):
     crafted file cannot run code.
     """
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> object:
         if (module, name) in _PICKLE_ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
 
 
-def restricted_load(fh) -> object:
+def restricted_load(fh: BinaryIO) -> object:
     """Unpickle ``fh`` (binary file object) with :class:`RestrictedUnpickler` (py2 pickles ok)."""
     return RestrictedUnpickler(fh, encoding="bytes").load()
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 _UNLABELLED = object()
 
 
-def check_data(model: nn.Module, x: Tensor, y=_UNLABELLED, names=("x", "y")) -> Optional[Tensor]:
+def check_data(model: nn.Module, x: Tensor, y: Optional[Tensor] = _UNLABELLED,  # type: ignore[assignment]
+               names: Tuple[str, str] = ("x", "y")) -> Optional[Tensor]:
     """Check a data set before any work: ``x`` a finite float tensor ``[N, ...]`` with N >= 1 on the
     model's device; ``y`` (when passed; ``None`` is refused) integer labels ``[N]`` in ``[0, K)``, K read from one probe
     forward of ``x[:1]`` (eval mode, no graph; also checks the model returns logits ``[1, K]``).
@@ -257,7 +258,8 @@ def _check_direction(direction, x: Tensor) -> None:
                          f"got {list(getattr(direction, 'shape', [])) or type(direction).__name__}")
 
 
-def rho_inf(model: nn.Module, x: Tensor, y: Tensor, *, eps: Optional[float] = None, batch_size: int = 1000):
+def rho_inf(model: nn.Module, x: Tensor, y: Tensor, *, eps: Optional[float] = None,
+            batch_size: int = 1000) -> Tuple[float, float]:
     """``(rho_inf, eps)``: mean ``||D||_inf/||x||_inf`` of FGS at ``eps`` (default: :func:`fgs_eps50`),
     ``eps`` in the units of the preprocessed ``x``."""
     if eps is not None:
@@ -292,7 +294,7 @@ def evaluate(
     batch_size: int = 500,
     progress: bool = True,
     return_rho2: bool = False,
-):
+) -> Union[Dict[str, object], Tuple[Dict[str, object], Rho2]]:
     """One results row: ``acc``, ``rho2``, ``rho2_prime`` (0..255 units), ``fooled``, ``rho_inf``,
     ``eps50`` (this model's FGS eps for 50% error, preprocessed units) and, when ``eps_ref`` is
     given, ``acc_at_eps = {"0.2": acc, ...}`` at ``fraction * eps_ref``.

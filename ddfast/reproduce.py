@@ -27,7 +27,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -156,7 +156,7 @@ def _examples(trained: Dict[str, torch.nn.Module], prep, out: Path, n: int = 3) 
 
 def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, init: Optional[Path] = None,
               sweep: Optional[Sequence[float]] = None, methods: Sequence[str] = ROWS[1:], eval_max_iter: int = 50,
-              progress: bool = True, log=print) -> dict:
+              progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run ``experiment`` (a key of :data:`EXPERIMENTS`) into ``out`` and return the results dict.
 
     ``init``: reference weights to start from instead of training one. ``sweep``: c values

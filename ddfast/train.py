@@ -144,7 +144,7 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_gamma ** sum(epoch > m for m in cfg.lr_milestones)
 
 
-def atomic_save(obj, path: Path) -> None:
+def atomic_save(obj: object, path: os.PathLike) -> None:
     """``torch.save`` (or JSON for ``.json`` paths) to a temp file in the same dir, then ``os.replace``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
