@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -149,7 +149,7 @@ def _empty_result(x: Tensor) -> DeepFoolResult:
 
 
 def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] = None, *,
-             max_iter: int = 50, overshoot: float = 0.02, norm=2,
+             max_iter: int = 50, overshoot: float = 0.02, norm: Union[int, float, str] = 2,
              candidates: Optional[int] = None,
              bounds: Optional[Tuple[Optional[float], Optional[float]]] = None,
              batch_size: Optional[int] = None) -> DeepFoolResult:

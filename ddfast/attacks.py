@@ -5,7 +5,7 @@ adversarial images, like ``torchattacks.DeepFool``, computed by :func:`ddfast.de
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ class DeepFool:
     """
 
     def __init__(self, model: Callable[[Tensor], Tensor], steps: int = 50, overshoot: float = 0.02,
-                 norm=2, candidates: Optional[int] = None,
+                 norm: Union[int, float, str] = 2, candidates: Optional[int] = None,
                  bounds: Optional[Tuple[Optional[float], Optional[float]]] = (0.0, 1.0),
                  batch_size: Optional[int] = None):
         self.model = model

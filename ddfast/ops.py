@@ -12,7 +12,7 @@ Backward formulas are written in differentiable torch ops, so the differentiable
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -249,7 +249,7 @@ def _norm_value(norm) -> float:
 
 
 def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor,
-                    active: Optional[Tensor] = None, norm=2, eps: float = 1e-4,
+                    active: Optional[Tensor] = None, norm: Union[int, float, str] = 2, eps: float = 1e-4,
                     backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused DeepFool boundary selection; see :func:`ddfast.reference.select_boundary`.
 
@@ -263,7 +263,7 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor,
                                             _norm_value(norm), float(eps), name)
 
 
-def boundary_step(fdiff: Tensor, w: Tensor, norm=2, eps: float = 1e-4,
+def boundary_step(fdiff: Tensor, w: Tensor, norm: Union[int, float, str] = 2, eps: float = 1e-4,
                   backend: Optional[str] = None) -> Tensor:
     """Differentiable DeepFool step ``r`` [B, D] from ``fdiff`` [B] and ``w`` [B, D]; see
     :func:`ddfast.reference.boundary_step`."""

@@ -299,7 +299,7 @@ class DeepDefense(nn.Module):
         self.candidates = check_candidates(candidates)
         self.backend = backend
 
-    def forward(self, x: Tensor, y: Tensor, return_info: bool = False):
+    def forward(self, x: Tensor, y: Tensor, return_info: bool = False) -> Union[Tensor, Tuple[Tensor, DeepDefenseInfo]]:
         return deepdefense_loss(self.model, x, y, lam=self.lam, c=self.c, d=self.d,
                                 max_iter=self.max_iter, overshoot=self.overshoot,
                                 candidates=self.candidates, return_info=return_info,
