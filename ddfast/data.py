@@ -214,6 +214,8 @@ def load_idx_dataset(root: PathLike, split: str = "train", verify: bool = False)
         raise ValueError(
             f"{root}: images {images.shape} and labels {labels.shape} do not form a dataset"
         )
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise ValueError(f"{lab_path}: labels outside 0..9 (min {int(labels.min())}, max {int(labels.max())})")
     return torch.from_numpy(images.astype(np.uint8, copy=False)), torch.from_numpy(labels.astype(np.int64))
 
 

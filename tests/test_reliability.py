@@ -114,6 +114,17 @@ def test_idx_with_wrong_size(tmp_path, capsys):
     assert "size" in err
 
 
+def test_idx_labels_out_of_range(tmp_path, capsys):
+    from test_cli import _idx
+    import numpy as np
+
+    data = make_mnist(tmp_path / "mnist", n_train=20, n_test=10)
+    f = data / "t10k-labels-idx1-ubyte.gz"
+    _idx(f, np.full(10, 11))
+    err = _cli_error(_train_args(data, tmp_path / "o"), capsys, f)
+    assert "0..9" in err
+
+
 @pytest.fixture
 def finished_run(tmp_path):
     data = make_mnist(tmp_path / "mnist", n_train=100, n_test=20)
