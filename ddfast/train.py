@@ -478,12 +478,10 @@ def _global_sums(ce: Tensor, reg: Tensor, correct: int, n_local: int, world: int
     and whether any rank's loss is non-finite (all-reduced, so every rank skips or stops alike)."""
     ce_v, reg_v = ce.detach().double(), reg.detach().double()
     bad = ~torch.isfinite(ce_v + reg_v)
-    t = torch.stack([ce_v * n_local, reg_v * n_local, torch.tensor(float(correct), dtype=torch.float64),
-                     bad.double()])
+    t = torch.stack([ce_v * n_local, reg_v * n_local, ce_v.new_tensor(float(correct)), bad.double()])
     if world > 1:
-        t = t.to(ce.device)
-        dist.all_reduce(t)
-        t = t.cpu()
+        dist.all_reduce(t)  # on the loss's device: gloo for CPU tensors, nccl for CUDA ones
+    t = t.cpu()
     return t[0].item(), t[1].item(), int(t[2].item()), bool(t[3].item() > 0)
 
 
