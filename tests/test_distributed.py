@@ -34,11 +34,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_cmd(args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "ddfast.cli", *map(str, args)]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _torchrun(args, nproc=2, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "ddfast.cli", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=TESTS_DIR, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(_torchrun_cmd(args, nproc), cwd=TESTS_DIR, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _train_args(data, out, method="deepdefense"):
@@ -79,3 +85,35 @@ def test_torchrun_resume_finished_run_and_parseval(tiny_mnist, tmp_path):  # noq
     want = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
     for k in want:
         torch.testing.assert_close(after[k], want[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_torchrun_killed_mid_run_resumes_to_the_one_process_result(tmp_path):
+    """SIGKILL to the whole torchrun session (agent and both ranks) after the epoch-1 checkpoint,
+    then ``--resume`` under torchrun: the final weights equal an uninterrupted one-process run."""
+    import signal
+
+    from test_cli import make_mnist
+    from test_reliability import _wait_for_epoch
+
+    data = make_mnist(tmp_path / "mnist", n_train=1000, n_test=100)
+    args = _train_args(data, tmp_path / "ddp")
+    args[args.index("--epochs") + 1] = "3"
+    proc = subprocess.Popen(_torchrun_cmd(args), cwd=TESTS_DIR, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_epoch(proc, tmp_path / "ddp", 1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session this test started: agent and workers
+        proc.wait()
+    at_kill = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= at_kill < 3
+    p = _torchrun(args + ["--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = [str(a) for a in args]
+    one[one.index("--out") + 1] = str(tmp_path / "one")
+    assert cli.main(one) == 0
+    got = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
+    want = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
