@@ -208,6 +208,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(a.threads)
     cmd = {"train": _cmd_train, "eval": _cmd_eval, "reproduce": _cmd_reproduce}[a.command]
     try:
+        if a.command != "train" and _dist_env() is not None:
+            raise ValueError(f"only 'train' runs distributed; run '{a.command}' as one process (not under torchrun)")
         return cmd(a)
     except NonFiniteLossError as exc:
         _error(exc)

@@ -197,6 +197,17 @@ def test_missing_init_and_weights(tmp_path, capsys):
     _cli_error(["eval", tmp_path / "none.pt", "--data", data], capsys, tmp_path / "none.pt")
 
 
+def test_settings_the_machine_cannot_run(tmp_path, capsys, monkeypatch):
+    data = make_mnist(tmp_path / "mnist", n_train=20, n_test=10)
+    if not torch.cuda.is_available():
+        _cli_error(_train_args(data, tmp_path / "o") + ["--device", "cuda"], capsys, "--device cuda")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # eval / reproduce under torchrun would race on their files
+    monkeypatch.setenv("RANK", "1")
+    _cli_error(["eval", tmp_path / "w.pt", "--data", data], capsys, "'eval'")
+    _cli_error(["reproduce", "mnist-mlp", "--out", tmp_path / "r"], capsys, "'reproduce'")
+    assert not (tmp_path / "r").exists()
+
+
 def test_errors_from_a_real_process_have_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "ddfast.cli", *map(str, _train_args(tmp_path / "nodata", tmp_path / "o"))],
                        cwd=TESTS_DIR, capture_output=True, text=True, timeout=120)
