@@ -99,13 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _env_int(name: str, default: Optional[str]) -> int:
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"environment variable {name} must be an integer (set by torchrun), got {value!r}") from None
+
+
 def _dist_env() -> Optional[dict]:
     """``{"rank", "world_size", "local_rank"}`` from a torchrun environment with more than one
     process, else ``None``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", "1")
     if world <= 1:
         return None
-    return {"rank": int(os.environ["RANK"]), "world_size": world, "local_rank": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"rank": _env_int("RANK", None), "world_size": world, "local_rank": _env_int("LOCAL_RANK", "0")}
 
 
 @contextlib.contextmanager
