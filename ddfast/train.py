@@ -303,9 +303,11 @@ def fit(
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    y_train = check_data(net, x_train, y_train, ("x_train", "y_train"))
-    y_test = check_data(net, x_test, y_test, ("x_test", "y_test"))
+    wrapped = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    if wrapped is not None:
+        model = wrapped.module  # checkpoints, evaluation and the optimizer use the plain module
+    y_train = check_data(model, x_train, y_train, ("x_train", "y_train"))
+    y_test = check_data(model, x_test, y_test, ("x_test", "y_test"))
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale must be a number > 0, got {scale!r}")
     out = Path(out_dir) if out_dir is not None else None
@@ -318,8 +320,6 @@ def fit(
             raise FileExistsError(f"{ckpt_path} exists: pass resume=True (CLI: --resume) or another output directory")
 
     rank, world = _dist_rank_world()
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
     if world > 1 and cfg.layers is not None:
         raise ValueError("layers (layer-wise regularizer) is not supported in distributed training: "
                          "it needs two backward passes per step, DDP reduces gradients in one")
@@ -380,8 +380,8 @@ def fit(
         log.append(entry)
         save(0)
 
-    net = model
-    if world > 1:
+    net = model if wrapped is None else wrapped
+    if world > 1 and wrapped is None:
         dev = next(model.parameters()).device
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     n = x_fit.shape[0]

@@ -117,3 +117,30 @@ def test_torchrun_killed_mid_run_resumes_to_the_one_process_result(tmp_path):
     want = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_fit_accepts_an_already_wrapped_model(tmp_path):
+    """A DDP model handed to ``fit`` trains like the plain model and the files hold the plain
+    module's weights (no ``module.`` prefix). One gloo process (file rendezvous), in this process."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from ddfast import models, train
+    from test_train import tiny_cfg, tiny_data
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        ddp = nn.parallel.DistributedDataParallel(models.MLP())
+        log = train.fit(ddp, *tiny_data(n_train=100, n_test=20), tiny_cfg(epochs=1), out_dir=tmp_path / "o",
+                        progress=False)
+    finally:
+        dist.destroy_process_group()
+    torch.manual_seed(0)
+    plain = models.MLP()
+    want = train.fit(plain, *tiny_data(n_train=100, n_test=20), tiny_cfg(epochs=1), progress=False)
+    state = torch.load(tmp_path / "o" / "model.pt", weights_only=True)
+    assert set(state) == set(plain.state_dict())  # no "module." prefix
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6, msg=k)
+    assert log[1]["train_loss"] == pytest.approx(want[1]["train_loss"], rel=1e-6)
