@@ -24,6 +24,8 @@ def check_input(x, name: str = "x") -> Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: it holds no values to attack")
     if x.numel():
         lo, hi = torch.aminmax(x.detach())          # one pass; NaN propagates to both
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):

@@ -296,3 +296,8 @@ def test_model_and_input_on_different_devices():
     model = make_mlp().to("meta")
     with pytest.raises(ValueError, match="x is on cpu but the model's parameters are on meta"):
         ddfast.deepfool(model, torch.randn(2, 20, dtype=torch.float64))
+
+
+def test_meta_input_is_refused_with_a_message():
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        ddfast.deepfool(make_mlp(), torch.randn(2, 20, dtype=torch.float64, device="meta"))
