@@ -5,7 +5,8 @@
 bench/README.md holds blocks ``<!-- BEGIN results:NAME -->`` ... ``<!-- END results:NAME -->``.
 Each block is replaced by a table made from ``results/NAME.md`` when that file exists (the
 DeepFool throughput benchmark writes its own table), else from ``results/NAME.json``: its
-``rows`` list as a table of its scalar columns, plus its scalar top-level numbers. A block
+``rows`` list as a table of its scalar columns, each ``{name: {...}}`` section as a table with
+one row per name (nested keys dotted), plus its scalar top-level numbers. A block
 whose file is missing says so. Nothing outside the blocks is touched.
 """
 from __future__ import annotations
@@ -35,6 +36,16 @@ def _scalar(v: Any) -> bool:
     return v is None or isinstance(v, (int, float, str, bool))
 
 
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif _scalar(v):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def table_from_json(data: Dict[str, Any]) -> str:
     lines: List[str] = []
     head = [f"{data.get('device', '?')}, torch {data.get('torch', '?')}, {data.get('torch_threads', '?')} threads, "
@@ -55,6 +66,18 @@ def table_from_json(data: Dict[str, Any]) -> str:
                     v = ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
                 cells.append(_fmt(v))
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    for key, val in data.items():  # {name: {...}} sections (e.g. results per model): one row per name
+        if key in ENV_KEYS or key == "rows" or not isinstance(val, dict) or not val:
+            continue
+        if not all(isinstance(v, dict) for v in val.values()):
+            continue
+        flat = {name: _flatten(v) for name, v in val.items()}
+        cols: List[str] = []
+        for f in flat.values():
+            cols += [c for c in f if c not in cols]
+        lines += [f"`{key}`:", "", "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        lines += [f"| {name} | " + " | ".join(_fmt(f.get(c)) for c in cols) + " |" for name, f in flat.items()]
         lines.append("")
     scalars = {k: v for k, v in data.items() if k not in ENV_KEYS and k != "rows" and _scalar(v)}
     if scalars:
