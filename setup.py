@@ -91,6 +91,7 @@ ext_modules = [
         "ddfast._C",
         CPU_SOURCES,
         include_dirs=["csrc"],
+        depends=sorted(glob.glob("csrc/*.h")),
         cxx_std=17,
         extra_compile_args=["-O3"] + omp_compile + native,
         extra_link_args=omp_link,

@@ -39,7 +39,8 @@ constexpr std::int64_t kMinParallelWork = 1 << 15;
 #define DDFAST_CLONES
 #endif
 
-// Row reductions (reductions.cpp): diff_pow2 = sum (a - b)^2, diff_pow1 = sum |a - b|,
+// Row reductions (reductions.cpp): diff_pow2 = sum (a - b)^2, diff_pow1 = sum |a - b| (b may
+// be null: then the sums are of a alone),
 // norm_pow2 = sum a^2, norm_pow1 = sum |a|; see reductions.cpp for the accumulation.
 double diff_pow2(const float* a, const float* b, std::int64_t n);
 double diff_pow1(const float* a, const float* b, std::int64_t n);
@@ -64,11 +65,12 @@ inline double chunked_sum(std::int64_t n, bool parallel, Part part) {
   return s;
 }
 
-// Sum over d of (a[d] - b[d])^2 (Q = 2) or |a[d] - b[d]| (Q = 1).
+// Sum over d of (a[d] - b[d])^2 (Q = 2) or |a[d] - b[d]| (Q = 1); b == nullptr reads as 0.
 template <int Q, typename T>
 inline double diff_norm_pow(const T* a, const T* b, std::int64_t n, bool parallel) {
   return chunked_sum(n, parallel, [&](std::int64_t lo, std::int64_t len) {
-    return Q == 2 ? diff_pow2(a + lo, b + lo, len) : diff_pow1(a + lo, b + lo, len);
+    const T* bl = b ? b + lo : nullptr;
+    return Q == 2 ? diff_pow2(a + lo, bl, len) : diff_pow1(a + lo, bl, len);
   });
 }
 

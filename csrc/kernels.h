@@ -17,6 +17,7 @@ struct SelectArgs {
   bool norm_inf;
   double eps;
   DType dtype;
+  bool diff;  // grads rows are already g_cand - g_ref (no reference row)
 };
 void select_boundary(const SelectArgs& a);
 

@@ -19,9 +19,9 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t logits, std::uintptr_t grads, std::uintptr_t cand, std::uintptr_t ref,
          std::uintptr_t active, std::uintptr_t l, std::uintptr_t dist, std::uintptr_t r,
          std::int64_t B, std::int64_t K, std::int64_t C, std::int64_t D, std::int64_t gs_b,
-         std::int64_t gs_c, bool norm_inf, double eps, int dtype) {
-        ddfast::SelectArgs a{logits, grads, cand, ref, active, l,    dist,     r,   B,
-                             K,      C,     D,    gs_b, gs_c,  norm_inf, eps, dtype_of(dtype)};
+         std::int64_t gs_c, bool norm_inf, double eps, int dtype, bool diff) {
+        ddfast::SelectArgs a{logits, grads, cand, ref,      active, l,   dist,            r,   B,
+                             K,      C,     D,    gs_b, gs_c, norm_inf, eps, dtype_of(dtype), diff};
         ddfast::select_boundary(a);
       },
       py::call_guard<py::gil_scoped_release>());

@@ -43,10 +43,10 @@ inline double double_sum(const T* a, const T* b, std::int64_t n) {
 }  // namespace
 
 DDFAST_CLONES double diff_pow2(const float* a, const float* b, std::int64_t n) {
-  return blocked_sum<2, true>(a, b, n);
+  return b ? blocked_sum<2, true>(a, b, n) : blocked_sum<2, false>(a, a, n);
 }
 DDFAST_CLONES double diff_pow1(const float* a, const float* b, std::int64_t n) {
-  return blocked_sum<1, true>(a, b, n);
+  return b ? blocked_sum<1, true>(a, b, n) : blocked_sum<1, false>(a, a, n);
 }
 DDFAST_CLONES double norm_pow2(const float* a, std::int64_t n) {
   return double_sum<2, false>(a, a, n);
@@ -55,10 +55,10 @@ DDFAST_CLONES double norm_pow1(const float* a, std::int64_t n) {
   return double_sum<1, false>(a, a, n);
 }
 DDFAST_CLONES double diff_pow2(const double* a, const double* b, std::int64_t n) {
-  return double_sum<2, true>(a, b, n);
+  return b ? double_sum<2, true>(a, b, n) : double_sum<2, false>(a, a, n);
 }
 DDFAST_CLONES double diff_pow1(const double* a, const double* b, std::int64_t n) {
-  return double_sum<1, true>(a, b, n);
+  return b ? double_sum<1, true>(a, b, n) : double_sum<1, false>(a, a, n);
 }
 DDFAST_CLONES double norm_pow2(const double* a, std::int64_t n) {
   return double_sum<2, false>(a, a, n);

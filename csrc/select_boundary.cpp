@@ -2,6 +2,9 @@
 // ||g_k - g_ref||_q, the argmin of |f_k - f_ref| / ||g_k - g_ref||_q, then writes the step
 // r from the chosen row alone. Spec: ddfast.reference.select_boundary.
 //
+// With ``diff`` the candidate rows are already w = g_cand - g_ref: there is no reference row
+// (g_ref below is null) and a candidate equal to the reference is skipped.
+//
 // Rows are taken in small blocks, candidate-major inside a block: when grads is a
 // transposed Jacobian ([C, B, D] viewed as [B, C, D], as the attack passes it), the rows of
 // one candidate are adjacent in memory, so a block streams C contiguous runs instead of
@@ -15,18 +18,21 @@ namespace {
 
 constexpr std::int64_t kRowBlock = 8;
 
+// Position of ref in cand, -1 when absent (possible only with diff).
 inline std::int64_t ref_position(const std::int64_t* cand, std::int64_t ref, std::int64_t C) {
   for (std::int64_t j = 0; j < C; ++j)
     if (cand[j] == ref) return j;
-  return 0;
+  return -1;
 }
 
 // Given npow[j] = ||g_j - g_ref||^q (q = 2 or 1) of one row: the first minimum of the
-// distances (the reference counting as +inf, as torch.argmin), and the step r.
+// distances (the reference counting as +inf, as torch.argmin), and the step r. g_ref is null
+// when the rows are already differences.
 template <int Q, typename T>
-void finish_row(const T* logits, const T* grads, std::int64_t gs_c, const std::int64_t* cand,
-                std::int64_t ref, std::int64_t ref_pos, std::int64_t C, std::int64_t D,
-                double eps, bool par, const double* npow, std::int64_t* l_out, T* dist_out, T* r) {
+void finish_row(const T* logits, const T* grads, const T* g_ref, std::int64_t gs_c,
+                const std::int64_t* cand, std::int64_t ref, std::int64_t ref_pos, std::int64_t C,
+                std::int64_t D, double eps, bool par, const double* npow, std::int64_t* l_out,
+                T* dist_out, T* r) {
   const double inf = std::numeric_limits<double>::infinity();
   const double f_ref = static_cast<double>(logits[ref]);
   double best = inf, best_norm = 0.0;
@@ -46,17 +52,19 @@ void finish_row(const T* logits, const T* grads, std::int64_t gs_c, const std::i
     return;
   }
   const T* g_l = grads + best_pos * gs_c;
-  const T* g_ref = grads + ref_pos * gs_c;
   const double scale = best + eps;
+  auto w_at = [&](std::int64_t d) {
+    return g_ref ? static_cast<double>(g_l[d]) - static_cast<double>(g_ref[d])
+                 : static_cast<double>(g_l[d]);
+  };
   if (Q == 2) {
     const double s = scale / best_norm;
 #pragma omp parallel for simd if (par) schedule(static)
-    for (std::int64_t d = 0; d < D; ++d)
-      r[d] = static_cast<T>(s * (static_cast<double>(g_l[d]) - static_cast<double>(g_ref[d])));
+    for (std::int64_t d = 0; d < D; ++d) r[d] = static_cast<T>(s * w_at(d));
   } else {
 #pragma omp parallel for simd if (par) schedule(static)
     for (std::int64_t d = 0; d < D; ++d) {
-      const double w = static_cast<double>(g_l[d]) - static_cast<double>(g_ref[d]);
+      const double w = w_at(d);
       r[d] = static_cast<T>(scale * static_cast<double>((w > 0) - (w < 0)));
     }
   }
@@ -87,10 +95,11 @@ void select_boundary_impl(const SelectArgs& a) {
       if (!active[i]) { inactive_row(ref[i], l + i, dist + i, r + i * D, D); continue; }
       const T* g = grads + i * gs_b;
       const std::int64_t p = ref_position(cand + i * C, ref[i], C);
+      const T* g_ref = a.diff ? nullptr : g + p * gs_c;
       for (std::int64_t j = 0; j < C; ++j)
-        npow[j] = j == p ? 0.0 : diff_norm_pow<Q>(g + j * gs_c, g + p * gs_c, D, true);
-      finish_row<Q, T>(logits + i * K, g, gs_c, cand + i * C, ref[i], p, C, D, a.eps, true,
-                       npow.data(), l + i, dist + i, r + i * D);
+        npow[j] = j == p ? 0.0 : diff_norm_pow<Q>(g + j * gs_c, g_ref, D, true);
+      finish_row<Q, T>(logits + i * K, g, g_ref, gs_c, cand + i * C, ref[i], p, C, D, a.eps,
+                       true, npow.data(), l + i, dist + i, r + i * D);
     }
     return;
   }
@@ -109,13 +118,16 @@ void select_boundary_impl(const SelectArgs& a) {
           const T* g = grads + (i0 + b) * gs_b;
           npow[b * C + j] = (!active[i0 + b] || j == pos[b])
                                 ? 0.0
-                                : diff_norm_pow<Q>(g + j * gs_c, g + pos[b] * gs_c, D, false);
+                                : diff_norm_pow<Q>(g + j * gs_c, a.diff ? nullptr : g + pos[b] * gs_c,
+                                                   D, false);
         }
       for (std::int64_t b = 0; b < n; ++b) {
         const std::int64_t i = i0 + b;
         if (!active[i]) { inactive_row(ref[i], l + i, dist + i, r + i * D, D); continue; }
-        finish_row<Q, T>(logits + i * K, grads + i * gs_b, gs_c, cand + i * C, ref[i], pos[b], C,
-                         D, a.eps, false, npow.data() + b * C, l + i, dist + i, r + i * D);
+        const T* g = grads + i * gs_b;
+        finish_row<Q, T>(logits + i * K, g, a.diff ? nullptr : g + pos[b] * gs_c, gs_c,
+                         cand + i * C, ref[i], pos[b], C, D, a.eps, false, npow.data() + b * C,
+                         l + i, dist + i, r + i * D);
       }
     }
   }

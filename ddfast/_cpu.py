@@ -30,8 +30,13 @@ def _c(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return t.contiguous()
 
 
+#: select_boundary takes ``diff=True`` (rows already g_cand - g_ref) natively.
+SELECT_DIFF = True
+
+
 def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
-                    norm: float = 2.0, eps: float = 1e-4) -> Tuple[Tensor, Tensor, Tensor]:
+                    norm: float = 2.0, eps: float = 1e-4,
+                    diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     code = _code(grads)
     B, C, D = grads.shape
     K = logits.shape[1]
@@ -48,7 +53,7 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
     _C.select_boundary(logits.data_ptr(), grads.data_ptr(), cand.data_ptr(), ref.data_ptr(),
                        active.data_ptr(), l.data_ptr(), dist.data_ptr(), r.data_ptr(),
                        B, K, C, D, grads.stride(0), grads.stride(1), math.isinf(norm), float(eps),
-                       code)
+                       code, bool(diff))
     return l, dist.to(logits_dtype), r
 
 

@@ -80,9 +80,11 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
         y = as_labels(y, B, K, dev)
     ref = pred if y is None else y
     cand = _candidate_classes(logits, ref, k)
-    all_classes = cand is None
-    if all_classes:
-        cand = torch.arange(K, device=dev).expand(B, K)
+    if cand is None:                           # every class but the reference competes
+        others = torch.arange(K - 1, device=dev).expand(B, K - 1)
+        cand = others + (others >= ref[:, None]).long()
+    else:
+        cand = cand[:, 1:]                     # the reference comes first
 
     x_final = x0.clone()                       # rows are overwritten when a sample stops
     iterations = torch.zeros(B, dtype=torch.int64, device=dev)
@@ -111,11 +113,11 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             # whole graph batch.
             xg, logits_g = jacobian.forward_with_graph(model, x_cur[rows], shape)
             rows = None
-        grads = jacobian.class_grads(model, xg, logits_g, None if all_classes else cand, rows,
-                                     shape=shape)
+        # One backward row per competing class: w_k = g_k - g_ref directly.
+        grads = jacobian.class_grads(model, xg, logits_g, cand, rows, shape=shape, minus=ref_a)
         del xg, logits_g
         ones = torch.ones(n, dtype=torch.bool, device=dev)
-        _, _, r = ops.select_boundary(logits, grads.to(dtype), cand, ref_a, ones, norm)
+        _, _, r = ops.select_boundary(logits, grads.to(dtype), cand, ref_a, ones, norm, diff=True)
         del grads
         r_tot_a, x_cur = ops.deepfool_update(x0_a, r_tot_a, r, ones, overshoot, lo, hi)
         iterations[idx] = t + 1

@@ -37,13 +37,21 @@ def forward_with_graph(model: Callable, x_flat: Tensor, shape: torch.Size) -> Tu
     return xg, logits
 
 
-def _directions(n: int, K: int, classes: Optional[Tensor], like: Tensor) -> Tensor:
-    """One-hot output directions [C, n, K] (C = K when ``classes`` is None)."""
-    if classes is None:
+def _directions(n: int, K: int, classes: Optional[Tensor], like: Tensor,
+                minus: Optional[Tensor] = None) -> Tensor:
+    """Output directions [C, n, K]: one-hot rows of ``classes`` [n, C] (identity when None),
+    each minus the one-hot row of ``minus`` [n] when given (so the backward yields
+    ``g_class - g_minus`` directly)."""
+    if classes is None and minus is None:
         return torch.eye(K, dtype=like.dtype, device=like.device)[:, None, :].expand(K, n, K)
+    if classes is None:
+        classes = torch.arange(K, device=like.device).expand(n, K)
     C = classes.shape[1]
     go = torch.zeros(C, n, K, dtype=like.dtype, device=like.device)
     go.scatter_(2, classes.t().unsqueeze(2), 1.0)
+    if minus is not None:
+        go.scatter_add_(2, minus.view(1, n, 1).expand(C, n, 1),
+                        torch.full((C, n, 1), -1.0, dtype=like.dtype, device=like.device))
     return go
 
 
@@ -88,7 +96,7 @@ def _known_failure(model) -> bool:
 def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[Tensor] = None,
                 rows: Optional[Tensor] = None, method: str = "auto",
                 create_graph: bool = False, retain_graph: bool = False,
-                shape: Optional[torch.Size] = None) -> Tensor:
+                shape: Optional[torch.Size] = None, minus: Optional[Tensor] = None) -> Tensor:
     """Gradients of selected class logits w.r.t. the input, from an existing graph.
 
     Args:
@@ -102,16 +110,23 @@ def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[T
             graph-carrying row after a no-graph selection); implied by ``create_graph``.
         shape: per-sample input shape the model expects (``xg`` rows are flat); needed by
             the ``"replicate"`` route (default: flat rows).
+        minus: [m] int64 class per kept row whose gradient is subtracted from every returned
+            row (``g_class - g_minus``: one backward per difference instead of two rows).
 
     Returns:
         [m, C, D] gradients in ``xg``'s dtype (a view with a contiguous last dim).
     """
     n, K = logits.shape
-    if classes is not None and rows is not None:
-        full = torch.zeros(n, classes.shape[1], dtype=classes.dtype, device=classes.device)
-        full[rows] = classes
-        classes = full
-    go = _directions(n, K, classes, logits)
+    if rows is not None:
+        if classes is not None:
+            full = torch.zeros(n, classes.shape[1], dtype=classes.dtype, device=classes.device)
+            full[rows] = classes
+            classes = full
+        if minus is not None:
+            full = torch.zeros(n, dtype=minus.dtype, device=minus.device)
+            full[rows] = minus
+            minus = full
+    go = _directions(n, K, classes, logits, minus)
     if method not in ("auto", "batched", "replicate", "loop"):
         raise ValueError(f"method must be 'auto', 'batched', 'replicate' or 'loop', got {method!r}")
     fallback = "loop" if shape is None else "replicate"

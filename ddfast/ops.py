@@ -30,12 +30,22 @@ def _impl(backend: str, op: str):
 # --------------------------------------------------------------------------- select_boundary
 @torch.library.custom_op("ddfast::select_boundary", mutates_args=())
 def _select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
-                     norm: float, eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return tuple(_impl(backend, "select_boundary")(logits, grads, cand, ref, active, norm, eps))
+                     norm: float, eps: float, backend: str,
+                     diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    mod = backends.load(backend)
+    if not diff:
+        return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps))
+    if getattr(mod, "SELECT_DIFF", False):
+        return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps, diff=True))
+    # A backend without the difference form: put a zero reference row in front.
+    B, _, D = grads.shape
+    grads = torch.cat([grads.new_zeros(B, 1, D), grads], 1)
+    cand = torch.cat([ref[:, None].to(cand.dtype), cand], 1)
+    return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps))
 
 
 @_select_boundary.register_fake
-def _(logits, grads, cand, ref, active, norm, eps, backend):
+def _(logits, grads, cand, ref, active, norm, eps, backend, diff=False):
     B, C, D = grads.shape
     return (ref.new_empty((B,)), logits.new_empty((B,)), grads.new_empty((B, D)))
 
@@ -198,7 +208,7 @@ def _same_device(*named) -> None:
         _need(t.device == dev, f"{name} is on {t.device} but {named[0][0]} is on {dev}")
 
 
-def _check_select(logits, grads, cand, ref, active) -> None:
+def _check_select(logits, grads, cand, ref, active, diff: bool = False) -> None:
     _tensor(logits, "logits", 2, "float")
     _tensor(grads, "grads", 3, "float")
     _tensor(cand, "cand", 2, "int")
@@ -215,8 +225,9 @@ def _check_select(logits, grads, cand, ref, active) -> None:
     if B and C:
         lo, hi = torch.aminmax(cand)
         _need(int(lo) >= 0 and int(hi) < K, f"cand holds classes outside [0, {K})")
-        _need(bool((cand == ref[:, None]).any(1).all()), "every ref[i] must appear in cand[i]")
-    elif B:
+        if not diff:
+            _need(bool((cand == ref[:, None]).any(1).all()), "every ref[i] must appear in cand[i]")
+    elif B and not diff:
         raise ValueError("cand must hold at least one class per row (the reference)")
 
 
@@ -250,17 +261,18 @@ def _norm_value(norm) -> float:
 
 def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor,
                     active: Optional[Tensor] = None, norm: Union[int, float, str] = 2, eps: float = 1e-4,
-                    backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                    backend: Optional[str] = None, diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused DeepFool boundary selection; see :func:`ddfast.reference.select_boundary`.
 
     logits [B, K], grads [B, C, D], cand [B, C] int64, ref [B] int64, active [B] bool
-    (default all) -> (l [B] int64, dist [B], r [B, D])."""
+    (default all) -> (l [B] int64, dist [B], r [B, D]). With ``diff=True`` the rows of
+    ``grads`` are already ``g_cand - g_ref`` (see the reference)."""
     if active is None and isinstance(grads, Tensor):
         active = torch.ones(grads.shape[0], dtype=torch.bool, device=grads.device)
-    _check_select(logits, grads, cand, ref, active)
+    _check_select(logits, grads, cand, ref, active, diff)
     name = backends.resolve(backend, grads.device, grads.dtype)
     return torch.ops.ddfast.select_boundary(logits, grads, cand, ref, active,
-                                            _norm_value(norm), float(eps), name)
+                                            _norm_value(norm), float(eps), name, bool(diff))
 
 
 def boundary_step(fdiff: Tensor, w: Tensor, norm: Union[int, float, str] = 2, eps: float = 1e-4,

@@ -28,6 +28,9 @@ __all__ = [
     "PENALTY_EXP_CAP",
 ]
 
+#: As a backend, select_boundary takes ``diff=True`` natively.
+SELECT_DIFF = True
+
 #: Exponents of the DeepDefense penalty above this value continue linearly (value and slope
 #: of exp at the cap), so a hopeless misclassified sample cannot overflow float32 (whose exp
 #: overflows above ~88.7) while every exponent below the cap is untouched.
@@ -65,6 +68,7 @@ def select_boundary(
     active: Tensor,
     norm: float = 2.0,
     eps: float = 1e-4,
+    diff: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Closest linearised decision boundary and the DeepFool step towards it.
 
@@ -77,6 +81,9 @@ def select_boundary(
         active: [B] bool; inactive rows are skipped.
         norm: 2 or inf.
         eps: added to the distance so the step crosses the boundary.
+        diff: ``grads`` already holds the boundary normals, ``grads[i, j] = g_{cand[i, j]} -
+            g_{ref[i]}`` (one backward per competing class instead of one per class), and
+            ``ref[i]`` need not appear in ``cand[i]`` (a candidate equal to it is skipped).
 
     Returns:
         l: [B] int64, the chosen class ``argmin_k |f_k - f_ref| / ||g_k - g_ref||_q``
@@ -88,9 +95,12 @@ def select_boundary(
     norm = _check_norm(norm)
     B, C, D = grads.shape
     is_ref = cand == ref[:, None]                                   # [B, C]
-    ref_pos = is_ref.to(torch.int64).argmax(dim=1)                  # [B]
-    g_ref = grads[torch.arange(B, device=grads.device), ref_pos]    # [B, D]
-    w = grads - g_ref[:, None, :]                                   # [B, C, D]
+    if diff:
+        w = grads                                                   # [B, C, D]
+    else:
+        ref_pos = is_ref.to(torch.int64).argmax(dim=1)              # [B]
+        g_ref = grads[torch.arange(B, device=grads.device), ref_pos]  # [B, D]
+        w = grads - g_ref[:, None, :]                               # [B, C, D]
     f_cand = logits.gather(1, cand)                                 # [B, C]
     fdiff = f_cand - logits.gather(1, ref[:, None])                 # [B, C]
     wn = dual_norm(w, norm).to(fdiff.dtype)                         # [B, C]

@@ -141,7 +141,6 @@ def test_jacobian_routes_agree():
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_model_gives_eager_result(backend):
-    from ddfast import jacobian
     model = make_cnn(dtype=torch.float32).eval()
     x = torch.randn(6, 1, 8, 8)
     eager = ddfast.deepfool(model, x, max_iter=10)
@@ -149,7 +148,41 @@ def test_compiled_model_gives_eager_result(backend):
     res = ddfast.deepfool(compiled, x, max_iter=10)
     torch.testing.assert_close(res.delta, eager.delta, rtol=1e-4, atol=1e-5)
     assert torch.equal(res.iterations, eager.iterations)
-    assert jacobian._known_failure(compiled)  # vmap failed once and the fallback was used
+
+
+class _NoVmapSquare(torch.autograd.Function):
+    """x**2 whose backward reads a Python number from its input (.item()), which a vmapped
+    backward cannot do: the batched Jacobian route fails on it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        scale = g.new_tensor(2.0 + 0.0 * g.sum().item())
+        return scale * x * g
+
+
+def test_vmap_failure_falls_back_to_replicate_with_the_same_result():
+    from ddfast import jacobian
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(6, 8).double(), torch.nn.Linear(8, 4).double()
+
+    def plain(v):
+        return lin2(torch.tanh(lin1(v)) ** 2)
+
+    def custom(v):
+        return lin2(_NoVmapSquare.apply(torch.tanh(lin1(v))))
+
+    x = torch.randn(7, 6, dtype=torch.float64)
+    expected = ddfast.deepfool(plain, x, max_iter=10)
+    res = ddfast.deepfool(custom, x, max_iter=10)
+    assert jacobian._known_failure(custom)      # vmap failed once and the fallback was used
+    torch.testing.assert_close(res.delta, expected.delta, rtol=1e-10, atol=1e-12)
+    assert torch.equal(res.iterations, expected.iterations)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
