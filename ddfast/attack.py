@@ -52,15 +52,15 @@ class DeepFoolResult:
         return torch.linalg.vector_norm(self.delta.flatten(1), ord=p, dim=1)
 
 
-def _candidate_classes(logits: Tensor, ref: Tensor, k: Optional[int]) -> Optional[Tensor]:
-    """[B, k] classes: ``ref`` first, then the top k-1 other classes by logit at x.
-    None means all K classes."""
-    K = logits.shape[1]
+def _competing_classes(logits: Tensor, ref: Tensor, k: Optional[int]) -> Tensor:
+    """[B, C] classes competing with ``ref``: every other class (C = K - 1), or with ``k``
+    candidates the top k-1 other classes by logit at x (C = k - 1)."""
+    B, K = logits.shape
     if k is None or k >= K:
-        return None
+        others = torch.arange(K - 1, device=logits.device).expand(B, K - 1)
+        return others + (others >= ref[:, None]).long()
     masked = logits.scatter(1, ref[:, None], -math.inf)
-    others = masked.topk(k - 1, dim=1).indices
-    return torch.cat([ref[:, None], others], dim=1)
+    return masked.topk(k - 1, dim=1).indices
 
 
 def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int,
@@ -79,12 +79,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     if y is not None:
         y = as_labels(y, B, K, dev)
     ref = pred if y is None else y
-    cand = _candidate_classes(logits, ref, k)
-    if cand is None:                           # every class but the reference competes
-        others = torch.arange(K - 1, device=dev).expand(B, K - 1)
-        cand = others + (others >= ref[:, None]).long()
-    else:
-        cand = cand[:, 1:]                     # the reference comes first
+    cand = _competing_classes(logits, ref, k)
 
     x_final = x0.clone()                       # rows are overwritten when a sample stops
     iterations = torch.zeros(B, dtype=torch.int64, device=dev)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import jacobian, ops
 from ._validate import (as_labels, check_candidates, check_input, check_logits, check_max_iter,
                         check_model_device, check_nonneg, frozen_model)
-from .attack import _candidate_classes
+from .attack import _competing_classes
 
 __all__ = ["DeepDefense", "DeepDefenseInfo", "deepdefense_loss"]
 
@@ -129,11 +129,10 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
     y = as_labels(y, B, K, x0.device)
     pred = logits.detach().argmax(1)
     correct = pred == y
-    cand_all = _candidate_classes(logits.detach(), pred, k)       # [B, k] or None (all classes)
-    all_cand = cand_all is None
+    cand_all = _competing_classes(logits.detach(), pred, k)       # [B, C] classes competing with yhat
     r_tot = None                                                  # [B, D] once a step was taken
     iterations = torch.zeros(B, dtype=torch.int64, device=x0.device)
-    C = K if all_cand else cand_all.shape[1]                      # selection rows per sample
+    C = cand_all.shape[1]                                         # selection rows per sample
     gidx = torch.arange(B, device=x0.device)                      # batch rows of the graph
     eye = torch.eye(K, dtype=logits.dtype, device=logits.device)
     for t in range(max_iter):
@@ -159,17 +158,18 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
         target = y[gidx].clone()                                  # [n] l: y where misclassified
         sel = correct[gidx].nonzero().squeeze(1)                  # active correct rows, in [0, n)
         if sel.numel():
-            cand = (torch.arange(K, device=x0.device).expand(sel.numel(), K) if all_cand
-                    else cand_all[gidx[sel]])
+            cand = cand_all[gidx[sel]]
+            ref_sel = cur_a[sel]                                  # == yhat on active correct rows
             srows = sel if rows is None else rows[sel]            # their rows in the graph
             whole = srows.numel() == logits.shape[0]
-            g = jacobian.class_grads(net, x_in, logits, None if all_cand else cand,
-                                     None if whole else srows, method=method,
-                                     create_graph=False, retain_graph=True, shape=shape)
+            # one backward row per competing class: w_k = g_k - g_yhat directly
+            g = jacobian.class_grads(net, x_in, logits, cand, None if whole else srows,
+                                     method=method, create_graph=False, retain_graph=True,
+                                     shape=shape, minus=ref_sel)
             ones = torch.ones(sel.numel(), dtype=torch.bool, device=x0.device)
             l_sel, _, _ = ops.select_boundary(logits_d if whole else logits_d[srows],
-                                              g.to(logits.dtype), cand, cur_a[sel], ones, 2,
-                                              _EPS, backend)
+                                              g.to(logits.dtype), cand, ref_sel, ones, 2,
+                                              _EPS, backend, diff=True)
             del g
             target[sel] = l_sel
         direction = eye[target] - eye[cur_a]                      # [n, K]
