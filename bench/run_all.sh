@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
         --device) DEVICE="$2"; shift ;;
         --python) PY="$2"; shift ;;
         --install-peers) INSTALL=1 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "run_all.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
