@@ -30,6 +30,17 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path, grid_axes=()) -> Path:
+    """Grid and legend on ``grid_axes``, then write ``fig`` to ``path`` (PNG) and close it."""
+    for ax in grid_axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def convergence(logs: Mapping[str, List[dict]], path: Path, title: str = "") -> Path:
     """Two panels: test accuracy (%) and rho_2 against epoch, one line per method."""
     plt = _plt()
@@ -40,13 +51,7 @@ def convergence(logs: Mapping[str, List[dict]], path: Path, title: str = "") -> 
         axes[1].plot(ep, [e["rho2"] for e in log], marker="o", label=name, color=COLORS.get(name))
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title} accuracy".strip())
     axes[1].set(xlabel="epoch", ylabel=r"$\rho_2$ (test subset)", title=rf"{title} $\rho_2$".strip())
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, axes)
 
 
 def example_grid(images: np.ndarray, adv: Mapping[str, np.ndarray], labels: Mapping[str, Sequence[int]],
@@ -72,10 +77,7 @@ def example_grid(images: np.ndarray, adv: Mapping[str, np.ndarray], labels: Mapp
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(r"DeepFool adversarial examples (title: new class, $\|D\|/\|x\|$); row below: perturbation", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def histograms(ratios: Mapping[str, np.ndarray], path: Path) -> Path:
@@ -90,10 +92,7 @@ def histograms(ratios: Mapping[str, np.ndarray], path: Path) -> Path:
         ax.axvline(np.mean(r), color=line[2][0].get_edgecolor(), ls="--", lw=1)
     ax.set(xlabel=r"$\|D\|_2 / \|x\|_2$ (DeepFool, test set)", ylabel="images")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def c_sweep(points: Sequence[Dict], path: Path, reference: Dict = None) -> Path:
@@ -107,9 +106,4 @@ def c_sweep(points: Sequence[Dict], path: Path, reference: Dict = None) -> Path:
     if reference is not None:
         ax.scatter([reference["rho2"]], [100 * reference["acc"]], marker="*", s=120, color="k", label="reference")
     ax.set(xlabel=r"$\rho_2$", ylabel="test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path, [ax])
