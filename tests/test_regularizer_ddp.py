@@ -45,6 +45,7 @@ def _worker(rank, world, out_dir, find_unused):
         loss = _loss(model, x[sl], y[sl])
         loss.backward()
         torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()       # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
