@@ -136,6 +136,7 @@ def _process_group(env: Optional[dict], device: str):
                             rank=env["rank"], world_size=env["world_size"])
     try:
         yield dev
+        dist.barrier()  # on success, no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
