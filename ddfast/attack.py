@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import jacobian, ops
 from ._validate import (as_labels, check_bounds, check_candidates, check_input, check_logits,
-                        check_max_iter, check_model_device, frozen_model)
+                        check_max_iter, check_model_device, check_nonneg, frozen_model)
 
 __all__ = ["DeepFoolResult", "deepfool"]
 
@@ -174,8 +174,7 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     """
     x = check_input(x)
     norm_v = ops._norm_value(norm)
-    if not isinstance(overshoot, (int, float)) or isinstance(overshoot, bool) or not math.isfinite(overshoot) or overshoot < 0:
-        raise ValueError(f"overshoot must be a finite number >= 0, got {overshoot!r}")
+    overshoot = check_nonneg(overshoot, "overshoot")
     max_iter = check_max_iter(max_iter)
     k = check_candidates(candidates)
     lo, hi = check_bounds(bounds)
@@ -192,7 +191,7 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     with frozen_model(model), torch.inference_mode(False), torch.enable_grad():
         for s in range(0, B, step):
             parts.append(_attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step],
-                                       max_iter, float(overshoot), norm_v, k, lo, hi))
+                                       max_iter, overshoot, norm_v, k, lo, hi))
     if len(parts) == 1:
         return parts[0]
     return DeepFoolResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
