@@ -17,6 +17,16 @@ CUDA_KERNELS = sorted(glob.glob("csrc/*.cu"))
 CUDA_ARCHS = ("80", "86", "89", "90", "100", "120")
 
 
+def cuda_archs():
+    """SM versions to build for: DDFAST_CUDA_ARCHS (e.g. "90" or "80,90") or CUDA_ARCHS; PTX of the newest is added."""
+    given = os.environ.get("DDFAST_CUDA_ARCHS", "").replace(";", ",").replace(" ", ",")
+    archs = tuple(a.strip().replace(".", "") for a in given.split(",") if a.strip()) or CUDA_ARCHS
+    bad = [a for a in archs if not a.isdigit()]
+    if bad:
+        raise SystemExit(f"DDFAST_CUDA_ARCHS: expected SM numbers like '80,90', got {given!r}")
+    return archs
+
+
 def find_cuda_home():
     """The CUDA toolkit: CUDA_HOME / CUDA_PATH, then /usr/local/cuda, then nvcc's own
     directory (the nvcc on PATH may be a wrapper script, so it comes last)."""
@@ -60,9 +70,10 @@ class BuildExt(build_ext):
             return False
         nvcc = os.path.join(home, "bin", "nvcc")
         gencode = []
-        for arch in CUDA_ARCHS:
+        archs = cuda_archs()
+        for arch in archs:
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-        newest = CUDA_ARCHS[-1]
+        newest = max(archs, key=int)
         gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
         objdir = os.path.join(self.build_temp, "cuda")
         os.makedirs(objdir, exist_ok=True)

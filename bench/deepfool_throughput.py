@@ -104,6 +104,7 @@ def measure(jobs, N: int, B: int, args):
     concatenated outcomes."""
     times = {k: {} for k in jobs}
     parts = {k: [] for k in jobs}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     t_start = time.perf_counter()
     for lo in range(0, N, B):
         for r in range(args.repeat):
@@ -113,8 +114,10 @@ def measure(jobs, N: int, B: int, args):
                     continue
                 if r > 0 and times[k][(lo, hi)] > args.repeat_below_s:
                     continue
+                sync()
                 t0 = time.perf_counter()
                 out = fn(lo, hi)
+                sync()
                 t = time.perf_counter() - t0
                 times[k][(lo, hi)] = min(times[k].get((lo, hi), math.inf), t)
                 if r == 0:
@@ -125,8 +128,10 @@ def measure(jobs, N: int, B: int, args):
             hi = min(lo + B, N, n)
             prev = [t for (a, b), t in times[k].items() if a < lo and b - a == hi - lo]
             if (lo, hi) in times[k] and len(prev) >= 2 and times[k][(lo, hi)] > 3 * statistics.median(prev):
+                sync()
                 t0 = time.perf_counter()
                 fn(lo, hi)
+                sync()
                 times[k][(lo, hi)] = min(times[k][(lo, hi)], time.perf_counter() - t0)
         if lo == 0 or (lo // B) % 10 == 0:
             log(f"   batch {lo // B + 1}/{-(-N // B)} done ({time.perf_counter() - t_start:.0f} s)")

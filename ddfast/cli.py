@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", type=lambda s: tuple(v for v in s.split(",") if v), default=None,
                    help="fine-tuned rows to run (default: clean,deepdefense,adversarial,parseval)")
     r.add_argument("--eval-max-iter", type=int, default=50)
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where to train and evaluate (default cpu)")
     _common(r, 1)
     return ap
 
@@ -194,7 +195,7 @@ def _cmd_reproduce(a) -> int:
 
     kw = {} if a.methods is None else {"methods": a.methods}
     reproduce(a.experiment, a.out, data_root=a.data, init=a.init, sweep=a.sweep, eval_max_iter=a.eval_max_iter,
-              progress=not a.no_progress, **kw)
+              progress=not a.no_progress, device=a.device, **kw)
     return 0
 
 

@@ -96,6 +96,19 @@ def _run(model, prep, cfg, out: Path, progress: bool) -> List[dict]:
                scale=prep.scale, progress=progress)
 
 
+def _device(device: str) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` naming it when it is malformed or absent."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available")
+    return dev
+
+
 def _fmt_row(r: dict) -> List[str]:
     a = r.get("acc_at_eps", {})
     return [f"{100 * r['acc']:.2f}", f"{r['rho2']:.3f}", f"{r['rho_inf']:.4f}",
@@ -133,7 +146,7 @@ def _markdown(results: dict) -> str:
               f"- fine-tuning (all methods): {json.dumps(s['finetune'])}; DeepDefense c = {s['deepdefense_c']:g}",
               f"- preprocessing: pixels/255 minus the training mean image (scale {s['scale']:.6f}); "
               "rho'_2 converted to 0..255 units",
-              f"- threads: {s['threads']}; total time {results['time_s'] / 60:.1f} min", "",
+              f"- device: {s.get('device', 'cpu')}; threads: {s['threads']}; total time {results['time_s'] / 60:.1f} min", "",
               "Plots: convergence.png (Fig. 2), examples.png (Fig. 3), histograms.png, c_sweep.png (Fig. 4).", ""]
     return "\n".join(lines)
 
@@ -144,11 +157,11 @@ def _examples(trained: Dict[str, torch.nn.Module], prep, out: Path, n: int = 3) 
     # the first test images of classes 0, 8, 6 (the paper's Fig. 3 shows a "0" pushed to 8 / 6)
     idx = [int((prep.y_test == c).nonzero()[0]) for c in (0, 8, 6)][:n]
     x = prep.x_test[idx]
-    images = ddata.deprocess(x, prep.mean, prep.scale)[:, 0].numpy()
+    images = ddata.deprocess(x.cpu(), prep.mean, prep.scale)[:, 0].numpy()
     adv, labels, ratios = {}, {}, {}
     for name, model in trained.items():
         res = deepfool(model, x, max_iter=50)
-        adv[name] = ddata.deprocess(res.x_adv, prep.mean, prep.scale)[:, 0].numpy()
+        adv[name] = ddata.deprocess(res.x_adv.cpu(), prep.mean, prep.scale)[:, 0].numpy()
         labels[name] = res.adv_label.tolist()
         ratios[name] = (res.norms() / x.flatten(1).norm(dim=1)).tolist()
     plots.example_grid(images, adv, labels, ratios, out / "examples.png")
@@ -156,7 +169,7 @@ def _examples(trained: Dict[str, torch.nn.Module], prep, out: Path, n: int = 3) 
 
 def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, init: Optional[Path] = None,
               sweep: Optional[Sequence[float]] = None, methods: Sequence[str] = ROWS[1:], eval_max_iter: int = 50,
-              progress: bool = True, log: Callable[[str], None] = print) -> dict:
+              progress: bool = True, device: str = "cpu", log: Callable[[str], None] = print) -> dict:
     """Run ``experiment`` (a key of :data:`EXPERIMENTS`) into ``out`` and return the results dict.
 
     ``init``: reference weights to start from instead of training one. ``sweep``: c values
@@ -172,18 +185,20 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
     if bad or not methods:
         raise ValueError(f"methods must be a non-empty subset of {ROWS[1:]}, got {methods}")
     methods = tuple(m for m in ROWS[1:] if m in methods)
+    dev = _device(device)
     exp = EXPERIMENTS[experiment]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prep = ddata.prepare("mnist", data_root)
+    prep = replace(prep, **{k: getattr(prep, k).to(dev) for k in ("x_train", "y_train", "x_test", "y_test")})
     sweep = exp["sweep"] if sweep is None else tuple(sweep)
     if "deepdefense" not in methods:
         sweep = ()
 
     def new_model():
         torch.manual_seed(0)
-        return models.build_model(exp["model"])
+        return models.build_model(exp["model"]).to(dev)
 
     logs: Dict[str, List[dict]] = {}
     trained: Dict[str, torch.nn.Module] = {}
@@ -219,7 +234,7 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
     ratios, rows = {}, []
     for method in ("reference", *methods):
         row, r = metrics.evaluate(trained[method], prep.x_test, prep.y_test, eps_ref=eps_ref, return_rho2=True, **kw)
-        ratios[method] = r.ratios.numpy()
+        ratios[method] = r.ratios.cpu().numpy()
         rows.append({"model": exp["model"], "method": method, **row})
         log(f"  {method:12s} acc {100 * row['acc']:.2f}%  rho_2 {row['rho2']:.4f}  rho_inf {row['rho_inf']:.4f}")
     dd = [r for r in rows if r["method"] == "deepdefense"]
@@ -236,7 +251,8 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
                   for m, v in PAPER.get(exp["model"], {}).items()},
         "settings": {"reference": exp["reference"].to_dict() if init is None else {"init": str(init)},
                      "finetune": ft.to_dict(), "deepdefense_c": exp["c"], "scale": prep.scale, "eval_max_iter": eval_max_iter,
-                     "threads": torch.get_num_threads()},
+                     "threads": torch.get_num_threads(),
+                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
         "logs": logs,
     }
     plots.convergence({k: v for k, v in logs.items() if k != "reference"}, out / "convergence.png",

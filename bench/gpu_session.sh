@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One short visit to a machine with a CUDA GPU: build ddfast for its card, run the GPU tests and
+# the GPU benchmarks, writing logs and results into OUTDIR. Stages run in the order given.
+#
+#   bench/gpu_session.sh OUTDIR STAGE [STAGE ...]
+#
+#   env         nvidia-smi, python, torch, triton versions            -> OUTDIR/session.log
+#   peers       pip install --no-index --no-deps the wheels in $WHEELS (default .whl/) into
+#               /tmp/site (foolbox, torchattacks, ART and the small packages they import)
+#   build       pip install -e . (compiled modules in place, as bench/ imports the checkout) for this card only (DDFAST_CUDA_ARCHS = its SM version)
+#   tests       the GPU tests (tests/test_gpu.py, test_cuda.py, test_triton.py, test_ops_backends.py)
+#   ops         bench/ops.py --device cuda                            -> OUTDIR/ops_cuda.json
+#   throughput  bench/deepfool_throughput.py --quick --device cuda    -> OUTDIR/deepfool_throughput_cuda.*
+#
+# Each stage's output is appended to OUTDIR/session.log; a failing stage is reported and the
+# next one still runs. Stage time limits: $STAGE_TIMEOUT seconds (default 240).
+set -uo pipefail
+
+OUTDIR="$1"; shift
+cd "$(dirname "$0")/.."
+REPO="$PWD"
+PY="${PYTHON:-python3}"
+LOG="$OUTDIR/session.log"
+LIMIT="${STAGE_TIMEOUT:-240}"
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1
+[ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+
+stage() {
+    local name="$1"; shift
+    echo "=== $name ($(date +%T))" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout "$LIMIT" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+for s in "$@"; do
+    case "$s" in
+        env)
+            stage env bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -1;
+                $PY -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())'" ;;
+        peers)
+            stage peers bash -c "$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl"
+            export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" ;;
+        build)
+            arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')
+            stage "build (sm_$arch)" env DDFAST_CUDA_ARCHS="$arch" $PY -m pip install --no-build-isolation --no-deps -q -e "$REPO"
+            stage "import" bash -c "cd /tmp && $PY -c 'import ddfast, ddfast._C_cuda; print(ddfast.__file__, ddfast.available_backends(\"cuda\"))'" ;;
+        tests)
+            # from tests/: the installed ddfast (with its compiled modules), not the source tree
+            stage tests bash -c "cd '$REPO/tests' && $PY -m pytest -q -p no:cacheprovider -rs test_gpu.py test_cuda.py test_triton.py test_ops_backends.py" ;;
+        ops)
+            stage ops $PY bench/ops.py --device cuda --json "$OUTDIR/ops_cuda.json" ;;
+        throughput)
+            stage throughput $PY bench/deepfool_throughput.py --quick --device cuda --json "$OUTDIR/deepfool_throughput_cuda.json" ;;
+        *)
+            echo "gpu_session.sh: unknown stage $s" | tee -a "$LOG" ;;
+    esac
+done
