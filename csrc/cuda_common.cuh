@@ -27,15 +27,17 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
   return __float2bfloat16_rn(v);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
-// Sums v[0..N) over the block; the totals are valid in thread 0. Every thread must call it.
-template <int N>
-__device__ __forceinline__ void block_sum(float (&v)[N]) {
-  __shared__ float sh[N][kWarps];
+// Sums v[0..N) (float or double) over the block; the totals are valid in thread 0. Every
+// thread must call it.
+template <int N, typename V>
+__device__ __forceinline__ void block_sum(V (&v)[N]) {
+  __shared__ V sh[N][kWarps];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int t = 0; t < N; ++t) {
@@ -45,41 +47,43 @@ __device__ __forceinline__ void block_sum(float (&v)[N]) {
   __syncthreads();
   if (warp == 0) {
 #pragma unroll
-    for (int t = 0; t < N; ++t) v[t] = warp_sum(lane < kWarps ? sh[t][lane] : 0.0f);
+    for (int t = 0; t < N; ++t) v[t] = warp_sum(lane < kWarps ? sh[t][lane] : V(0));
   }
   __syncthreads();  // sh may be reused by the next call
 }
 
 __device__ __forceinline__ float sign_f(float w) { return (w > 0.0f) - (w < 0.0f); }
 
-// |w|^Q term of a norm: w*w (Q = 2) or |w| (Q = 1).
-template <int Q>
-__device__ __forceinline__ float norm_term(float w) { return Q == 2 ? w * w : fabsf(w); }
+// |w|^Q term of a norm: w*w (Q = 2) or |w| (Q = 1), in the accumulator type.
+template <int Q, typename Acc>
+__device__ __forceinline__ Acc norm_term(Acc w) { return Q == 2 ? w * w : (w < Acc(0) ? -w : w); }
 
-// out[i, s] = sum over the s-th chunk of row i of |x[i, d]|^Q, float32. Grid (B, S).
-template <typename T, int Q>
-__global__ void partial_norm_kernel(const T* __restrict__ x, float* __restrict__ out,
+// out[i, s] = sum over the s-th chunk of row i of |x[i, d]|^Q, accumulated and stored in Acc
+// (float32, or float64 where a ratio of two norms feeds an exp). Grid (B, S).
+template <typename T, int Q, typename Acc>
+__global__ void partial_norm_kernel(const T* __restrict__ x, Acc* __restrict__ out,
                                     std::int64_t D, std::int64_t stride_b, std::int64_t chunk,
                                     std::int64_t S) {
   const std::int64_t i = blockIdx.x, s = blockIdx.y;
   const std::int64_t start = s * chunk;
   const std::int64_t end = start + chunk < D ? start + chunk : D;
   const T* row = x + i * stride_b;
-  float acc[1] = {0.0f};
-  for (std::int64_t d = start + threadIdx.x; d < end; d += blockDim.x) acc[0] += norm_term<Q>(to_f(row[d]));
+  Acc acc[1] = {Acc(0)};
+  for (std::int64_t d = start + threadIdx.x; d < end; d += blockDim.x)
+    acc[0] += norm_term<Q>(static_cast<Acc>(to_f(row[d])));
   block_sum<1>(acc);
   if (threadIdx.x == 0) out[i * S + s] = acc[0];
 }
 
-template <typename T>
-void launch_partial_norm(const T* x, float* out, std::int64_t B, std::int64_t D,
+template <typename T, typename Acc>
+void launch_partial_norm(const T* x, Acc* out, std::int64_t B, std::int64_t D,
                          std::int64_t stride_b, bool q1, cudaStream_t st) {
   const std::int64_t chunk = chunk_len(B, D), S = row_chunks(B, D);
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(S));
   if (q1)
-    partial_norm_kernel<T, 1><<<grid, kThreads, 0, st>>>(x, out, D, stride_b, chunk, S);
+    partial_norm_kernel<T, 1, Acc><<<grid, kThreads, 0, st>>>(x, out, D, stride_b, chunk, S);
   else
-    partial_norm_kernel<T, 2><<<grid, kThreads, 0, st>>>(x, out, D, stride_b, chunk, S);
+    partial_norm_kernel<T, 2, Acc><<<grid, kThreads, 0, st>>>(x, out, D, stride_b, chunk, S);
 }
 
 inline std::string last_error() {

@@ -121,7 +121,7 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
     delta = delta.detach().contiguous()
     x = _on(x.detach(), delta, delta.dtype)
     correct = _on(correct, delta, torch.bool)
-    part = torch.empty(2, B, lib.row_chunks(B, D), dtype=torch.float32, device=delta.device)
+    part = torch.empty(2, B, lib.row_chunks(B, D), dtype=torch.float64, device=delta.device)
     out = torch.empty(B, dtype=delta.dtype, device=delta.device)
     with torch.cuda.device(delta.device):
         lib.deepdefense_penalty(delta.data_ptr(), x.data_ptr(), correct.data_ptr(), part.data_ptr(),

@@ -54,16 +54,17 @@ def rows(t: Tensor) -> Tensor:
 def partial_norm_kernel(x_ptr, out_ptr, D, stride_b, chunk, S,
                         Q: tl.constexpr, BLOCK: tl.constexpr):
     """out[i, s] = sum over the s-th chunk of row i of x[i, d]^2 (Q = 2) or |x[i, d]| (Q = 1),
-    in float32. Grid (B, S)."""
+    accumulated in out's dtype (float32 or float64). Grid (B, S)."""
+    acc_t = out_ptr.dtype.element_ty
     i = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     start = s * chunk
     end = tl.minimum(start + chunk, D)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=acc_t)
     base = x_ptr + i * stride_b
     for d0 in range(start, end, BLOCK):
         offs = d0 + tl.arange(0, BLOCK)
-        v = tl.load(base + offs, mask=offs < end, other=0.0).to(tl.float32)
+        v = tl.load(base + offs, mask=offs < end, other=0.0).to(tl.float32).to(acc_t)
         if Q == 2:
             acc += v * v
         else:
@@ -71,11 +72,12 @@ def partial_norm_kernel(x_ptr, out_ptr, D, stride_b, chunk, S,
     tl.store(out_ptr + i * S + s, tl.sum(acc, axis=0))
 
 
-def partial_norms(x: Tensor, q: int, block: int) -> tuple[Tensor, int]:
-    """float32 [B, S] partial sums of |x|^q over chunks of each row of x [B, D] (q = 1, 2)."""
+def partial_norms(x: Tensor, q: int, block: int, acc_dtype: torch.dtype = torch.float32) -> tuple[Tensor, int]:
+    """[B, S] partial sums of |x|^q over chunks of each row of x [B, D] (q = 1, 2), accumulated
+    and returned in ``acc_dtype`` (float32, or float64 where a ratio of norms feeds an exp)."""
     B, D = x.shape
     chunk, S = split_rows(B, D, block)
-    out = torch.empty(B, S, dtype=torch.float32, device=x.device)
+    out = torch.empty(B, S, dtype=acc_dtype, device=x.device)
     if B:
         partial_norm_kernel[(B, S)](x, out, D, x.stride(0), chunk, S, Q=q, BLOCK=block)
     return out, S

@@ -2,7 +2,7 @@
 ``exp(d ||delta|| / ||x||)`` otherwise, continued linearly past
 :data:`ddfast.reference.PENALTY_EXP_CAP`; ``||x|| == 0`` counts as ratio 0.
 
-The shared partial norm kernel (``_common``) reduces ``delta`` and ``x`` by (row, chunk);
+The shared partial norm kernel (``_common``) reduces ``delta`` and ``x`` by (row, chunk) in float64;
 ``_penalty_kernel`` (one program per BLOCK_B rows) finishes. Spec:
 :func:`ddfast.reference.deepdefense_penalty`. delta, x [B, D], correct [B] bool -> [B]
 (delta's dtype). The gradient is the torch formula registered in :mod:`ddfast.ops`.
@@ -23,8 +23,8 @@ def _penalty_kernel(dpart_ptr, xpart_ptr, correct_ptr, out_ptr, B, S, c, d, cap,
                     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr):
     i = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     im = i < B
-    dn2 = tl.zeros([BLOCK_B], dtype=tl.float32)
-    xn2 = tl.zeros([BLOCK_B], dtype=tl.float32)
+    dn2 = tl.zeros([BLOCK_B], dtype=tl.float64)
+    xn2 = tl.zeros([BLOCK_B], dtype=tl.float64)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
         m = im[:, None] & (ss[None, :] < S)
@@ -33,8 +33,8 @@ def _penalty_kernel(dpart_ptr, xpart_ptr, correct_ptr, out_ptr, B, S, c, d, cap,
         xn2 += tl.sum(tl.load(xpart_ptr + idx, mask=m, other=0.0), axis=1)
     # per-row scalars: finish in float64, where exp is accurate (float32 exp is approximate
     # on GPUs, and exp multiplies the relative error of its argument by up to ~60)
-    dn = tl.sqrt(dn2.to(tl.float64))
-    xn = tl.sqrt(xn2.to(tl.float64))
+    dn = tl.sqrt(dn2)
+    xn = tl.sqrt(xn2)
     ratio = tl.where(xn > 0, dn / tl.where(xn > 0, xn, 1.0), 0.0)
     corr = tl.load(correct_ptr + i, mask=im, other=0) != 0
     z = tl.where(corr, -c * ratio, d * ratio)
@@ -55,8 +55,9 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
     out = torch.empty(B, dtype=store_dtype(delta.dtype), device=delta.device)
     if B == 0:
         return out.to(delta.dtype)
-    dpart, S = partial_norms(delta, 2, block_d)
-    xpart, _ = partial_norms(x, 2, block_d)
+    # float64 partials: exp(d * ratio) multiplies the ratio's relative error by d * ratio
+    dpart, S = partial_norms(delta, 2, block_d, torch.float64)
+    xpart, _ = partial_norms(x, 2, block_d, torch.float64)
     block_b = min(triton.next_power_of_2(B), 64)
     _penalty_kernel[(triton.cdiv(B, block_b),)](dpart, xpart, corr, out, B, S, float(c), float(d),
                                                float(PENALTY_EXP_CAP), BLOCK_B=block_b,

@@ -20,6 +20,15 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """float32 convolutions in float32: cuDNN may use TF32 (10-bit mantissas) by default."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _model_and_data(dtype: torch.dtype, n: int = 64, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -53,12 +62,13 @@ def test_deepfool_float32_backends_match_cpu(backend, norm):
     cpu = ddfast.deepfool(model, x, norm=norm, max_iter=30)
     with ddfast.set_backend(backend):
         gpu = ddfast.deepfool(copy.deepcopy(model).cuda(), x.cuda(), norm=norm, max_iter=30)
-    same = gpu.iterations.cpu() == cpu.iterations
-    assert same.float().mean() >= 0.97, f"{(~same).sum()} of {len(same)} samples took another number of steps"
-    assert torch.equal(gpu.success.cpu()[same], cpu.success[same])
-    dn_gpu = gpu.norms().cpu()[same]
-    dn_cpu = cpu.norms()[same]
-    torch.testing.assert_close(dn_gpu, dn_cpu, rtol=1e-3, atol=1e-6)
+    dn_gpu, dn_cpu = gpu.norms().cpu(), cpu.norms()
+    rel = (dn_gpu - dn_cpu).abs() / dn_cpu.clamp_min(1e-12)
+    # a path forks where a sample sits within rounding of two boundaries or (linf) where a
+    # gradient component is within rounding of 0 and its sign flips: a few samples, no more
+    same = (gpu.iterations.cpu() == cpu.iterations) & (gpu.success.cpu() == cpu.success) & (rel <= 1e-3)
+    assert same.float().mean() >= 0.97, f"{int((~same).sum())} of {len(same)} samples differ"
+    assert rel[same].median() <= 1e-5
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
