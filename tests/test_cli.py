@@ -140,3 +140,10 @@ def test_reproduce_rejects_unknown_methods(tmp_path):
     with pytest.raises(ValueError, match="methods"):
         reproduce.reproduce("mnist-mlp", tmp_path, methods=("clean", "magic"))
     assert not any(tmp_path.iterdir())  # nothing written before the check
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_reproduce_rejects_unusable_device(tmp_path, device):
+    with pytest.raises(ValueError, match="device"):
+        reproduce.reproduce("mnist-mlp", tmp_path / "out", device=device)
+    assert not (tmp_path / "out").exists()  # nothing written before the check
