@@ -376,6 +376,8 @@ def main(argv=None):
     ap.add_argument("--impls", default="foolbox,torchattacks,art,naive,deeprobust", help="peers to run")
     ap.add_argument("--backends", default=None, help="ddfast backends to run (default all available)")
     ap.add_argument("--no-candidates", dest="candidates", action="store_false")
+    ap.add_argument("--tf32", action="store_true",
+                    help="on a GPU, leave TF32 convolutions on (PyTorch's default; default here: off)")
     args = ap.parse_args(argv)
     args.impls = [s for s in args.impls.split(",") if s]
     if args.models is None:
@@ -392,6 +394,11 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not args.tf32:
+        # exact float32 as on the CPU: with TF32 convolutions (cuDNN's default) DeepFool's
+        # final iterates lie within the logits' rounding of the boundary and "fooled" drifts
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     load_start = os.getloadavg()
     available = peers.available()
     log("implementations: " + ", ".join(f"{k} ({'ok' if v is None else 'missing'})" for k, v in available.items()))
@@ -408,6 +415,7 @@ def main(argv=None):
         "models": models,
         "accuracy": accs,
         "settings": {"max_iter": args.max_iter, "overshoot": args.overshoot, "batch_size": args.batch_size,
+                     "tf32": bool(args.tf32) if args.device.startswith("cuda") else None,
                      "classes": "all", "repeat": args.repeat, "repeat_below_s": args.repeat_below_s,
                      "quick": args.quick,
                      "inputs": "MNIST test set, first n images, [0, 1] pixel scale (mean subtracted inside the model)",

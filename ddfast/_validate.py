@@ -1,4 +1,4 @@
-"""Argument checks shared by the public API, and the model-mode guard.
+"""Argument checks shared by the public API, the model-mode guard and the TF32 warning.
 
 Every check raises a ValueError or TypeError whose message names the argument, before
 any work is done.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
@@ -119,3 +120,46 @@ def frozen_model(model: Callable) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def _flag(legacy: Callable[[], bool], new: Callable[[], bool]) -> bool:
+    """A TF32 setting read through the legacy API, or through the new one where torch refuses
+    the legacy read (the two APIs were mixed)."""
+    try:
+        return bool(legacy())
+    except RuntimeError:
+        try:
+            return bool(new())
+        except (AttributeError, RuntimeError):
+            return False
+
+
+def tf32_in_use(model: Callable, x: Tensor) -> Optional[str]:
+    """What runs in TF32 when ``model`` sees float32 CUDA ``x``: "convolutions" (cuDNN's
+    ``allow_tf32``, PyTorch's default, for a module holding convolutions), "matmuls"
+    (``torch.get_float32_matmul_precision() != "highest"``), both, or None."""
+    if not (x.is_cuda and x.dtype == torch.float32):
+        return None
+    used = []
+    if _flag(lambda: torch.backends.cudnn.allow_tf32, lambda: torch.backends.cudnn.conv.fp32_precision == "tf32"):
+        convs = (not isinstance(model, torch.nn.Module)
+                 or any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules()))
+        if convs:
+            used.append("convolutions")
+    if _flag(lambda: torch.get_float32_matmul_precision() != "highest",
+             lambda: torch.backends.cuda.matmul.fp32_precision == "tf32"):
+        used.append("matmuls")
+    return " and ".join(used) or None
+
+
+def warn_tf32(model: Callable, x: Tensor, what: str) -> None:
+    """Warn (once per call site) that TF32 makes the logits too coarse for DeepFool's margin."""
+    used = tf32_in_use(model, x)
+    if used:
+        warnings.warn(
+            f"{what}: float32 {used} run in TF32 on this GPU (cuDNN convolutions do by default), so "
+            "the logits carry ~1e-3 relative error, more than DeepFool's margin past the boundary: "
+            "a later evaluation of x_adv can disagree with `success` (20-30% of a ConvNet's "
+            "adversarials on an H100). For exact float32 results set "
+            "torch.backends.cudnn.allow_tf32 = False and torch.backends.cuda.matmul.allow_tf32 = False.",
+            UserWarning, stacklevel=3)

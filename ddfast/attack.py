@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import jacobian, ops
 from ._validate import (as_labels, check_bounds, check_candidates, check_input, check_logits,
-                        check_max_iter, check_model_device, check_nonneg, frozen_model)
+                        check_max_iter, check_model_device, check_nonneg, frozen_model, warn_tf32)
 
 __all__ = ["DeepFoolResult", "deepfool"]
 
@@ -171,6 +171,10 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     Returns:
         :class:`DeepFoolResult`. Gradients are taken with ``torch.autograd.grad``: no
         ``.grad`` attribute is written.
+
+    On a GPU with TF32 enabled for float32 convolutions (PyTorch's default for cuDNN) or
+    matmuls, a UserWarning says that ``success`` may not survive a re-evaluation: the final
+    iterate lies closer to the boundary than TF32's rounding of the logits.
     """
     x = check_input(x)
     norm_v = ops._norm_value(norm)
@@ -186,6 +190,7 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     if B == 0:
         return _empty_result(x)
     check_model_device(model, x)
+    warn_tf32(model, x, "ddfast.deepfool")
     step = B if batch_size is None else batch_size
     parts = []
     with frozen_model(model), torch.inference_mode(False), torch.enable_grad():

@@ -9,6 +9,7 @@ compared on all but a few samples and norms on the samples whose paths agree).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -107,3 +108,20 @@ def test_deepdefense_second_order_float64_matches_cpu():
     got = grad_norm(gpu_model, x.cuda(), y.cuda())
     for g, w in zip(got, want):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-7, atol=1e-10)
+
+
+def test_tf32_convolutions_warn_and_exact_float32_keeps_success():
+    """With TF32 convolutions (PyTorch's cuDNN default) deepfool warns; in exact float32 every
+    reported success survives a re-evaluation of x_adv in another batch size."""
+    model, x, _ = _model_and_data(torch.float32, n=100, seed=3)
+    model, x = model.cuda(), x.cuda()
+    torch.backends.cudnn.allow_tf32 = True
+    with pytest.warns(UserWarning, match="TF32"):
+        ddfast.deepfool(model, x[:4], max_iter=5)
+    torch.backends.cudnn.allow_tf32 = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = ddfast.deepfool(model, x, bounds=(0, 1))
+    with torch.no_grad():
+        again = torch.cat([model(res.x_adv[i:i + 7]).argmax(1) for i in range(0, len(x), 7)])
+    assert torch.equal(again[res.success], res.adv_label[res.success])

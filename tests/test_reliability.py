@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+import ddfast
 from ddfast import cli, models
 from test_cli import make_mnist
 
@@ -273,3 +276,44 @@ def test_no_code_path_unpickles_arbitrary_objects():
                 bare.append(f"{path.name}:{node.lineno}")
     assert loads >= 1  # the guard sees the reader
     assert not bare, bare
+
+
+class _FakeCuda:
+    """Stands in for a float32 CUDA tensor where only ``is_cuda`` and ``dtype`` are read."""
+    is_cuda = True
+    dtype = torch.float32
+
+
+@pytest.fixture
+def tf32_flags():
+    saved = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    yield
+    torch.backends.cudnn.allow_tf32 = saved[0]
+    torch.set_float32_matmul_precision(saved[1])
+
+
+def test_tf32_warning_names_what_runs_in_tf32(tf32_flags):
+    from ddfast._validate import tf32_in_use, warn_tf32
+
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("highest")
+    assert tf32_in_use(conv, _FakeCuda()) == "convolutions"
+    assert tf32_in_use(mlp, _FakeCuda()) is None
+    assert tf32_in_use(conv, torch.zeros(1)) is None               # CPU tensors: never
+    torch.set_float32_matmul_precision("high")
+    assert tf32_in_use(mlp, _FakeCuda()) == "matmuls"
+    assert tf32_in_use(conv, _FakeCuda()) == "convolutions and matmuls"
+    with pytest.warns(UserWarning, match="allow_tf32 = False"):
+        warn_tf32(conv, _FakeCuda(), "ddfast.deepfool")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    assert tf32_in_use(conv, _FakeCuda()) is None
+
+
+def test_deepfool_on_cpu_does_not_warn_about_tf32():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ddfast.deepfool(model, torch.rand(2, 1, 28, 28), max_iter=2)
