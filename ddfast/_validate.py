@@ -64,10 +64,16 @@ def check_logits(out, B: int) -> Tensor:
     return out
 
 
-def check_max_iter(max_iter) -> int:
+def check_max_iter(max_iter, name: str = "max_iter") -> int:
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+        raise ValueError(f"{name} must be an int >= 0, got {max_iter!r}")
     return max_iter
+
+
+def check_batch_size(batch_size) -> Optional[int]:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    return batch_size
 
 
 def check_candidates(candidates) -> Optional[int]:

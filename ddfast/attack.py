@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import jacobian, ops
-from ._validate import (as_labels, check_bounds, check_candidates, check_input, check_logits,
+from ._validate import (as_labels, check_batch_size, check_bounds, check_candidates, check_input, check_logits,
                         check_max_iter, check_model_device, check_nonneg, frozen_model, warn_tf32)
 
 __all__ = ["DeepFoolResult", "deepfool"]
@@ -182,8 +182,7 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     max_iter = check_max_iter(max_iter)
     k = check_candidates(candidates)
     lo, hi = check_bounds(bounds)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    batch_size = check_batch_size(batch_size)
     B = x.shape[0]
     if y is not None:
         y = as_labels(y, B, None, x.device)

@@ -10,6 +10,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import ops
+from ._validate import check_batch_size, check_bounds, check_candidates, check_max_iter, check_nonneg
 from .attack import DeepFoolResult, deepfool
 
 __all__ = ["DeepFool"]
@@ -29,20 +31,25 @@ class DeepFool:
         batch_size: optional chunk size.
 
     Calling it with ``(images, labels)`` returns adversarial images of the images' shape;
-    the full result of the last call is kept in ``self.last_result``.
+    the full result of the last call is kept in ``self.last_result``. Bad settings raise a
+    ValueError or TypeError naming the argument here, not at the first call.
     """
 
     def __init__(self, model: Callable[[Tensor], Tensor], steps: int = 50, overshoot: float = 0.02,
                  norm: Union[int, float, str] = 2, candidates: Optional[int] = None,
                  bounds: Optional[Tuple[Optional[float], Optional[float]]] = (0.0, 1.0),
                  batch_size: Optional[int] = None):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
         self.model = model
-        self.steps = steps
-        self.overshoot = overshoot
+        self.steps = check_max_iter(steps, "steps")
+        self.overshoot = check_nonneg(overshoot, "overshoot")
+        ops._norm_value(norm)
         self.norm = norm
-        self.candidates = candidates
+        self.candidates = check_candidates(candidates)
+        check_bounds(bounds)
         self.bounds = bounds
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.last_result: Optional[DeepFoolResult] = None
 
     def __call__(self, images: Tensor, labels: Optional[Tensor] = None) -> Tensor:

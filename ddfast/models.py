@@ -15,7 +15,7 @@ All models return logits ``[B, 10]``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Type
+from typing import Any, Dict, List, Sequence, Type
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ __all__ = ["MLP", "LeNet", "ConvNet", "NIN", "MODELS", "build_model", "layer_nam
 class MLP(nn.Module):
     """784-500-150-10 ReLU MLP (the paper's MNIST MLP). Input ``[B, 784]`` or ``[B, 1, 28, 28]``."""
 
-    def __init__(self, in_features: int = 784, hidden=(500, 150), num_classes: int = 10):
+    def __init__(self, in_features: int = 784, hidden: Sequence[int] = (500, 150), num_classes: int = 10):
         super().__init__()
         self.in_features = in_features
         sizes = [in_features, *hidden, num_classes]
@@ -87,7 +87,7 @@ class NIN(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 10):
         super().__init__()
 
-        def block(cin, k, widths):
+        def block(cin: int, k: int, widths: Sequence[int]) -> nn.Sequential:
             layers = [nn.Conv2d(cin, widths[0], k, padding=k // 2), nn.ReLU()]
             for a, b in zip(widths[:-1], widths[1:]):
                 layers += [nn.Conv2d(a, b, 1), nn.ReLU()]
@@ -111,7 +111,7 @@ class NIN(nn.Module):
 MODELS: Dict[str, Type[nn.Module]] = {"mlp": MLP, "lenet": LeNet, "convnet": ConvNet, "nin": NIN}
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
+def build_model(name: str, **kwargs: Any) -> nn.Module:
     """A fresh model by name: ``"mlp"``, ``"lenet"``, ``"convnet"`` or ``"nin"``."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")

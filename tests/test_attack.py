@@ -297,6 +297,18 @@ def test_torchattacks_style_dropin():
     assert (model(adv).argmax(1) != y).float().mean() > 0.5
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(steps=-1), "steps"), (dict(steps=2.5), "steps"), (dict(overshoot=-0.1), "overshoot"),
+    (dict(norm=3), "norm"), (dict(candidates=1), "candidates"), (dict(bounds=(1, 0)), "bounds"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_torchattacks_style_checks_settings_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ddfast.attacks.DeepFool(make_mlp(k=3).float(), **kwargs)
+    with pytest.raises(TypeError, match="model"):
+        ddfast.attacks.DeepFool("not a model")
+
+
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 6), K=st.integers(2, 6), D=st.integers(1, 9),
        norm=st.sampled_from([2.0, INF]), cand=st.sampled_from([None, 2, 3]),
