@@ -258,6 +258,25 @@ def adversarial_set(model: nn.Module, x: Tensor, y: Tensor, *, max_iter: int = 5
     return torch.cat(out)
 
 
+def _shared_adversarial_set(src: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, progress: bool,
+                            rank: int, world: int, chunk: int = 1000) -> Tensor:
+    """:func:`adversarial_set` of ``(x, y)``, computed once across the ranks: rank r attacks the
+    chunks r, r + world, ... (the same chunks one process attacks, so the result is the same
+    bit for bit) and each chunk is broadcast from its rank to the others."""
+    kw = dict(max_iter=cfg.adv_max_iter, overshoot=cfg.overshoot, batch_size=chunk)
+    if world == 1:
+        return adversarial_set(src, x, y, progress=progress, **kw)
+    starts = list(range(0, x.shape[0], chunk))
+    mine = {s: adversarial_set(src, x[s:s + chunk], y[s:s + chunk], progress=False, **kw)
+            for s in starts[rank::world]}
+    out = torch.empty_like(x)
+    for i, s in enumerate(starts):
+        buf = mine[s] if i % world == rank else torch.empty_like(x[s:s + chunk])
+        dist.broadcast(buf, src=i % world)
+        out[s:s + chunk] = buf
+    return out
+
+
 def _layer_params(model: nn.Module, layers: Sequence[str]) -> List[Tensor]:
     mods = dict(model.named_modules())
     missing = [n for n in layers if n not in mods]
@@ -355,8 +374,7 @@ def fit(
             src = _clone_with(model, model.state_dict())
             if writer:
                 atomic_save(src.state_dict(), init_path)
-        x_fit = adversarial_set(src, x_train, y_train, max_iter=cfg.adv_max_iter, overshoot=cfg.overshoot,
-                                progress=progress)
+        x_fit = _shared_adversarial_set(src, x_train, y_train, cfg, progress, rank, world)
         del src
 
     def save(epoch: int):

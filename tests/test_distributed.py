@@ -144,3 +144,42 @@ def test_fit_accepts_an_already_wrapped_model(tmp_path):
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6, msg=k)
     assert log[1]["train_loss"] == pytest.approx(want[1]["train_loss"], rel=1e-6)
+
+
+_SHARD_WORKER = """
+import sys, torch, torch.distributed as dist
+from ddfast import models, train
+rank, path = int(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="file://" + path + "/rendezvous", rank=rank, world_size=2)
+torch.manual_seed(0)
+model = models.MLP(hidden=(16,)).eval()
+x = torch.randn(95, 1, 28, 28)
+y = model(x).argmax(1)
+cfg = train.TrainConfig(method="adversarial", adv_max_iter=10)
+out = train._shared_adversarial_set(model, x, y, cfg, False, rank, 2, chunk=20)
+torch.save(out, f"{path}/rank{rank}.pt")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_adversarial_set_is_shared_across_ranks_bit_for_bit(tmp_path):
+    """Under DDP each rank attacks every other chunk of the fixed set and receives the rest:
+    both ranks end with exactly the set one process computes (chunks 0, 2, 4 on rank 0; 1, 3 on 1)."""
+    from ddfast import models, train
+
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARD_WORKER, str(r), str(tmp_path)], cwd=TESTS_DIR,
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+    torch.set_num_threads(1)  # as in the workers: the numerics of a batch depend on the thread count
+    torch.manual_seed(0)
+    model = models.MLP(hidden=(16,)).eval()
+    x = torch.randn(95, 1, 28, 28)
+    y = model(x).argmax(1)
+    want = train.adversarial_set(model, x, y, max_iter=10, batch_size=20, progress=False)
+    assert not torch.equal(want, x)
+    for r in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"rank{r}.pt", weights_only=True), want)
