@@ -52,6 +52,7 @@ if [ "$DEVICE" = cpu ]; then
         run "$PY" bench/deepfool_floor.py --n 500 --repeat 2 --json "$OUT/deepfool_floor.json"
     else
         run "$PY" bench/deepfool_floor.py --json "$OUT/deepfool_floor.json"
+        run "$PY" bench/deepfool_floor.py --clip --batch-size 100 --json "$OUT/deepfool_floor_clip.json"
     fi
 
     step "deepdefense_step (a DeepDefense training step against a cross-entropy step)"
