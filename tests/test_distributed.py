@@ -88,9 +88,14 @@ def test_torchrun_resume_finished_run_and_parseval(tiny_mnist, tmp_path):  # noq
 
 
 @pytest.mark.slow
-def test_torchrun_killed_mid_run_resumes_to_the_one_process_result(tmp_path):
+def test_torchrun_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGKILL to the whole torchrun session (agent and both ranks) after the epoch-1 checkpoint,
-    then ``--resume`` under torchrun: the final weights equal an uninterrupted one-process run."""
+    then ``--resume`` under torchrun: the final weights equal an uninterrupted torchrun run.
+
+    (Not a one-process run: over 3 DeepDefense epochs the float order of the gradient
+    all-reduce is enough to move the weights by ~2e-4, as is training with 1 thread instead
+    of 2, because the unrolled DeepFool's discrete choices amplify rounding; DDP equals one
+    process to 1e-6 over the short run of the first test.)"""
     import signal
 
     from test_cli import make_mnist
@@ -110,13 +115,14 @@ def test_torchrun_killed_mid_run_resumes_to_the_one_process_result(tmp_path):
     assert 1 <= at_kill < 3
     p = _torchrun(args + ["--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
-    one = [str(a) for a in args]
-    one[one.index("--out") + 1] = str(tmp_path / "one")
-    assert cli.main(one) == 0
+    ref = list(args)
+    ref[ref.index(tmp_path / "ddp")] = tmp_path / "ref"
+    p = _torchrun(ref)
+    assert p.returncode == 0, p.stderr[-3000:]
     got = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
-    want = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    want = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+        assert torch.equal(got[k], want[k]), k
 
 
 def test_fit_accepts_an_already_wrapped_model(tmp_path):
