@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import jacobian, ops
+from . import backends, jacobian, ops
 from ._validate import (as_labels, check_batch_size, check_bounds, check_candidates, check_input, check_logits,
                         check_max_iter, check_model_device, check_nonneg, frozen_model, warn_tf32)
 
@@ -81,6 +81,8 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     ref = pred if y is None else y
     cand = _competing_classes(logits, ref, k)
 
+    backend = backends.resolve(None, dev, dtype)   # once: the loop's op calls skip checks and dispatch
+    all_active = torch.ones(B, dtype=torch.bool, device=dev)
     x_final = x0.clone()                       # rows are overwritten when a sample stops
     iterations = torch.zeros(B, dtype=torch.int64, device=dev)
     success = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -111,10 +113,11 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
         # One backward row per competing class: w_k = g_k - g_ref directly.
         grads = jacobian.class_grads(model, xg, logits_g, cand, rows, shape=shape, minus=ref_a)
         del xg, logits_g
-        ones = torch.ones(n, dtype=torch.bool, device=dev)
-        _, _, r = ops.select_boundary(logits, grads.to(dtype), cand, ref_a, ones, norm, diff=True)
+        ones = all_active[:n]
+        _, _, r = ops.select_boundary_unchecked(logits, grads.to(dtype), cand, ref_a, ones, norm, 1e-4, backend,
+                                                diff=True)
         del grads
-        r_tot_a, x_cur = ops.deepfool_update(x0_a, r_tot_a, r, ones, overshoot, lo, hi)
+        r_tot_a, x_cur = ops.deepfool_update_unchecked(x0_a, r_tot_a, r, ones, overshoot, lo, hi, backend)
         iterations[idx] = t + 1
         if t + 1 < max_iter:
             xg, logits_g = jacobian.forward_with_graph(model, x_cur, shape)

@@ -28,10 +28,8 @@ def _impl(backend: str, op: str):
 
 
 # --------------------------------------------------------------------------- select_boundary
-@torch.library.custom_op("ddfast::select_boundary", mutates_args=())
-def _select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
-                     norm: float, eps: float, backend: str,
-                     diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+def _select_impl(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
+                 norm: float, eps: float, backend: str, diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     mod = backends.load(backend)
     if not diff:
         return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps))
@@ -42,6 +40,13 @@ def _select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, a
     grads = torch.cat([grads.new_zeros(B, 1, D), grads], 1)
     cand = torch.cat([ref[:, None].to(cand.dtype), cand], 1)
     return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps))
+
+
+@torch.library.custom_op("ddfast::select_boundary", mutates_args=())
+def _select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
+                     norm: float, eps: float, backend: str,
+                     diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    return _select_impl(logits, grads, cand, ref, active, norm, eps, backend, diff)
 
 
 @_select_boundary.register_fake
@@ -303,3 +308,23 @@ def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, oversh
     lo = None if lo is None else float(lo)
     hi = None if hi is None else float(hi)
     return torch.ops.ddfast.deepfool_update(x0, r_tot, r, active, float(overshoot), lo, hi, name)
+
+
+# ------------------------------------------------------- internal entry points for ddfast's loops
+def select_boundary_unchecked(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
+                              norm: float, eps: float, backend: str, diff: bool = False
+                              ) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`select_boundary` for inputs that ddfast builds itself, with the backend already
+    resolved: no argument checks (they cost two device syncs per call) and, in eager mode, no
+    custom-op dispatch (these inputs need no autograd). Under ``torch.compile``, the op."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ddfast.select_boundary(logits, grads, cand, ref, active, norm, eps, backend, diff)
+    return _select_impl(logits, grads, cand, ref, active, norm, eps, backend, diff)
+
+
+def deepfool_update_unchecked(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,
+                              lo: Optional[float], hi: Optional[float], backend: str) -> Tuple[Tensor, Tensor]:
+    """:func:`deepfool_update` for ddfast's own inputs; see :func:`select_boundary_unchecked`."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ddfast.deepfool_update(x0, r_tot, r, active, overshoot, lo, hi, backend)
+    return tuple(_impl(backend, "deepfool_update")(x0, r_tot, r, active, overshoot, lo, hi))

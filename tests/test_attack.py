@@ -346,3 +346,26 @@ def test_model_and_input_on_different_devices():
 def test_meta_input_is_refused_with_a_message():
     with pytest.raises(ValueError, match="x is on the meta device"):
         ddfast.deepfool(make_mlp(), torch.randn(2, 20, dtype=torch.float64, device="meta"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_deepfool_runs_the_chosen_backend(backend, monkeypatch):
+    """The loop calls its ops without per-call dispatch, on the backend chosen when the attack
+    starts (set_backend / DDFAST_BACKEND / the device default): the others are never called."""
+    if backend not in ddfast.available_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    from ddfast import backends
+
+    calls = []
+    for name in ddfast.available_backends():
+        mod = backends.load(name)
+        for op in ("select_boundary", "deepfool_update"):
+            real = getattr(mod, op)
+            monkeypatch.setattr(mod, op, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
+    model = make_mlp(k=4)
+    x = torch.randn(6, 20, dtype=torch.float64)
+    with ddfast.set_backend(backend):
+        res = ddfast.deepfool(model, x, max_iter=10)
+    assert calls and set(calls) == {backend}
+    want = slow_deepfool(model, x, max_iter=10)[0]
+    torch.testing.assert_close(res.delta, want, rtol=1e-8, atol=1e-10)
