@@ -94,7 +94,8 @@ def _losses() -> Dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]]:
     }
 
 
-def bench_model(name: str, rounds: int, naive_rounds: int, batch: int = 100, log=print) -> Dict:
+def bench_model(name: str, rounds: int, naive_rounds: int, batch: int = 100, log=print,
+                device: str = "cpu") -> Dict:
     base = common.trained_model(name, log=log)
     x_all, y_all = common.mnist_test(n=batch * (rounds + 2), model=name)
     # same values from both implementations on the first batch (float64 to compare tightly)
@@ -108,9 +109,12 @@ def bench_model(name: str, rounds: int, naive_rounds: int, batch: int = 100, log
         f"{check['correct']}/{batch} correct, mean {check['mean_iterations']:.2f} steps")
 
     losses = _losses()
+    dev = torch.device(device)
+    x_all, y_all = x_all.to(dev), y_all.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     state = {}
     for k in losses:
-        m = copy.deepcopy(base).train()
+        m = copy.deepcopy(base).to(dev).train()
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
         state[k] = (m, opt)
     times = {k: [] for k in losses}
@@ -121,11 +125,13 @@ def bench_model(name: str, rounds: int, naive_rounds: int, batch: int = 100, log
             if k == "naive" and r > naive_rounds:
                 continue
             m, opt = state[k]
+            sync()
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = fn(m, x, y)
             loss.backward()
             opt.step()
+            sync()
             dt = time.perf_counter() - t0
             if r:
                 times[k].append(dt)
@@ -146,15 +152,19 @@ def main() -> None:
     p.add_argument("--naive-rounds", type=int, default=5, help="rounds that also time the (slow) naive step")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", default=str(common.RESULTS / "deepdefense_step.json"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the float64 value check stays on the CPU)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {name: bench_model(name, args.rounds, min(args.rounds, args.naive_rounds)) for name in args.models}
+    if args.device.startswith("cuda"):  # exact float32, as on the CPU (cuDNN convolutions default to TF32)
+        torch.backends.cudnn.allow_tf32 = False
+    results = {name: bench_model(name, args.rounds, min(args.rounds, args.naive_rounds), device=args.device)
+               for name in args.models}
     payload = {"benchmark": "deepdefense_step", "lam": LAM, "c": C, "d": D, "max_iter": MAX_ITER,
                "overshoot": OVERSHOOT, "optimizer": "SGD lr 1e-3 momentum 0.9 wd 5e-4",
                "note": "full training step, batch 100, methods timed round-robin in one process; "
                        "ratios of medians to the plain cross-entropy step", "results": results}
-    path = common.write_json(args.out, payload)
+    path = common.write_json(args.out, payload, args.device)
     print(f"wrote {path}")
 
 

@@ -11,6 +11,7 @@
 #   tests       the GPU tests (tests/test_gpu.py, test_cuda.py, test_triton.py, test_ops_backends.py)
 #   ops         bench/ops.py --device cuda                            -> OUTDIR/ops_cuda.json
 #   throughput  bench/deepfool_throughput.py --quick --device cuda    -> OUTDIR/deepfool_throughput_cuda.*
+#   step        bench/deepdefense_step.py --device cuda (MLP and LeNet) -> OUTDIR/deepdefense_step_cuda.json
 #
 # Each stage's output is appended to OUTDIR/session.log; a failing stage is reported and the
 # next one still runs. Stage time limits: $STAGE_TIMEOUT seconds (default 240).
@@ -54,6 +55,8 @@ for s in "$@"; do
             stage ops $PY bench/ops.py --device cuda --json "$OUTDIR/ops_cuda.json" ;;
         throughput)
             stage throughput $PY bench/deepfool_throughput.py --quick --device cuda --json "$OUTDIR/deepfool_throughput_cuda.json" ;;
+        step)
+            stage step $PY bench/deepdefense_step.py --device cuda --out "$OUTDIR/deepdefense_step_cuda.json" ;;
         *)
             echo "gpu_session.sh: unknown stage $s" | tee -a "$LOG" ;;
     esac
