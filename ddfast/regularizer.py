@@ -31,7 +31,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import jacobian, ops
+from . import backends, jacobian, ops
 from ._validate import (as_labels, check_candidates, check_input, check_logits, check_max_iter,
                         check_model_device, check_nonneg, frozen_model)
 from .attack import _competing_classes
@@ -167,9 +167,10 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
                                      method=method, create_graph=False, retain_graph=True,
                                      shape=shape, minus=ref_sel)
             ones = torch.ones(sel.numel(), dtype=torch.bool, device=x0.device)
-            l_sel, _, _ = ops.select_boundary(logits_d if whole else logits_d[srows],
-                                              g.to(logits.dtype), cand, ref_sel, ones, 2,
-                                              _EPS, backend, diff=True)
+            # ddfast's own inputs: no per-step argument checks or op dispatch (no graph needed)
+            l_sel, _, _ = ops.select_boundary_unchecked(
+                logits_d if whole else logits_d[srows], g.to(logits.dtype), cand, ref_sel, ones, 2.0,
+                _EPS, backends.resolve(backend, g.device, logits.dtype), diff=True)
             del g
             target[sel] = l_sel
         direction = eye[target] - eye[cur_a]                      # [n, K]
