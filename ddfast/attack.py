@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import backends, jacobian, ops
+from .reference import STEP_EPS
 from ._validate import (as_labels, check_batch_size, check_bounds, check_candidates, check_input, check_logits,
                         check_max_iter, check_model_device, check_nonneg, frozen_model, warn_tf32)
 
@@ -114,7 +115,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
         grads = jacobian.class_grads(model, xg, logits_g, cand, rows, shape=shape, minus=ref_a)
         del xg, logits_g
         ones = all_active[:n]
-        _, _, r = ops.select_boundary_unchecked(logits, grads.to(dtype), cand, ref_a, ones, norm, 1e-4, backend,
+        _, _, r = ops.select_boundary_unchecked(logits, grads.to(dtype), cand, ref_a, ones, norm, STEP_EPS, backend,
                                                 diff=True)
         del grads
         r_tot_a, x_cur = ops.deepfool_update_unchecked(x0_a, r_tot_a, r, ones, overshoot, lo, hi, backend)

@@ -36,6 +36,9 @@ SELECT_DIFF = True
 #: overflows above ~88.7) while every exponent below the cap is untouched.
 PENALTY_EXP_CAP = 60.0
 
+#: added to each step's distance so that the step crosses the boundary (DESIGN.md)
+STEP_EPS = 1e-4
+
 
 def _check_norm(norm: float) -> float:
     norm = float(norm)
@@ -67,7 +70,7 @@ def select_boundary(
     ref: Tensor,
     active: Tensor,
     norm: float = 2.0,
-    eps: float = 1e-4,
+    eps: float = STEP_EPS,
     diff: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Closest linearised decision boundary and the DeepFool step towards it.

@@ -35,10 +35,9 @@ from . import backends, jacobian, ops
 from ._validate import (as_labels, check_candidates, check_input, check_logits, check_max_iter,
                         check_model_device, check_nonneg, frozen_model)
 from .attack import _competing_classes
+from .reference import STEP_EPS
 
 __all__ = ["DeepDefense", "DeepDefenseInfo", "deepdefense_loss"]
-
-_EPS = 1e-4  # added to every step's distance (DESIGN.md)
 
 
 @dataclass
@@ -170,7 +169,7 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
             # ddfast's own inputs: no per-step argument checks or op dispatch (no graph needed)
             l_sel, _, _ = ops.select_boundary_unchecked(
                 logits_d if whole else logits_d[srows], g.to(logits.dtype), cand, ref_sel, ones, 2.0,
-                _EPS, backends.resolve(backend, g.device, logits.dtype), diff=True)
+                STEP_EPS, backends.resolve(backend, g.device, logits.dtype), diff=True)
             del g
             target[sel] = l_sel
         direction = eye[target] - eye[cur_a]                      # [n, K]
@@ -180,7 +179,7 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
         fdiff = (logits * direction).sum(1)
         if rows is not None:
             w, fdiff = w[rows], fdiff[rows]
-        r = ops.boundary_step(fdiff, w.to(x0.dtype), 2, _EPS, backend)          # [n, D]
+        r = ops.boundary_step(fdiff, w.to(x0.dtype), 2, STEP_EPS, backend)          # [n, D]
         if r_tot is None and gidx.numel() == B:
             r_tot = r
         else:
