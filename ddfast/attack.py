@@ -81,6 +81,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
         y = as_labels(y, B, K, dev)
     ref = pred if y is None else y
     cand = _competing_classes(logits, ref, k)
+    go = jacobian.directions(B, K, cand, logits_g, ref)   # [C, B, K] output directions e_cand - e_ref
 
     backend = backends.resolve(None, dev, dtype)   # once: the loop's op calls skip checks and dispatch
     all_active = torch.ones(B, dtype=torch.bool, device=dev)
@@ -100,8 +101,10 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             rows = keep.nonzero().squeeze(1)
             idx, x0_a, r_tot_a, ref_a, cand, logits = (
                 idx[rows], x0_a[rows], r_tot_a[rows], ref_a[rows], cand[rows], logits[rows])
+            go_graph, go = go * keep[None, :, None], go[:, rows]   # the graph's dropped rows get none
         else:
             rows = None
+            go_graph = go
         n = idx.numel()
         if n == 0:
             break
@@ -110,16 +113,16 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             # Few rows survive: a fresh forward on them costs less than a Jacobian of the
             # whole graph batch.
             xg, logits_g = jacobian.forward_with_graph(model, x_cur[rows], shape)
-            rows = None
+            rows, go_graph = None, go
         # One backward row per competing class: w_k = g_k - g_ref directly.
-        grads = jacobian.class_grads(model, xg, logits_g, cand, rows, shape=shape, minus=ref_a)
+        grads = jacobian.direction_grads(model, xg, logits_g, go_graph, rows, shape=shape)
+        del go_graph
         del xg, logits_g
         ones = all_active[:n]
         _, _, r = ops.select_boundary_unchecked(logits, grads.to(dtype), cand, ref_a, ones, norm, STEP_EPS, backend,
                                                 diff=True)
         del grads
         r_tot_a, x_cur = ops.deepfool_update_unchecked(x0_a, r_tot_a, r, ones, overshoot, lo, hi, backend)
-        iterations[idx] = t + 1
         if t + 1 < max_iter:
             xg, logits_g = jacobian.forward_with_graph(model, x_cur, shape)
             out = logits_g
@@ -135,8 +138,10 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             x_final[stop] = x_cur[done]
             adv_label[stop] = new_pred[done]
             success[stop] = True
+            iterations[stop] = t + 1
         if t + 1 == max_iter:
             x_final[idx[keep]] = x_cur[keep]
+            iterations[idx[keep]] = max_iter
 
     delta = (x_final - x0).view(B, *shape)
     return DeepFoolResult(delta=delta, x_adv=x_final.view(B, *shape), iterations=iterations,

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["forward_with_graph", "class_grads", "one_row_with_graph"]
+__all__ = ["forward_with_graph", "class_grads", "direction_grads", "directions", "one_row_with_graph"]
 
 _vmap_fails: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -37,7 +37,7 @@ def forward_with_graph(model: Callable, x_flat: Tensor, shape: torch.Size) -> Tu
     return xg, logits
 
 
-def _directions(n: int, K: int, classes: Optional[Tensor], like: Tensor,
+def directions(n: int, K: int, classes: Optional[Tensor], like: Tensor,
                 minus: Optional[Tensor] = None) -> Tensor:
     """Output directions [C, n, K]: one-hot rows of ``classes`` [n, C] (identity when None),
     each minus the one-hot row of ``minus`` [n] when given (so the backward yields
@@ -126,7 +126,18 @@ def class_grads(model: Callable, xg: Tensor, logits: Tensor, classes: Optional[T
             full = torch.zeros(n, dtype=minus.dtype, device=minus.device)
             full[rows] = minus
             minus = full
-    go = _directions(n, K, classes, logits, minus)
+    go = directions(n, K, classes, logits, minus)
+    return direction_grads(model, xg, logits, go, rows, method, create_graph, retain_graph, shape)
+
+
+def direction_grads(model: Callable, xg: Tensor, logits: Tensor, go: Tensor,
+                    rows: Optional[Tensor] = None, method: str = "auto",
+                    create_graph: bool = False, retain_graph: bool = False,
+                    shape: Optional[torch.Size] = None) -> Tensor:
+    """``grads[i, j] = d (go[j, rows[i]] . logits[rows[i]]) / d x_{rows[i]}``: the gradients
+    along given output directions ``go`` [C, n, K] (one per row of the graph batch; rows
+    that are not returned may hold zeros). Other arguments and the result as in
+    :func:`class_grads`: [m, C, D]."""
     if method not in ("auto", "batched", "replicate", "loop"):
         raise ValueError(f"method must be 'auto', 'batched', 'replicate' or 'loop', got {method!r}")
     fallback = "loop" if shape is None else "replicate"
