@@ -18,6 +18,9 @@ from . import DTYPES
 TARGET_PROGRAMS = 1024
 #: Default block of a row: elements one program touches per loop step.
 BLOCK_D = 1024
+#: Options of every launch. Multiply-adds are fused (FMA), as nvcc does for the CUDA kernels
+#: by default; said explicitly because Triton 3.10 turns fusion off by default.
+LAUNCH = {"enable_fp_fusion": True}
 
 
 def split_rows(B: int, D: int, block: int) -> tuple[int, int]:
@@ -79,5 +82,5 @@ def partial_norms(x: Tensor, q: int, block: int, acc_dtype: torch.dtype = torch.
     chunk, S = split_rows(B, D, block)
     out = torch.empty(B, S, dtype=acc_dtype, device=x.device)
     if B:
-        partial_norm_kernel[(B, S)](x, out, D, x.stride(0), chunk, S, Q=q, BLOCK=block)
+        partial_norm_kernel[(B, S)](x, out, D, x.stride(0), chunk, S, Q=q, BLOCK=block, **LAUNCH)
     return out, S

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import BLOCK_D, check, partial_norms, rows, store_dtype
+from ._common import BLOCK_D, LAUNCH, check, partial_norms, rows, store_dtype
 
 
 @triton.jit
@@ -59,5 +59,5 @@ def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4
     block = min(block_d, triton.next_power_of_2(D))
     _step_kernel[(B, triton.cdiv(D, block))](fdiff, w, part, r, D, w.stride(0), S, float(eps), Q=q,
                                              BLOCK_S=min(triton.next_power_of_2(S), 64),
-                                             BLOCK=block)
+                                             BLOCK=block, **LAUNCH)
     return r.to(w.dtype)

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import PENALTY_EXP_CAP
-from ._common import BLOCK_D, check, partial_norms, rows, store_dtype
+from ._common import BLOCK_D, LAUNCH, check, partial_norms, rows, store_dtype
 
 
 @triton.jit
@@ -61,5 +61,5 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
     block_b = min(triton.next_power_of_2(B), 64)
     _penalty_kernel[(triton.cdiv(B, block_b),)](dpart, xpart, corr, out, B, S, float(c), float(d),
                                                float(PENALTY_EXP_CAP), BLOCK_B=block_b,
-                                               BLOCK_S=min(triton.next_power_of_2(S), 64))
+                                               BLOCK_S=min(triton.next_power_of_2(S), 64), **LAUNCH)
     return out.to(delta.dtype)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check, store_dtype
+from ._common import LAUNCH, check, store_dtype
 
 
 @triton.jit
@@ -53,5 +53,5 @@ def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, oversh
     _update_kernel[(B, triton.cdiv(D, block))](
         x0, r_tot, r, act, rt_out, x_out, D, 1.0 + float(overshoot),
         0.0 if lo is None else float(lo), 0.0 if hi is None else float(hi),
-        HAS_LO=lo is not None, HAS_HI=hi is not None, BLOCK=block)
+        HAS_LO=lo is not None, HAS_HI=hi is not None, BLOCK=block, **LAUNCH)
     return rt_out.to(x0.dtype), x_out.to(x0.dtype)

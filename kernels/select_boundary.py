@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import BLOCK_D, check, split_rows, store_dtype
+from ._common import BLOCK_D, LAUNCH, check, split_rows, store_dtype
 
 
 @triton.jit
@@ -163,10 +163,11 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
     chunk, S = split_rows(B, D, block_dc)
     part = torch.empty(B, C, S, dtype=torch.float32, device=dev)
     _partial_kernel[(B, S)](grads, cand, ref, act, part, C, D, grads.stride(0), grads.stride(1),
-                            chunk, S, Q=q, BLOCK_C=block_c, BLOCK_D=block_dc)
+                            chunk, S, Q=q, BLOCK_C=block_c, BLOCK_D=block_dc, **LAUNCH)
     block_r = min(block_r, triton.next_power_of_2(D))
     block_s = min(triton.next_power_of_2(S), 64)
     _finish_kernel[(B, triton.cdiv(D, block_r))](
         logits, grads, cand, ref, act, part, l, dist, r, K, C, D, grads.stride(0),
-        grads.stride(1), S, float(eps), Q=q, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_R=block_r)
+        grads.stride(1), S, float(eps), Q=q, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_R=block_r,
+        **LAUNCH)
     return l, dist.to(logits.dtype), r.to(grads.dtype)

@@ -129,10 +129,14 @@ def _compile_for_sm90(kernels):
     kernels' Python, so only this proves they lower to PTX (types, loops, reductions)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as tcompile
+    from ddfast.kernels._common import LAUNCH
+    ptx = {}
     for fn, sig, consts in kernels:
         k = tcompile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                     target=GPUTarget("cuda", 90, 32))
+                     target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH))
         assert ".entry" in k.asm["ptx"]
+        ptx[fn.__name__] = k.asm["ptx"]
+    return ptx
 
 
 def _kernel_specs(dtypes, norms):
@@ -178,7 +182,9 @@ def _kernel_specs(dtypes, norms):
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton, not its interpreter")
 def test_kernels_compile_for_a_gpu_target():
-    _compile_for_sm90(_kernel_specs(["*fp32"], [2]))
+    ptx = _compile_for_sm90(_kernel_specs(["*fp32"], [2]))
+    # the launch options fuse x0 + k * r_tot into one FMA, as nvcc does in the CUDA kernel
+    assert "fma.rn.f32" in ptx["_update_kernel"]
 
 
 @pytest.mark.slow
