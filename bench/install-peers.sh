@@ -13,7 +13,7 @@
 # Peers (versions the benchmark was written against):
 #   foolbox 3.3.4                          needs eagerpy, GitPython (gitdb, smmap), typing_extensions, requests, scipy
 #   torchattacks 3.5.1                     needs scipy, tqdm, requests
-#   adversarial-robustness-toolbox 1.20.1  needs scipy, scikit-learn (joblib, threadpoolctl, narwhals), six, tqdm
+#   adversarial-robustness-toolbox 1.20.1  needs scipy, scikit-learn (joblib, threadpoolctl, narwhals, cloudpickle), six, tqdm
 #   deeprobust 0.2.11                      its package __init__ imports torchvision and more; bench/peers.py loads
 #                                          only deeprobust/image/attack/deepfool.py (numpy + torch), so no extra deps
 set -euo pipefail
@@ -40,7 +40,7 @@ DEPS=(
     "GitPython" "gitdb" "smmap"          # foolbox (foolbox.zoo imports git at import time)
     "typing_extensions" "requests" "urllib3" "idna" "charset-normalizer" "certifi"
     "scipy" "tqdm" "six" "setuptools"
-    "scikit-learn" "joblib" "threadpoolctl" "narwhals"   # ART imports sklearn
+    "scikit-learn" "joblib" "threadpoolctl" "narwhals" "cloudpickle"   # ART imports sklearn (joblib: cloudpickle)
 )
 
 # Only install a dependency that is missing: an existing scipy / numpy stays as it is.

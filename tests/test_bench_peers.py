@@ -7,7 +7,6 @@ them). The agreement is per sample, in float64, on a few MNIST test images and a
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -23,13 +22,17 @@ from ddfast import data, models  # noqa: E402
 N = 12
 
 
-def _have(mod: str) -> bool:
-    if mod in sys.modules:  # (bench/peers.py registers deeprobust's parent packages itself)
-        return True
-    try:
-        return importlib.util.find_spec(mod) is not None
-    except (ImportError, ValueError):
-        return False
+@pytest.fixture(scope="module")
+def peer_status():
+    """peer name -> None where it imports, else why not (as bench/peers.py decides)."""
+    import peers
+
+    return peers.available()
+
+
+def _need(status, name: str) -> None:
+    if status.get(name) is not None:
+        pytest.skip(f"{name} does not import here ({status[name]}); bench/install-peers.sh installs it")
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +65,8 @@ def test_peers_module_reports_availability():
 
 
 @pytest.mark.parametrize("candidates", [None, 3])
-def test_foolbox_agrees_per_sample(setup, candidates):
-    if not (_have("foolbox") and _have("eagerpy")):
-        pytest.skip("foolbox not installed (bench/install-peers.sh)")
+def test_foolbox_agrees_per_sample(setup, peer_status, candidates):
+    _need(peer_status, "foolbox")
     import peers
 
     model, x, ref = setup
@@ -78,9 +80,8 @@ def test_foolbox_agrees_per_sample(setup, candidates):
     torch.testing.assert_close(dd.x_adv, fb.x_adv, rtol=0, atol=1e-3)
 
 
-def test_deeprobust_agrees_per_sample_without_bounds(setup):
-    if not _have("deeprobust"):
-        pytest.skip("deeprobust not installed (bench/install-peers.sh)")
+def test_deeprobust_agrees_per_sample_without_bounds(setup, peer_status):
+    _need(peer_status, "deeprobust")
     import peers
 
     model, x, ref = setup
@@ -102,11 +103,10 @@ def test_naive_baseline_agrees_without_bounds(setup):
     assert torch.equal(nv.iterations, dd.iterations)
 
 
-def test_torchattacks_lands_on_the_same_boundary(setup):
+def test_torchattacks_lands_on_the_same_boundary(setup, peer_status):
     """torchattacks projects every iterate to [0, 1] and adds no 1e-4: where it fools the model,
     its perturbation has nearly ddfast's norm (it stops just past the same boundary)."""
-    if not _have("torchattacks"):
-        pytest.skip("torchattacks not installed (bench/install-peers.sh)")
+    _need(peer_status, "torchattacks")
     import peers
 
     model, x, ref = setup
@@ -120,11 +120,10 @@ def test_torchattacks_lands_on_the_same_boundary(setup):
         torch.testing.assert_close(n_ta[f_ta], n_dd[f_ta], rtol=1e-2, atol=1e-5)
 
 
-def test_art_overshoot_at_the_end(setup):
+def test_art_overshoot_at_the_end(setup, peer_status):
     """ART steps without overshoot and applies it once at the end: same boundary, and its
     perturbation is a few percent larger than ddfast's."""
-    if not (_have("art") and _have("sklearn")):
-        pytest.skip("adversarial-robustness-toolbox not installed (bench/install-peers.sh)")
+    _need(peer_status, "art")
     import peers
 
     model, x, ref = setup
