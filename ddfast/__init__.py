@@ -11,7 +11,7 @@
 import importlib
 
 from . import attacks, ops, reference
-from .attack import DeepFoolResult, deepfool
+from .attack import DeepFoolResult, NonFiniteLogitsError, deepfool
 from .backends import available_backends, get_backend, set_backend
 from .regularizer import DeepDefense, DeepDefenseInfo, deepdefense_loss
 
@@ -22,6 +22,7 @@ _LAZY_SUBMODULES = ("data", "models", "metrics", "train", "reproduce", "plots", 
 __all__ = [
     "deepfool",
     "DeepFoolResult",
+    "NonFiniteLogitsError",
     "deepdefense_loss",
     "DeepDefense",
     "DeepDefenseInfo",

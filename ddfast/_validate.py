@@ -17,6 +17,10 @@ __all__ = ["check_input", "as_labels", "check_logits", "check_max_iter", "check_
            "check_bounds", "check_model_device", "check_nonneg", "frozen_model"]
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model returned NaN or Inf logits at the clean inputs: there is no class to leave."""
+
+
 def check_input(x, name: str = "x") -> Tensor:
     """A floating-point tensor with a batch dimension and finite values."""
     if not isinstance(x, Tensor):

@@ -9,6 +9,7 @@ are computed for the remaining samples only.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -17,10 +18,10 @@ from torch import Tensor
 
 from . import backends, jacobian, ops
 from .reference import STEP_EPS
-from ._validate import (as_labels, check_batch_size, check_bounds, check_candidates, check_input, check_logits,
+from ._validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates, check_input, check_logits,
                         check_max_iter, check_model_device, check_nonneg, frozen_model, warn_tf32)
 
-__all__ = ["DeepFoolResult", "deepfool"]
+__all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
 
 
 @dataclass
@@ -35,7 +36,8 @@ class DeepFoolResult:
         success: [B] bool, the prediction at ``x_adv`` differs from ``label`` (with labels
             given, a sample that was already misclassified counts as a success).
         label: [B] int64 reference class: the given label, else the prediction at x.
-        adv_label: [B] int64 prediction at ``x_adv``.
+        adv_label: [B] int64 prediction at ``x_adv`` (``label`` where the model's logits at
+            ``x_adv`` are not finite: such a sample stops there, unsuccessful).
     """
 
     delta: Tensor
@@ -66,7 +68,9 @@ def _competing_classes(logits: Tensor, ref: Tensor, k: Optional[int]) -> Tensor:
 
 def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int,
                   overshoot: float, norm: float, k: Optional[int],
-                  lo: Optional[float], hi: Optional[float]) -> DeepFoolResult:
+                  lo: Optional[float], hi: Optional[float]) -> Tuple[DeepFoolResult, Tensor]:
+    """DeepFool on one chunk; also returns how many of its samples stopped at an iterate where
+    the model's logits were not finite (a 0-d tensor: read once, after every chunk)."""
     B = x.shape[0]
     shape = x.shape[1:]
     dtype, dev = x.dtype, x.device
@@ -76,6 +80,11 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     xg, logits_g = jacobian.forward_with_graph(model, x0, shape)
     logits = check_logits(logits_g, B).detach().to(dtype)
     K = logits.shape[1]
+    nonfinite = ~torch.isfinite(logits).all(1)
+    if bool(nonfinite.any()):
+        bad = nonfinite.nonzero().squeeze(1)
+        raise NonFiniteLogitsError(f"model returned NaN or Inf logits at x for {bad.numel()} of {B} samples "
+                         f"(rows {bad[:5].tolist()}{' ...' if bad.numel() > 5 else ''}): nothing to attack there")
     pred = logits.argmax(1)
     if y is not None:
         y = as_labels(y, B, K, dev)
@@ -89,6 +98,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     iterations = torch.zeros(B, dtype=torch.int64, device=dev)
     success = torch.zeros(B, dtype=torch.bool, device=dev)
     adv_label = pred.clone()
+    n_nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
 
     # The active set, compacted: idx (its rows of the batch) and its working tensors.
     idx = torch.arange(B, device=dev)
@@ -130,14 +140,16 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             with torch.no_grad():
                 out = model(x_cur.view(n, *shape))
         logits = check_logits(out, n).detach().to(dtype)
-        new_pred = logits.argmax(1)
-        keep = new_pred == ref_a
+        finite = torch.isfinite(logits).all(1)     # else the sample stops: argmax of NaN means nothing
+        new_pred = torch.where(finite, logits.argmax(1), ref_a)
+        keep = (new_pred == ref_a) & finite
         if not bool(keep.all()):
             done = (~keep).nonzero().squeeze(1)
             stop = idx[done]
             x_final[stop] = x_cur[done]
             adv_label[stop] = new_pred[done]
-            success[stop] = True
+            success[stop] = finite[done]
+            n_nonfinite += (~finite).sum()
             iterations[stop] = t + 1
         if t + 1 == max_iter:
             x_final[idx[keep]] = x_cur[keep]
@@ -145,7 +157,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
 
     delta = (x_final - x0).view(B, *shape)
     return DeepFoolResult(delta=delta, x_adv=x_final.view(B, *shape), iterations=iterations,
-                          success=success, label=ref, adv_label=adv_label)
+                          success=success, label=ref, adv_label=adv_label), n_nonfinite
 
 
 def _empty_result(x: Tensor) -> DeepFoolResult:
@@ -200,11 +212,17 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     check_model_device(model, x)
     warn_tf32(model, x, "ddfast.deepfool")
     step = B if batch_size is None else batch_size
-    parts = []
+    parts, n_nonfinite = [], 0
     with frozen_model(model), torch.inference_mode(False), torch.enable_grad():
         for s in range(0, B, step):
-            parts.append(_attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step],
-                                       max_iter, overshoot, norm_v, k, lo, hi))
+            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step],
+                                      max_iter, overshoot, norm_v, k, lo, hi)
+            parts.append(part)
+            n_nonfinite += int(bad)
+    if n_nonfinite:
+        warnings.warn(f"ddfast.deepfool: the model returned NaN or Inf logits at the iterate of {n_nonfinite} "
+                      f"sample(s); they stop there with success=False (e.g. a float16 model that overflows)",
+                      RuntimeWarning, stacklevel=2)
     if len(parts) == 1:
         return parts[0]
     return DeepFoolResult(*(torch.cat([getattr(p, f) for p in parts]) for f in

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._validate import check_max_iter, check_nonneg
+from ._validate import NonFiniteLogitsError, check_max_iter, check_nonneg
 from .metrics import accuracy, check_data, rho2
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
@@ -289,7 +290,10 @@ def _layer_params(model: nn.Module, layers: Sequence[str]) -> List[Tensor]:
 
 def _evaluate_epoch(model, x_test, y_test, cfg, scale, progress) -> dict:
     sub = x_test[: cfg.eval_subset]
-    r = rho2(model, sub, max_iter=cfg.eval_max_iter, scale=scale, progress=progress)
+    try:
+        r = rho2(model, sub, max_iter=cfg.eval_max_iter, scale=scale, progress=progress)
+    except NonFiniteLogitsError:  # non-finite weights, kept by on_nonfinite="skip": nothing to measure
+        return {"test_acc": math.nan, "rho2": math.nan, "fooled": math.nan}
     return {"test_acc": accuracy(model, x_test, y_test), "rho2": r.rho2, "fooled": r.fooled}
 
 

@@ -280,10 +280,39 @@ def test_bad_input(bad, match):
     (lambda x: x[:, :1], "at least 2 classes"),
     (lambda x: x[:1, :3], r"logits of shape \[B, K\] = \[2, K\]"),
     (lambda x: "no", "must return a logits tensor"),
+    (lambda x: torch.cat([x[:, :2], torch.full_like(x[:, :1], math.nan)], 1), r"NaN or Inf logits at x for 2 of 2"),
 ])
 def test_bad_model_output(out, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ddfast.deepfool(out, torch.randn(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_nonfinite_logits_at_an_iterate_stop_that_sample_unsuccessful(batch_size):
+    """A model that returns NaN (or Inf) at some iterates (e.g. a float16 overflow): those
+    samples stop there with success=False and a warning; argmax of a NaN row is never taken
+    for a changed prediction. The other samples get exactly their normal result."""
+    model = make_mlp(k=5, seed=2)
+    x = torch.randn(8, 20, dtype=torch.float64)
+    poisoned = torch.arange(8) % 3 == 0                   # samples 0, 3, 6
+
+    def flaky(t):
+        out = model(t)
+        nearest = torch.cdist(t, x).argmin(1)             # which sample this row belongs to
+        moved = (t - x[nearest]).abs().amax(1) > 0
+        bad = moved & poisoned[nearest]
+        fill = torch.where(nearest == 3, math.inf, math.nan).to(out.dtype)   # +Inf for one, NaN for two
+        return torch.where(bad[:, None], fill[:, None].expand_as(out), out)
+
+    with pytest.warns(RuntimeWarning, match="NaN or Inf logits at the iterate of 3 sample"):
+        res = ddfast.deepfool(flaky, x, batch_size=batch_size)
+    normal = ddfast.deepfool(model, x)
+    assert not res.success[poisoned].any()
+    assert (res.iterations[poisoned] == 1).all()
+    assert torch.equal(res.adv_label[poisoned], res.label[poisoned])
+    ok = ~poisoned
+    torch.testing.assert_close(res.delta[ok], normal.delta[ok], rtol=1e-12, atol=1e-13)
+    assert torch.equal(res.success[ok], normal.success[ok]) and bool(normal.success[ok].all())
 
 
 def test_torchattacks_style_dropin():

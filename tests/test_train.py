@@ -1,5 +1,6 @@
 """Training loop: tiny runs, resume after interruption, non-finite loss, baselines' pieces."""
 import json
+import math
 
 import pytest
 import torch
@@ -105,6 +106,9 @@ def test_nonfinite_loss_skip(tmp_path):
     _, log = run(tmp_path, tiny_cfg(epochs=1, on_nonfinite="skip"), model=model,
                  step_callback=lambda e, s: _poison(e, s, model))
     assert log[1]["skipped_steps"] == 6 - 3  # every step after the poisoned one
+    # the weights stay NaN: the epoch's evaluation records NaN instead of numbers of a broken model
+    assert all(math.isnan(log[1][k]) for k in ("test_acc", "rho2", "fooled"))
+    assert not math.isnan(log[0]["rho2"])
 
 
 def test_parseval_projection():
