@@ -19,7 +19,8 @@ from torch import Tensor
 from . import backends, jacobian, ops
 from .reference import STEP_EPS
 from ._validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates, check_input, check_logits,
-                        check_max_iter, check_model_device, check_nonneg, frozen_model, warn_tf32)
+                        check_max_iter, check_model_device, check_nonneg, check_within_bounds, frozen_model,
+                        warn_tf32)
 
 __all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
 
@@ -186,7 +187,8 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
         norm: 2 or ``float("inf")`` (or "l2" / "linf").
         candidates: use only the top-k classes by logit at x (reference always included);
             None for all classes.
-        bounds: ``(lo, hi)`` clip of every iterate (either may be None).
+        bounds: ``(lo, hi)`` clip of every iterate (either may be None); x must lie within
+            them (a ValueError says where it does not).
         batch_size: process at most this many samples at once (bounds memory).
 
     Returns:
@@ -203,6 +205,7 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     max_iter = check_max_iter(max_iter)
     k = check_candidates(candidates)
     lo, hi = check_bounds(bounds)
+    check_within_bounds(x, lo, hi)
     batch_size = check_batch_size(batch_size)
     B = x.shape[0]
     if y is not None:

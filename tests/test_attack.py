@@ -265,6 +265,9 @@ def test_inference_mode_input():
     (dict(overshoot=-0.1), "overshoot"),
     (dict(bounds=(1.0, 0.0)), "bounds"),
     (dict(batch_size=0), "batch_size"),
+    (dict(x=torch.full((2, 20), 255.0, dtype=torch.float64), bounds=(0.0, 1.0)),
+     r"x lies outside bounds \(0.0, 1.0\): its values span \[255, 255\]"),
+    (dict(x=torch.full((2, 20), -0.5, dtype=torch.float64), bounds=(0.0, None)), r"outside bounds \(0.0, None\)"),
 ])
 def test_bad_input(bad, match):
     model = make_mlp(k=5)
@@ -313,6 +316,18 @@ def test_nonfinite_logits_at_an_iterate_stop_that_sample_unsuccessful(batch_size
     ok = ~poisoned
     torch.testing.assert_close(res.delta[ok], normal.delta[ok], rtol=1e-12, atol=1e-13)
     assert torch.equal(res.success[ok], normal.success[ok]) and bool(normal.success[ok].all())
+
+
+def test_x_on_its_bounds_up_to_rounding_is_accepted():
+    """Bounds computed in the preprocessed space may miss x's extremes by an ulp: accepted, and
+    the clip's move is that ulp, not a perturbation."""
+    model = make_mlp(k=5).float()
+    x = torch.rand(4, 20)
+    x[0, 0], x[1, 1] = 1.0 + 2e-7, -1e-7           # one ulp past 1, a rounding below 0
+    res = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
+    assert res.success.any()
+    with pytest.raises(ValueError, match="outside bounds"):
+        ddfast.deepfool(model, x + 1e-3, bounds=(0.0, 1.0))
 
 
 def test_torchattacks_style_dropin():
