@@ -18,9 +18,9 @@ from torch import Tensor
 
 from . import backends, jacobian, ops
 from .reference import STEP_EPS
-from ._validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates, check_input, check_logits,
-                        check_max_iter, check_model_device, check_nonneg, check_within_bounds, frozen_model,
-                        warn_tf32)
+from ._validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates,
+                        check_input, check_logits, check_max_iter, check_model_device, check_nonneg,
+                        check_within_bounds, frozen_model, warn_tf32)
 
 __all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
 
@@ -85,7 +85,8 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     if bool(nonfinite.any()):
         bad = nonfinite.nonzero().squeeze(1)
         raise NonFiniteLogitsError(f"model returned NaN or Inf logits at x for {bad.numel()} of {B} samples "
-                         f"(rows {bad[:5].tolist()}{' ...' if bad.numel() > 5 else ''}): nothing to attack there")
+                                   f"(rows {bad[:5].tolist()}{' ...' if bad.numel() > 5 else ''}): "
+                                   "nothing to attack there")
     pred = logits.argmax(1)
     if y is not None:
         y = as_labels(y, B, K, dev)
@@ -127,8 +128,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             rows, go_graph = None, go
         # One backward row per competing class: w_k = g_k - g_ref directly.
         grads = jacobian.direction_grads(model, xg, logits_g, go_graph, rows, shape=shape)
-        del go_graph
-        del xg, logits_g
+        del xg, logits_g, go_graph
         ones = all_active[:n]
         _, _, r = ops.select_boundary_unchecked(logits, grads.to(dtype), cand, ref_a, ones, norm, STEP_EPS, backend,
                                                 diff=True)

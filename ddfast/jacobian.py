@@ -38,7 +38,7 @@ def forward_with_graph(model: Callable, x_flat: Tensor, shape: torch.Size) -> Tu
 
 
 def directions(n: int, K: int, classes: Optional[Tensor], like: Tensor,
-                minus: Optional[Tensor] = None) -> Tensor:
+               minus: Optional[Tensor] = None) -> Tensor:
     """Output directions [C, n, K]: one-hot rows of ``classes`` [n, C] (identity when None),
     each minus the one-hot row of ``minus`` [n] when given (so the backward yields
     ``g_class - g_minus`` directly)."""
