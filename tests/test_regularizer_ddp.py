@@ -4,6 +4,7 @@ half of the batch, give the same parameter gradients as one process on the whole
 The user's recipe: ``F.cross_entropy(ddp(x), y) + deepdefense_loss(ddp, x, y)``."""
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -48,6 +49,19 @@ def _worker(rank, world, out_dir, find_unused):
         dist.barrier()       # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    open(os.path.join(out_dir, f"rank{rank}.done"), "w").close()
+
+
+def _spawn(world, out, find_unused):
+    """mp.spawn of the workers. Once in a few dozen runs a gloo worker has aborted at interpreter
+    exit ("terminate called without an active exception", SIGABRT) after all of its work; that
+    exit is accepted (with a warning) only when every rank got past destroy_process_group."""
+    try:
+        mp.spawn(_worker, args=(world, out, find_unused), nprocs=world, join=True)
+    except mp.ProcessExitedException as exc:
+        if not all(os.path.exists(os.path.join(out, f"rank{r}.done")) for r in range(world)):
+            raise
+        warnings.warn(f"a worker died at exit after finishing its work: {exc}")
 
 
 @pytest.mark.parametrize("find_unused", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -56,7 +70,7 @@ def test_ddp_two_processes_equal_one_process(find_unused):
     x, y = _data()
     want = torch.autograd.grad(_loss(model, x, y), list(model.parameters()))
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, out, find_unused), nprocs=2, join=True)
+        _spawn(2, out, find_unused)
         got = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
     for a, b in zip(got[0], got[1]):          # all-reduced: identical on both ranks
         assert torch.equal(a, b)
