@@ -47,15 +47,15 @@ def _worker(rank, world, out_dir, find_unused):
         loss.backward()
         torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()       # neither rank tears gloo down while the other still talks to it
+        open(os.path.join(out_dir, f"rank{rank}.done"), "w").close()   # every rank's result is saved
     finally:
         dist.destroy_process_group()
-    open(os.path.join(out_dir, f"rank{rank}.done"), "w").close()
 
 
 def _spawn(world, out, find_unused):
-    """mp.spawn of the workers. Once in a few dozen runs a gloo worker has aborted at interpreter
-    exit ("terminate called without an active exception", SIGABRT) after all of its work; that
-    exit is accepted (with a warning) only when every rank got past destroy_process_group."""
+    """mp.spawn of the workers. Once in a few dozen runs a gloo worker has aborted in teardown
+    ("terminate called without an active exception", SIGABRT); such a death is accepted (with a
+    warning) only when every rank had passed the final barrier, i.e. every result was saved."""
     try:
         mp.spawn(_worker, args=(world, out, find_unused), nprocs=world, join=True)
     except mp.ProcessExitedException as exc:
