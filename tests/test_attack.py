@@ -323,7 +323,7 @@ def test_x_on_its_bounds_up_to_rounding_is_accepted():
     the clip's move is that ulp, not a perturbation."""
     model = make_mlp(k=5).float()
     x = torch.rand(4, 20)
-    x[0, 0], x[1, 1] = 1.0 + 2e-7, -1e-7           # one ulp past 1, a rounding below 0
+    x[0, 0], x[1, 1] = 1.0 + 2e-7, -1e-7           # two float32 ulps past 1, a rounding below 0
     res = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
     assert res.success.any()
     with pytest.raises(ValueError, match="outside bounds"):
