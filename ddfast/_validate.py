@@ -14,15 +14,18 @@ import torch
 from torch import Tensor
 
 __all__ = ["check_input", "as_labels", "check_logits", "check_max_iter", "check_candidates",
-           "check_bounds", "check_within_bounds", "check_model_device", "check_nonneg", "frozen_model"]
+           "check_bounds", "check_model_device", "check_nonneg", "frozen_model"]
 
 
 class NonFiniteLogitsError(ValueError):
     """The model returned NaN or Inf logits at the clean inputs: there is no class to leave."""
 
 
-def check_input(x, name: str = "x") -> Tensor:
-    """A floating-point tensor with a batch dimension and finite values."""
+def check_input(x, name: str = "x",
+                bounds: Tuple[Optional[float], Optional[float]] = (None, None)) -> Tensor:
+    """A floating-point tensor with a batch dimension and finite values, within ``bounds``
+    (as :func:`check_bounds` returns them) up to a few units of rounding of its dtype: outside
+    them, every iterate's clip would move x there, and that move would read as perturbation."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_complex() or not x.is_floating_point():
@@ -35,7 +38,21 @@ def check_input(x, name: str = "x") -> Tensor:
         lo, hi = torch.aminmax(x.detach())          # one pass; NaN propagates to both
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             raise ValueError(f"{name} contains NaN or Inf")
+        if bounds != (None, None):
+            _check_within(float(lo), float(hi), torch.finfo(x.dtype).eps, bounds, name)
     return x
+
+
+def _check_within(xmin: float, xmax: float, eps: float, bounds: Tuple[Optional[float], Optional[float]],
+                  name: str) -> None:
+    lo, hi = bounds
+
+    def slack(bound: float) -> float:
+        return 4 * eps * max(1.0, abs(bound))
+
+    if (lo is not None and xmin < lo - slack(lo)) or (hi is not None and xmax > hi + slack(hi)):
+        raise ValueError(f"{name} lies outside bounds ({lo}, {hi}): its values span [{xmin:.6g}, {xmax:.6g}] "
+                         f"(pixels in [0, 255] with bounds (0, 1)?); rescale {name} or widen bounds")
 
 
 def as_labels(y, B: int, K: Optional[int], device: torch.device, name: str = "y") -> Tensor:
@@ -106,22 +123,6 @@ def check_bounds(bounds) -> Tuple[Optional[float], Optional[float]]:
     if lo is not None and hi is not None and not lo < hi:
         raise ValueError(f"bounds must satisfy lo < hi, got {bounds!r}")
     return lo, hi
-
-
-def check_within_bounds(x: Tensor, lo: Optional[float], hi: Optional[float], name: str = "x") -> None:
-    """x must lie in [lo, hi] (up to a few units of rounding of its dtype): else every iterate's
-    clip would move it there, and that move would be read as the perturbation."""
-    if x.numel() == 0 or (lo is None and hi is None):
-        return
-    xmin, xmax = (float(v) for v in torch.aminmax(x.detach()))
-    eps = torch.finfo(x.dtype).eps
-
-    def slack(bound: float) -> float:
-        return 4 * eps * max(1.0, abs(bound))
-
-    if (lo is not None and xmin < lo - slack(lo)) or (hi is not None and xmax > hi + slack(hi)):
-        raise ValueError(f"{name} lies outside bounds ({lo}, {hi}): its values span [{xmin:.6g}, {xmax:.6g}] "
-                         f"(pixels in [0, 255] with bounds (0, 1)?); rescale {name} or widen bounds")
 
 
 def check_model_device(model: Callable, x: Tensor) -> None:

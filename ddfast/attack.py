@@ -20,7 +20,7 @@ from . import backends, jacobian, ops
 from .reference import STEP_EPS
 from ._validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates,
                         check_input, check_logits, check_max_iter, check_model_device, check_nonneg,
-                        check_within_bounds, frozen_model, warn_tf32)
+                        frozen_model, warn_tf32)
 
 __all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
 
@@ -199,13 +199,12 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     matmuls, a UserWarning says that ``success`` may not survive a re-evaluation: the final
     iterate lies closer to the boundary than TF32's rounding of the logits.
     """
-    x = check_input(x)
+    lo, hi = check_bounds(bounds)
+    x = check_input(x, bounds=(lo, hi))
     norm_v = ops._norm_value(norm)
     overshoot = check_nonneg(overshoot, "overshoot")
     max_iter = check_max_iter(max_iter)
     k = check_candidates(candidates)
-    lo, hi = check_bounds(bounds)
-    check_within_bounds(x, lo, hi)
     batch_size = check_batch_size(batch_size)
     B = x.shape[0]
     if y is not None:
