@@ -91,9 +91,11 @@ def check_max_iter(max_iter, name: str = "max_iter") -> int:
     return max_iter
 
 
-def check_batch_size(batch_size) -> Optional[int]:
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+def check_batch_size(batch_size, allow_none: bool = True) -> Optional[int]:
+    if batch_size is None and allow_none:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int{' or None' if allow_none else ''}, got {batch_size!r}")
     return batch_size
 
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import (as_labels, check_candidates, check_input, check_logits, check_max_iter, check_model_device,
-                        check_nonneg)
+from ._validate import (as_labels, check_batch_size, check_candidates, check_input, check_logits, check_max_iter,
+                        check_model_device, check_nonneg)
 
 __all__ = [
     "Rho2",
@@ -92,12 +92,6 @@ def _positive(value, name: str) -> float:
     return float(value)
 
 
-def _batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    return batch_size
-
-
 def _batches(n: int, batch_size: int, progress: bool, desc: str):
     starts = range(0, n, batch_size)
     if progress:
@@ -111,7 +105,7 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
 def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
     """Predicted labels ``int64 [N]`` of ``x [N, ...]`` (eval mode, no graph)."""
     check_data(model, x)
-    _batch_size(batch_size)
+    check_batch_size(batch_size, allow_none=False)
     with eval_mode(model):
         return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
 
@@ -164,7 +158,7 @@ def rho2(
     check_max_iter(max_iter)
     check_nonneg(overshoot, "overshoot")
     check_candidates(candidates)
-    _batch_size(batch_size)
+    check_batch_size(batch_size, allow_none=False)
     ratios, norms, iters, fooled, deltas = [], [], [], [], []
     for i in _batches(x.shape[0], batch_size, progress, "DeepFool rho_2"):
         xb = x[i:i + batch_size]
@@ -191,7 +185,7 @@ def rho2(
 def fgs_direction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
     """``sign(grad_x CE(f(x), y))`` per sample, ``[N, ...]`` like ``x`` (eval mode; parameters' .grad untouched)."""
     y = check_data(model, x, y)
-    _batch_size(batch_size)
+    check_batch_size(batch_size, allow_none=False)
     out = []
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         for i in range(0, x.shape[0], batch_size):
@@ -230,7 +224,7 @@ def fgs_eps50(
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ValueError(f"target must be in (0, 1], got {target!r}")
     _positive(rel_tol, "rel_tol")
-    _batch_size(batch_size)
+    check_batch_size(batch_size, allow_none=False)
     if direction is not None:
         _check_direction(direction, x)
     s = fgs_direction(model, x, y, batch_size) if direction is None else direction
