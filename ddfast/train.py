@@ -104,9 +104,7 @@ class TrainConfig:
             _check_int(getattr(self, name), name, 1)
         _check_int(self.seed, "seed", None)
         for name in ("dd_max_iter", "adv_max_iter", "eval_max_iter"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+            check_max_iter(getattr(self, name), name)
         for name in ("lr", "lr_gamma"):
             v = getattr(self, name)
             if check_nonneg(v, name) == 0:
