@@ -139,6 +139,46 @@ def test_jacobian_routes_agree():
     torch.testing.assert_close(d, c)
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_engine_batched_backward_equals_autograd_grad(create_graph):
+    """The attack's vmapped backward skips autograd.grad's per-call Python; it must give what
+    autograd.grad(is_grads_batched=True) gives, bit for bit, first and second order."""
+    from ddfast import jacobian
+    assert jacobian._engine_run_backward is not None, "the fast batched backward is unavailable on this torch"
+    model = make_cnn(dtype=torch.float32).eval()
+    x = torch.randn(5, 64)
+    go = jacobian.directions(5, 4, torch.tensor([[1, 2], [0, 3], [1, 0], [3, 2], [2, 1]]),
+                             torch.zeros(1), torch.tensor([0, 1, 2, 3, 0]))
+    out = []
+    for fast in (True, False):
+        xg, logits = jacobian.forward_with_graph(model, x, torch.Size([1, 8, 8]))
+        if fast:
+            g = jacobian._engine_batched(logits, xg, go, create_graph, create_graph)
+        else:
+            (g,) = torch.autograd.grad(logits, xg, go, is_grads_batched=True, create_graph=create_graph)
+        assert g.requires_grad == create_graph
+        second = torch.autograd.grad(g.square().sum(), model[0].weight)[0] if create_graph else None
+        out.append((g, second))
+    assert torch.equal(out[0][0], out[1][0])
+    if create_graph:
+        assert torch.equal(out[0][1], out[1][1])
+
+
+def test_tensor_subclass_input_takes_the_public_autograd_path():
+    from ddfast import jacobian
+
+    class Tagged(torch.Tensor):
+        pass
+
+    model = make_mlp(k=5, seed=3)
+    x = torch.randn(6, 20, dtype=torch.float64)
+    expected = ddfast.deepfool(model, x)
+    xg, logits = jacobian.forward_with_graph(model, x.as_subclass(Tagged), torch.Size([20]))
+    assert type(xg) is Tagged and not jacobian._fast_path_ok(logits, xg)
+    res = ddfast.deepfool(model, x.as_subclass(Tagged))
+    torch.testing.assert_close(res.delta.as_subclass(torch.Tensor), expected.delta, rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_model_gives_eager_result(backend):
     model = make_cnn(dtype=torch.float32).eval()
