@@ -106,14 +106,16 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     idx = torch.arange(B, device=dev)
     x0_a, r_tot_a, ref_a, x_cur = x0, torch.zeros_like(x0), ref, x0
     keep = None if y is None else pred == y
+    n = n_keep = B
     if keep is not None:
         success |= ~keep
+        n_keep = int(keep.sum())
     for t in range(max_iter):
-        if keep is not None and not bool(keep.all()):
+        if keep is not None and n_keep < n:
             rows = keep.nonzero().squeeze(1)
             idx, x0_a, r_tot_a, ref_a, cand, logits = (
-                idx[rows], x0_a[rows], r_tot_a[rows], ref_a[rows], cand[rows], logits[rows])
-            go_graph, go = go * keep[None, :, None], go[:, rows]   # the graph's dropped rows get none
+                t_.index_select(0, rows) for t_ in (idx, x0_a, r_tot_a, ref_a, cand, logits))
+            go_graph, go = go * keep[None, :, None], go.index_select(1, rows)   # the graph's dropped rows get none
         else:
             rows = None
             go_graph = go
@@ -124,7 +126,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
         if rows is not None and (n_graph - n) * K > n:
             # Few rows survive: a fresh forward on them costs less than a Jacobian of the
             # whole graph batch.
-            xg, logits_g = jacobian.forward_with_graph(model, x_cur[rows], shape)
+            xg, logits_g = jacobian.forward_with_graph(model, x_cur.index_select(0, rows), shape)
             rows, go_graph = None, go
         # One backward row per competing class: w_k = g_k - g_ref directly.
         grads = jacobian.direction_grads(model, xg, logits_g, go_graph, rows, shape=shape)
@@ -141,17 +143,29 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             with torch.no_grad():
                 out = model(x_cur.view(n, *shape))
         logits = check_logits(out, n).detach().to(dtype)
-        finite = torch.isfinite(logits).all(1)     # else the sample stops: argmax of NaN means nothing
-        new_pred = torch.where(finite, logits.argmax(1), ref_a)
-        keep = (new_pred == ref_a) & finite
-        if not bool(keep.all()):
+        new_pred = logits.argmax(1)
+        keep = new_pred == ref_a
+        # A sample whose logits are not finite stops (argmax of NaN means nothing). One sum
+        # finds out whether any is (an Inf or NaN anywhere makes it non-finite; a sum that
+        # merely overflows costs the exact per-row test), read with the count of samples kept.
+        total, n_keep = torch.stack((logits.float().sum(), keep.sum().float())).tolist()
+        finite = None
+        if not math.isfinite(total):
+            finite = torch.isfinite(logits).all(1)
+            new_pred = torch.where(finite, new_pred, ref_a)
+            keep = (new_pred == ref_a) & finite
+            n_keep = int(keep.sum())
+        if n_keep < n:
             done = (~keep).nonzero().squeeze(1)
-            stop = idx[done]
-            x_final[stop] = x_cur[done]
-            adv_label[stop] = new_pred[done]
-            success[stop] = finite[done]
-            n_nonfinite += (~finite).sum()
-            iterations[stop] = t + 1
+            stop = idx.index_select(0, done)
+            x_final.index_copy_(0, stop, x_cur.index_select(0, done))
+            adv_label.index_copy_(0, stop, new_pred.index_select(0, done))
+            iterations.index_fill_(0, stop, t + 1)
+            if finite is None:
+                success.index_fill_(0, stop, True)
+            else:
+                success.index_copy_(0, stop, finite.index_select(0, done))
+                n_nonfinite += (~finite).sum()
         if t + 1 == max_iter:
             x_final[idx[keep]] = x_cur[keep]
             iterations[idx[keep]] = max_iter

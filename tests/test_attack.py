@@ -1,5 +1,6 @@
 """ddfast.deepfool against closed forms and a slow per-sample implementation (float64)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -356,6 +357,21 @@ def test_nonfinite_logits_at_an_iterate_stop_that_sample_unsuccessful(batch_size
     ok = ~poisoned
     torch.testing.assert_close(res.delta[ok], normal.delta[ok], rtol=1e-12, atol=1e-13)
     assert torch.equal(res.success[ok], normal.success[ok]) and bool(normal.success[ok].all())
+
+
+def test_logits_beyond_float32_range_are_finite():
+    """The per-step finiteness test first sums the logits in float32: float64 logits too large
+    for float32 must still count as finite (the exact test decides), with the normal result
+    (DeepFool does not change when the logits are scaled)."""
+    model = make_mlp(k=5, seed=2)
+    x = torch.randn(8, 20, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = ddfast.deepfool(lambda t: model(t) * 1e39, x)
+    normal = ddfast.deepfool(model, x)
+    assert bool(normal.success.all()) and torch.equal(res.success, normal.success)
+    assert torch.equal(res.iterations, normal.iterations)
+    torch.testing.assert_close(res.delta, normal.delta, rtol=1e-9, atol=1e-12)
 
 
 def test_x_on_its_bounds_up_to_rounding_is_accepted():
