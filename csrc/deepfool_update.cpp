@@ -8,9 +8,6 @@
 namespace ddfast {
 namespace {
 
-// Element-wise work below this many elements runs on one thread (waking the pool costs more).
-constexpr std::int64_t kMinParallelElementwise = 1 << 18;
-
 template <bool Active, typename T>
 inline void update_row(const T* x0, const T* r_tot, const T* r, T* r_tot_out, T* x_next,
                        std::int64_t D, T k, T lo, T hi) {
@@ -29,7 +26,7 @@ void update_impl(const T* x0, const T* r_tot, const T* r, const bool* active, T*
   const T k = static_cast<T>(1.0 + overshoot);
   const T inf = std::numeric_limits<T>::infinity();
   const T tlo = has_lo ? static_cast<T>(lo) : -inf, thi = has_hi ? static_cast<T>(hi) : inf;
-  const bool par = B * D >= kMinParallelElementwise;
+  const bool par = B * D >= kMinParallelWork;
 #pragma omp parallel for schedule(static) if (par)
   for (std::int64_t i = 0; i < B; ++i) {
     const std::int64_t o = i * D;

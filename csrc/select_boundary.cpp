@@ -103,15 +103,18 @@ void select_boundary_impl(const SelectArgs& a) {
     }
     return;
   }
-  const std::int64_t blocks = (B + kRowBlock - 1) / kRowBlock;
   const bool par = B * C * D >= kMinParallelWork;
+  // A multiple of the thread count of near-equal blocks (at most kRowBlock rows each): every
+  // thread gets the same number of rows, give or take one per block.
+  const std::int64_t T = par ? max_threads() : 1;
+  const std::int64_t blocks = T * ((B + T * kRowBlock - 1) / (T * kRowBlock));
 #pragma omp parallel if (par)
   {
     std::vector<double> npow(kRowBlock * C, 0.0);
     std::int64_t pos[kRowBlock];
 #pragma omp for schedule(static)
     for (std::int64_t blk = 0; blk < blocks; ++blk) {
-      const std::int64_t i0 = blk * kRowBlock, n = std::min(kRowBlock, B - i0);
+      const std::int64_t i0 = B * blk / blocks, n = B * (blk + 1) / blocks - i0;
       for (std::int64_t b = 0; b < n; ++b) pos[b] = ref_position(cand + (i0 + b) * C, ref[i0 + b], C);
       for (std::int64_t j = 0; j < C; ++j)
         for (std::int64_t b = 0; b < n; ++b) {
