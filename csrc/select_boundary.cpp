@@ -5,18 +5,16 @@
 // With ``diff`` the candidate rows are already w = g_cand - g_ref: there is no reference row
 // (g_ref below is null) and a candidate equal to the reference is skipped.
 //
-// Rows are taken in small blocks, candidate-major inside a block: when grads is a
-// transposed Jacobian ([C, B, D] viewed as [B, C, D], as the attack passes it), the rows of
-// one candidate are adjacent in memory, so a block streams C contiguous runs instead of
-// jumping between C far-apart planes for every row.
+// The norms are computed first, rows taken in memory order: a transposed Jacobian ([C, B, D]
+// viewed as [B, C, D], as the attack passes it) is read plane by plane, streaming, with the
+// rows split across threads as the backward's GEMM that wrote it split them; then each
+// sample's argmin and r.
 #include <vector>
 
 #include "kernels.h"
 
 namespace ddfast {
 namespace {
-
-constexpr std::int64_t kRowBlock = 8;
 
 // Position of ref in cand, -1 when absent (possible only with diff).
 inline std::int64_t ref_position(const std::int64_t* cand, std::int64_t ref, std::int64_t C) {
@@ -104,34 +102,30 @@ void select_boundary_impl(const SelectArgs& a) {
     return;
   }
   const bool par = B * C * D >= kMinParallelWork;
-  // A multiple of the thread count of near-equal blocks (at most kRowBlock rows each): every
-  // thread gets the same number of rows, give or take one per block.
-  const std::int64_t T = par ? max_threads() : 1;
-  const std::int64_t blocks = T * ((B + T * kRowBlock - 1) / (T * kRowBlock));
+  // npow[i * C + j] = ||g_ij - g_i,ref||^q over the rows in memory order (see the top).
+  std::vector<std::int64_t> pos(B);
+  std::vector<double> npow(B * C);
+  const bool c_major = gs_c > gs_b;
+  const std::int64_t rows = B * C;
 #pragma omp parallel if (par)
   {
-    std::vector<double> npow(kRowBlock * C, 0.0);
-    std::int64_t pos[kRowBlock];
 #pragma omp for schedule(static)
-    for (std::int64_t blk = 0; blk < blocks; ++blk) {
-      const std::int64_t i0 = B * blk / blocks, n = B * (blk + 1) / blocks - i0;
-      for (std::int64_t b = 0; b < n; ++b) pos[b] = ref_position(cand + (i0 + b) * C, ref[i0 + b], C);
-      for (std::int64_t j = 0; j < C; ++j)
-        for (std::int64_t b = 0; b < n; ++b) {
-          const T* g = grads + (i0 + b) * gs_b;
-          npow[b * C + j] = (!active[i0 + b] || j == pos[b])
-                                ? 0.0
-                                : diff_norm_pow<Q>(g + j * gs_c, a.diff ? nullptr : g + pos[b] * gs_c,
-                                                   D, false);
-        }
-      for (std::int64_t b = 0; b < n; ++b) {
-        const std::int64_t i = i0 + b;
-        if (!active[i]) { inactive_row(ref[i], l + i, dist + i, r + i * D, D); continue; }
-        const T* g = grads + i * gs_b;
-        finish_row<Q, T>(logits + i * K, g, a.diff ? nullptr : g + pos[b] * gs_c, gs_c,
-                         cand + i * C, ref[i], pos[b], C, D, a.eps, false, npow.data() + b * C,
-                         l + i, dist + i, r + i * D);
-      }
+    for (std::int64_t i = 0; i < B; ++i) pos[i] = ref_position(cand + i * C, ref[i], C);
+#pragma omp for schedule(static)
+    for (std::int64_t f = 0; f < rows; ++f) {
+      const std::int64_t i = c_major ? f % B : f / C, j = c_major ? f / B : f % C;
+      const T* g = grads + i * gs_b;
+      npow[i * C + j] = (!active[i] || j == pos[i])
+                            ? 0.0
+                            : diff_norm_pow<Q>(g + j * gs_c, a.diff ? nullptr : g + pos[i] * gs_c, D, false);
+    }
+#pragma omp for schedule(static)
+    for (std::int64_t i = 0; i < B; ++i) {
+      if (!active[i]) { inactive_row(ref[i], l + i, dist + i, r + i * D, D); continue; }
+      const T* g = grads + i * gs_b;
+      finish_row<Q, T>(logits + i * K, g, a.diff ? nullptr : g + pos[i] * gs_c, gs_c,
+                       cand + i * C, ref[i], pos[i], C, D, a.eps, false, npow.data() + i * C,
+                       l + i, dist + i, r + i * D);
     }
   }
 }
