@@ -115,7 +115,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             rows = keep.nonzero().squeeze(1)
             idx, x0_a, r_tot_a, ref_a, cand, logits = (
                 t_.index_select(0, rows) for t_ in (idx, x0_a, r_tot_a, ref_a, cand, logits))
-            go_graph, go = go * keep[None, :, None], go.index_select(1, rows)   # the graph's dropped rows get none
+            go_graph, go = go, go.index_select(1, rows)
         else:
             rows = None
             go_graph = go
@@ -128,6 +128,8 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             # whole graph batch.
             xg, logits_g = jacobian.forward_with_graph(model, x_cur.index_select(0, rows), shape)
             rows, go_graph = None, go
+        elif rows is not None:
+            go_graph = go_graph * keep[None, :, None]     # the graph's dropped rows get no direction
         # One backward row per competing class: w_k = g_k - g_ref directly.
         grads = jacobian.direction_grads(model, xg, logits_g, go_graph, rows, shape=shape)
         del xg, logits_g, go_graph
