@@ -14,6 +14,11 @@ strided view: its last dim is contiguous). Routes:
 
 ``"auto"`` tries ``"batched"`` once per model and remembers a failure; it then uses
 ``"replicate"`` when the input shape is known, else ``"loop"``.
+
+The ``"batched"`` route calls the autograd engine under a vmap level itself (what
+``autograd.grad(..., is_grads_batched=True)`` does, without that call's per-call Python), since
+the attack pays it once per step; on a torch without those private pieces, and for tensor
+subclasses, it takes the public call.
 """
 from __future__ import annotations
 
@@ -86,9 +91,13 @@ def _fast_path_ok(*tensors: Tensor) -> bool:
 
 def _batched(logits: Tensor, xg: Tensor, go: Tensor, create_graph: bool,
              retain_graph: bool = False) -> Tensor:
+    global _engine_run_backward
     retain_graph = create_graph or retain_graph
     if _fast_path_ok(logits, xg, go):
-        return _engine_batched(logits, xg, go, create_graph, retain_graph)   # [C, n, D]
+        try:
+            return _engine_batched(logits, xg, go, create_graph, retain_graph)   # [C, n, D]
+        except TypeError:  # a torch whose private signatures differ: the public path from now on
+            _engine_run_backward = None
     (g,) = torch.autograd.grad(logits, xg, go, is_grads_batched=True, create_graph=create_graph,
                                retain_graph=retain_graph)
     return g                                                           # [C, n, D]

@@ -165,6 +165,23 @@ def test_engine_batched_backward_equals_autograd_grad(create_graph):
         assert torch.equal(out[0][1], out[1][1])
 
 
+def test_engine_signature_mismatch_falls_back_to_autograd_grad(monkeypatch):
+    """A torch whose private engine call takes other arguments: the public call from then on."""
+    from ddfast import jacobian
+
+    def other_signature(*args, **kwargs):
+        raise TypeError("run_backward(): incompatible function arguments")
+
+    model = make_mlp(k=5, seed=3)
+    x = torch.randn(6, 20, dtype=torch.float64)
+    expected = ddfast.deepfool(model, x)
+    monkeypatch.setattr(jacobian, "_engine_run_backward", other_signature)
+    res = ddfast.deepfool(model, x)
+    assert jacobian._engine_run_backward is None
+    torch.testing.assert_close(res.delta, expected.delta, rtol=1e-12, atol=1e-13)
+    assert torch.equal(res.iterations, expected.iterations)
+
+
 def test_tensor_subclass_input_takes_the_public_autograd_path():
     from ddfast import jacobian
 
