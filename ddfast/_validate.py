@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["check_input", "as_labels", "check_logits", "check_max_iter", "check_candidates",
-           "check_bounds", "check_model_device", "check_nonneg", "frozen_model"]
+           "check_bounds", "check_model_device", "check_nonneg", "frozen_model", "explain_model_errors"]
 
 
 class NonFiniteLogitsError(ValueError):
@@ -133,6 +133,35 @@ def check_model_device(model: Callable, x: Tensor) -> None:
         p = next(model.parameters(), None)
         if p is not None and p.device != x.device:
             raise ValueError(f"x is on {x.device} but the model's parameters are on {p.device}")
+
+
+def _dtype_mismatch(model: Callable, x: Tensor, name: str) -> Optional[str]:
+    if not isinstance(model, torch.nn.Module):
+        return None
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    if not dtypes or str(x.dtype) in dtypes:
+        return None
+    return (f"{name} is {x.dtype} but the model's parameters are {', '.join(dtypes)}; convert one to "
+            f"the other ({name}.to({dtypes[0]}) or model.to({x.dtype}))")
+
+
+@contextlib.contextmanager
+def explain_model_errors(model: Callable, x: Tensor, where: str, name: str = "x") -> Iterator[None]:
+    """A RuntimeError raised inside the block (by the model, typically) gets a note naming the
+    likely cause when x's dtype is none of the model's parameters' (torch's own message, e.g.
+    "mat1 and mat2 must have the same dtype", does not say which argument). The error stays
+    the model's own; a model that casts x itself never raises and is not refused."""
+    try:
+        yield
+    except RuntimeError as e:
+        hint = _dtype_mismatch(model, x, name)
+        if hint is not None:
+            note = f"{where}: {hint}"
+            if hasattr(e, "add_note"):
+                e.add_note(note)
+            else:  # Python < 3.11
+                e.args = (f"{e.args[0] if e.args else ''}\n{note}",) + tuple(e.args[1:])
+        raise
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from . import backends, jacobian, ops
 from .reference import STEP_EPS
 from ._validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates,
                         check_input, check_logits, check_max_iter, check_model_device, check_nonneg,
-                        frozen_model, warn_tf32)
+                        explain_model_errors, frozen_model, warn_tf32)
 
 __all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
 
@@ -231,7 +231,8 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     warn_tf32(model, x, "ddfast.deepfool")
     step = B if batch_size is None else batch_size
     parts, n_nonfinite = [], 0
-    with frozen_model(model), torch.inference_mode(False), torch.enable_grad():
+    with explain_model_errors(model, x, "ddfast.deepfool"), frozen_model(model), torch.inference_mode(False), \
+            torch.enable_grad():
         for s in range(0, B, step):
             part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step],
                                       max_iter, overshoot, norm_v, k, lo, hi)

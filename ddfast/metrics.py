@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validate import (as_labels, check_batch_size, check_candidates, check_input, check_logits, check_max_iter,
-                        check_model_device, check_nonneg)
+                        check_model_device, check_nonneg, explain_model_errors)
 
 __all__ = [
     "Rho2",
@@ -81,7 +81,7 @@ def check_data(model: nn.Module, x: Tensor, y: Optional[Tensor] = _UNLABELLED,  
     if y is None:
         raise TypeError(f"{yname} (labels [N]) is required, got None")
     y = as_labels(y, x.shape[0], None, x.device, yname)
-    with torch.no_grad(), eval_mode(model):
+    with explain_model_errors(model, x, "ddfast.metrics", xname), torch.no_grad(), eval_mode(model):
         k = check_logits(model(x[:1]), 1).shape[1]
     return as_labels(y, x.shape[0], k, x.device, yname)
 

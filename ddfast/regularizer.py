@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import backends, jacobian, ops
 from ._validate import (as_labels, check_candidates, check_input, check_logits, check_max_iter,
-                        check_model_device, check_nonneg, frozen_model)
+                        check_model_device, check_nonneg, explain_model_errors, frozen_model)
 from .attack import _competing_classes
 from .reference import STEP_EPS
 
@@ -260,7 +260,8 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
     check_model_device(net, x)
     shape = x.shape[1:]
     x0 = x.reshape(B, -1)
-    with frozen_model(model), torch.inference_mode(False), torch.enable_grad():
+    with explain_model_errors(net, x, "ddfast.deepdefense_loss"), frozen_model(model), \
+            torch.inference_mode(False), torch.enable_grad():
         if x0.is_inference():  # made under inference_mode: a normal copy can carry a graph
             x0 = x0.clone()
         delta, correct, iterations = _unroll(net, x0, shape, y, max_iter, overshoot, k,

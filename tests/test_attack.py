@@ -348,6 +348,33 @@ def test_bad_model_output(out, match):
         ddfast.deepfool(out, torch.randn(2, 4, dtype=torch.float64))
 
 
+def test_model_dtype_mismatch_error_names_the_dtypes():
+    """float64 x into a float32 model: torch's own error ("mat1 and mat2 must have the same
+    dtype") gets a note that names x's dtype and the model's; a model that casts x itself
+    still works."""
+    model = make_mlp(k=5, seed=2).float()
+    x = torch.randn(4, 20, dtype=torch.float64)
+    y = torch.zeros(4, dtype=torch.int64)
+    note = r"x is torch.float64 but the model's parameters are torch.float32"
+    with pytest.raises(RuntimeError, match=note):
+        ddfast.deepfool(model, x)
+    with pytest.raises(RuntimeError, match=note):
+        ddfast.deepdefense_loss(model, x, y)
+    with pytest.raises(RuntimeError, match=note):
+        ddfast.metrics.accuracy(model, x, y)
+
+    class Casting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, t):
+            return self.net(t.float()).double()
+
+    res = ddfast.deepfool(Casting(), x)
+    assert res.delta.dtype == torch.float64 and bool(res.success.all())
+
+
 @pytest.mark.parametrize("batch_size", [None, 3])
 def test_nonfinite_logits_at_an_iterate_stop_that_sample_unsuccessful(batch_size):
     """A model that returns NaN (or Inf) at some iterates (e.g. a float16 overflow): those
