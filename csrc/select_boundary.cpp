@@ -5,10 +5,10 @@
 // With ``diff`` the candidate rows are already w = g_cand - g_ref: there is no reference row
 // (g_ref below is null) and a candidate equal to the reference is skipped.
 //
-// The norms are computed first, rows taken in memory order: a transposed Jacobian ([C, B, D]
-// viewed as [B, C, D], as the attack passes it) is read plane by plane, streaming, with the
-// rows split across threads as the backward's GEMM that wrote it split them; then each
-// sample's argmin and r.
+// The norms are computed first, rows taken in memory order and split into contiguous runs
+// across threads: a transposed Jacobian ([C, B, D] viewed as [B, C, D], as the attack passes
+// it) is read plane by plane, in the order the backward's GEMM wrote it; then each sample's
+// argmin and r.
 #include <vector>
 
 #include "kernels.h"
