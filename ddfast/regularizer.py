@@ -134,6 +134,7 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
     C = cand_all.shape[1]                                         # selection rows per sample
     gidx = torch.arange(B, device=x0.device)                      # batch rows of the graph
     eye = torch.eye(K, dtype=logits.dtype, device=logits.device)
+    select_backend = backends.resolve(backend, x0.device, logits.dtype)   # once, not per step
     for t in range(max_iter):
         cur = logits.detach().argmax(1)                           # ref of every active row
         n_graph = gidx.numel()
@@ -169,7 +170,7 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
             # ddfast's own inputs: no per-step argument checks or op dispatch (no graph needed)
             l_sel, _, _ = ops.select_boundary_unchecked(
                 logits_d if whole else logits_d[srows], g.to(logits.dtype), cand, ref_sel, ones, 2.0,
-                STEP_EPS, backends.resolve(backend, g.device, logits.dtype), diff=True)
+                STEP_EPS, select_backend, diff=True)
             del g
             target[sel] = l_sel
         direction = eye[target] - eye[cur_a]                      # [n, K]
