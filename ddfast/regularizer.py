@@ -133,8 +133,11 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
     iterations = torch.zeros(B, dtype=torch.int64, device=x0.device)
     C = cand_all.shape[1]                                         # selection rows per sample
     gidx = torch.arange(B, device=x0.device)                      # batch rows of the graph
-    eye = torch.eye(K, dtype=logits.dtype, device=logits.device)
-    select_backend = backends.resolve(backend, x0.device, logits.dtype)   # once, not per step
+    # The step math (boundary choice, logit differences) runs in x's dtype, or the logits' when
+    # wider: under autocast the logits come in bfloat16/float16 and are upcast here.
+    work = torch.promote_types(logits.dtype, x0.dtype)
+    eye = torch.eye(K, dtype=work, device=logits.device)
+    select_backend = backends.resolve(backend, x0.device, work)   # once, not per step
     for t in range(max_iter):
         cur = logits.detach().argmax(1)                           # ref of every active row
         n_graph = gidx.numel()
@@ -153,7 +156,7 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
                     cur = cur[act]
                 else:
                     rows = act
-        logits_d = logits.detach()
+        logits_d = logits.detach().to(work)
         cur_a = cur if rows is None else cur[rows]                # [n] ref = current prediction
         target = y[gidx].clone()                                  # [n] l: y where misclassified
         sel = correct[gidx].nonzero().squeeze(1)                  # active correct rows, in [0, n)
@@ -169,15 +172,15 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
             ones = torch.ones(sel.numel(), dtype=torch.bool, device=x0.device)
             # ddfast's own inputs: no per-step argument checks or op dispatch (no graph needed)
             l_sel, _, _ = ops.select_boundary_unchecked(
-                logits_d if whole else logits_d[srows], g.to(logits.dtype), cand, ref_sel, ones, 2.0,
+                logits_d if whole else logits_d[srows], g.to(work), cand, ref_sel, ones, 2.0,
                 STEP_EPS, select_backend, diff=True)
             del g
             target[sel] = l_sel
         direction = eye[target] - eye[cur_a]                      # [n, K]
         if rows is not None:
             direction = direction.new_zeros(logits.shape).index_copy(0, rows, direction)
-        w = jacobian.one_row_with_graph(logits, x_in, direction)  # [graph rows, D]
-        fdiff = (logits * direction).sum(1)
+        w = jacobian.one_row_with_graph(logits, x_in, direction.to(logits.dtype))  # [graph rows, D]
+        fdiff = (logits.to(work) * direction).sum(1)
         if rows is not None:
             w, fdiff = w[rows], fdiff[rows]
         r = ops.boundary_step(fdiff, w.to(x0.dtype), 2, STEP_EPS, backend)          # [n, D]

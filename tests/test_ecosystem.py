@@ -29,6 +29,32 @@ def test_regularizer_under_cpu_autocast_bf16_backpropagates():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_regularizer_step_math_runs_in_float32_under_bf16_autocast(monkeypatch):
+    from ddfast import regularizer
+
+    seen = []
+    select, step = ops.select_boundary_unchecked, ops.boundary_step
+
+    def spy_select(logits, grads, *args, **kwargs):
+        seen.append(("select", logits.dtype, grads.dtype))
+        return select(logits, grads, *args, **kwargs)
+
+    def spy_step(fdiff, w, *args, **kwargs):
+        seen.append(("step", fdiff.dtype, w.dtype))
+        return step(fdiff, w, *args, **kwargs)
+
+    monkeypatch.setattr(regularizer.ops, "select_boundary_unchecked", spy_select)
+    monkeypatch.setattr(regularizer.ops, "boundary_step", spy_step)
+    torch.manual_seed(0)
+    model = make_cnn(dtype=torch.float32)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16            # the logits do come in bf16
+        ddfast.deepdefense_loss(model, x, y, max_iter=3)
+    assert {name for name, *_ in seen} == {"select", "step"}
+    assert all(a == b == torch.float32 for _, a, b in seen), seen
+
+
 def _penalty_of_step(delta, x, correct, fdiff, w):
     r = ops.boundary_step(fdiff, w)
     return ops.deepdefense_penalty(delta + r, x, correct, 25.0, 5.0).sum()
