@@ -25,6 +25,8 @@ Samples that are done leave the active set; ``D`` is never clipped.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
@@ -110,7 +112,7 @@ def _iterate(x0: Tensor, r_tot: Tensor, idx: Tensor, overshoot: float) -> Tensor
 
 def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: int,
             overshoot: float, k: Optional[int], backend: Optional[str],
-            method: str) -> Tuple[Tensor, Tensor, Tensor]:
+            method: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The differentiable DeepFool unroll of a batch.
 
     Args:
@@ -118,14 +120,16 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
         y: [B] int64 labels (checked for shape, not yet for range).
 
     Returns:
-        ``(D, correct, iterations)``: D [B, D] graph-carrying ``(1 + overshoot) * r_tot``;
-        correct [B] bool; iterations [B] int64.
+        ``(D, correct, iterations, finite)``: D [B, D] graph-carrying ``(1 + overshoot) * r_tot``;
+        correct [B] bool; iterations [B] int64; finite: 0-d bool, every logit the unroll
+        evaluated (at x and at each iterate) was finite.
     """
     B = x0.shape[0]
     x_in = _graph_input(x0)
     logits = check_logits(net(x_in.view(B, *shape)), B)
     K = logits.shape[1]
     y = as_labels(y, B, K, x0.device)
+    finite = torch.isfinite(logits.detach()).all()
     pred = logits.detach().argmax(1)
     correct = pred == y
     cand_all = _competing_classes(logits.detach(), pred, k)       # [B, C] classes competing with yhat
@@ -192,11 +196,12 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
         if t + 1 < max_iter:
             x_in = _graph_input(_iterate(x0, r_tot, gidx, overshoot))
             logits = check_logits(net(x_in.view(gidx.numel(), *shape)), gidx.numel())
+            finite = finite & torch.isfinite(logits.detach()).all()
     if r_tot is None:
         delta = torch.zeros_like(x0)
     else:
         delta = (1.0 + overshoot) * r_tot
-    return delta, correct, iterations
+    return delta, correct, iterations, finite
 
 
 def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
@@ -230,6 +235,8 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
         derivatives use ``torch.autograd.grad``. An empty batch gives 0.0 (backpropagates).
         Under ``torch.no_grad()`` / ``torch.inference_mode()`` (e.g. to log R on a validation
         set) the unrolled steps still take their input gradients; R then carries no graph.
+        ``R`` is NaN when the model's logits are not finite at ``x`` or at an iterate (as a
+        cross-entropy on those logits would be), so a loss check catches it.
 
     DDP: wrap as usual and compute the cross-entropy with the wrapped model in the same step
     (``loss = F.cross_entropy(ddp(x), y) + deepdefense_loss(ddp, x, y)``). The unrolled passes
@@ -268,11 +275,14 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
             torch.inference_mode(False), torch.enable_grad():
         if x0.is_inference():  # made under inference_mode: a normal copy can carry a graph
             x0 = x0.clone()
-        delta, correct, iterations = _unroll(net, x0, shape, y, max_iter, overshoot, k,
-                                             backend, method)
+        delta, correct, iterations, finite = _unroll(net, x0, shape, y, max_iter, overshoot, k,
+                                                     backend, method)
     x_pen = x0 if x0.dtype == delta.dtype else x0.to(delta.dtype)
     penalty = ops.deepdefense_penalty(delta, x_pen.contiguous(), correct, c, d, backend)
     reg = penalty.sum() * (lam / B)
+    # Non-finite logits make R NaN, as they make a cross-entropy NaN: the step op reads a NaN
+    # normal as a zero step, which would otherwise give a finite R with NaN gradients.
+    reg = torch.where(finite, reg, torch.full_like(reg, math.nan))
     if not return_info:
         return reg
     with torch.no_grad():

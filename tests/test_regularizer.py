@@ -383,6 +383,26 @@ def test_hopeless_misclassified_sample_stays_finite_float32():
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
 
 
+@pytest.mark.parametrize("where", ["at x", "at the iterates"])
+def test_nonfinite_logits_make_the_loss_nan(where):
+    """NaN logits must not come back as a finite R (the step op reads a NaN normal as a zero
+    step, which gave R = lam with NaN gradients): R is NaN, as a cross-entropy would be."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+
+    def model(z):
+        out = net(z)
+        if where == "at x":
+            return out * math.nan
+        moved = torch.cdist(z, x).min(1).values[:, None] > 0     # NaN once an iterate leaves x
+        return torch.where(moved, torch.full_like(out, math.nan), out)
+
+    reg = deepdefense_loss(model, x, y, max_iter=3)
+    assert torch.isnan(reg)
+    assert bool(torch.isfinite(deepdefense_loss(net, x, y, max_iter=3)))
+
+
 # ----------------------------------------------------------------------- bad input
 class _BadShape(nn.Module):
     def __init__(self, out):
