@@ -13,7 +13,8 @@ strided view: its last dim is contiguous). Routes:
 * ``"loop"``: one backward per direction on the existing graph (retain_graph).
 
 ``"auto"`` tries ``"batched"`` once per model and remembers a failure; it then uses
-``"replicate"`` when the input shape is known, else ``"loop"``.
+``"replicate"`` when the input shape is known, else ``"loop"`` (also, without remembering
+anything, while autograd's anomaly mode is on: its checks break the vmapped backward).
 
 The ``"batched"`` route calls the autograd engine under a vmap level itself (what
 ``autograd.grad(..., is_grads_batched=True)`` does, without that call's per-call Python), since
@@ -194,7 +195,9 @@ def direction_grads(model: Callable, xg: Tensor, logits: Tensor, go: Tensor,
 
     if method != "auto":
         g = run(method)
-    elif _known_failure(model):
+    elif _known_failure(model) or torch.is_anomaly_enabled():
+        # anomaly mode's checks break the vmapped backward (an .item() under vmap): that is
+        # a debugging session, not the model, so the failure is not remembered
         g = run(fallback)
     else:
         try:

@@ -243,6 +243,25 @@ def test_vmap_failure_falls_back_to_replicate_with_the_same_result():
     assert torch.equal(res.iterations, expected.iterations)
 
 
+def test_anomaly_mode_uses_the_fallback_without_marking_the_model():
+    """Anomaly mode breaks the vmapped backward; one debugging call must not slow the model
+    down for the rest of the process, nor print anomaly mode's error traces."""
+    import warnings
+
+    from ddfast import jacobian
+    torch.manual_seed(0)
+    model = make_mlp(k=4)
+    x = torch.randn(6, 20, dtype=torch.float64)
+    expected = ddfast.deepfool(model, x, max_iter=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # anomaly mode reports a failed backward as a warning
+        with torch.autograd.set_detect_anomaly(True):
+            res = ddfast.deepfool(model, x, max_iter=10)
+    assert not jacobian._known_failure(model)
+    torch.testing.assert_close(res.delta, expected.delta, rtol=1e-10, atol=1e-12)
+    assert torch.equal(res.iterations, expected.iterations)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dtype_and_float32_close_to_float64(dtype):
     model64 = make_mlp(k=5, seed=2)
