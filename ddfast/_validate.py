@@ -30,8 +30,10 @@ def check_input(x, name: str = "x",
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_complex() or not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [B, ...]: a batch dimension, then the sample's own "
+                         f"(at least one), got shape {list(x.shape)}; for one sample pass {name}[None], "
+                         f"for samples of one feature {name}[:, None]")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device: it holds no values to attack")
     if x.numel():
@@ -120,11 +122,23 @@ def check_bounds(bounds) -> Tuple[Optional[float], Optional[float]]:
         lo, hi = bounds
     except (TypeError, ValueError):
         raise ValueError(f"bounds must be a pair (lo, hi), got {bounds!r}") from None
-    lo = None if lo is None else float(lo)
-    hi = None if hi is None else float(hi)
+    lo, hi = _bound(lo, bounds), _bound(hi, bounds)
     if lo is not None and hi is not None and not lo < hi:
         raise ValueError(f"bounds must satisfy lo < hi, got {bounds!r}")
     return lo, hi
+
+
+def _bound(value, bounds) -> Optional[float]:
+    """One end of ``bounds``: None or a number (not NaN)."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"bounds must be a pair of numbers (or None for no bound), got {bounds!r}") from None
+    if math.isnan(v):
+        raise ValueError(f"bounds must not be NaN, got {bounds!r}")
+    return v
 
 
 def check_model_device(model: Callable, x: Tensor) -> None:

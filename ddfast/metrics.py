@@ -71,8 +71,6 @@ def check_data(model: nn.Module, x: Tensor, y: Optional[Tensor] = _UNLABELLED,  
     Returns ``y`` as int64 (or None). Raises ``TypeError``/``ValueError`` naming the argument."""
     xname, yname = names
     check_input(x, xname)
-    if x.dim() < 2:
-        raise ValueError(f"{xname} must have shape [N, ...] with at least 2 dimensions, got {list(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{xname} is empty: a metric needs at least one sample")
     check_model_device(model, x)

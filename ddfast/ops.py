@@ -259,7 +259,7 @@ def _norm_value(norm) -> float:
     if isinstance(norm, bool) or not isinstance(norm, (int, float)):
         raise TypeError(f"norm must be 2, inf, 'l2' or 'linf', got {type(norm).__name__}")
     value = float(norm)
-    if value != 2.0 and not math.isinf(value):
+    if value not in (2.0, math.inf):
         raise ValueError(f"norm must be 2 or inf, got {norm!r}")
     return value
 

@@ -422,6 +422,7 @@ class _BadShape(nn.Module):
     (lambda x, y: (x, y[:-1]), "y"),
     (lambda x, y: (x, y + 10), "y"),
     (lambda x, y: (x, y - 10), "y"),
+    (lambda x, y: (x[0], y[:1]), "x"),                        # one sample without its batch dim
 ])
 def test_bad_input_names_the_argument(bad, arg):
     model, x = bn_mlp(), mlp_data()
