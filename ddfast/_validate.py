@@ -87,6 +87,17 @@ def check_logits(out, B: int) -> Tensor:
     return out
 
 
+def check_graph_logits(out, B: int) -> Tensor:
+    """:func:`check_logits` for a forward on an input that requires grad: the logits must
+    carry a graph back to it (both the attack and the regularizer need d logits / d x)."""
+    out = check_logits(out, B)
+    if not out.requires_grad:
+        raise ValueError("the model's logits carry no gradient back to its input (no grad_fn): ddfast needs "
+                         "d logits / d x, so a model that detaches its output or runs under torch.no_grad() "
+                         "inside cannot be attacked or regularized")
+    return out
+
+
 def check_max_iter(max_iter, name: str = "max_iter") -> int:
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"{name} must be an int >= 0, got {max_iter!r}")

@@ -19,8 +19,8 @@ from torch import Tensor
 from . import backends, jacobian, ops
 from .reference import STEP_EPS
 from ._validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates,
-                        check_input, check_logits, check_max_iter, check_model_device, check_nonneg,
-                        explain_model_errors, frozen_model, warn_tf32)
+                        check_graph_logits, check_input, check_logits, check_max_iter, check_model_device,
+                        check_nonneg, explain_model_errors, frozen_model, warn_tf32)
 
 __all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
 
@@ -79,7 +79,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     if x0.is_inference():                      # a tensor made under torch.inference_mode()
         x0 = x0.clone()
     xg, logits_g = jacobian.forward_with_graph(model, x0, shape)
-    logits = check_logits(logits_g, B).detach().to(dtype)
+    logits = check_graph_logits(logits_g, B).detach().to(dtype)
     K = logits.shape[1]
     nonfinite = ~torch.isfinite(logits).all(1)
     if bool(nonfinite.any()):

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, jacobian, ops
-from ._validate import (as_labels, check_candidates, check_input, check_logits, check_max_iter,
-                        check_model_device, check_nonneg, explain_model_errors, frozen_model)
+from ._validate import (as_labels, check_candidates, check_graph_logits, check_input, check_logits,
+                        check_max_iter, check_model_device, check_nonneg, explain_model_errors, frozen_model)
 from .attack import _competing_classes
 from .reference import STEP_EPS
 
@@ -126,7 +126,7 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
     """
     B = x0.shape[0]
     x_in = _graph_input(x0)
-    logits = check_logits(net(x_in.view(B, *shape)), B)
+    logits = check_graph_logits(net(x_in.view(B, *shape)), B)
     K = logits.shape[1]
     y = as_labels(y, B, K, x0.device)
     finite = torch.isfinite(logits.detach()).all()

@@ -367,6 +367,7 @@ def test_bad_input(bad, match):
     (lambda x: x[:1, :3], r"logits of shape \[B, K\] = \[2, K\]"),
     (lambda x: "no", "must return a logits tensor"),
     (lambda x: torch.cat([x[:, :2], torch.full_like(x[:, :1], math.nan)], 1), r"NaN or Inf logits at x for 2 of 2"),
+    (lambda x: x[:, :3].detach(), "carry no gradient back to its input"),
 ])
 def test_bad_model_output(out, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -432,6 +432,15 @@ def test_bad_input_names_the_argument(bad, arg):
         deepdefense_loss(model, xb, yb)
 
 
+def test_logits_without_a_graph_to_x_are_refused():
+    def detached(z):
+        return bn_mlp()(z).detach()
+
+    x = mlp_data()
+    with pytest.raises(ValueError, match="carry no gradient back to its input"):
+        deepdefense_loss(detached, x, torch.zeros(x.shape[0], dtype=torch.int64))
+
+
 @pytest.mark.parametrize("out", ["1d", "3d"])
 def test_logits_not_2d(out):
     with pytest.raises(ValueError, match="logits"):
