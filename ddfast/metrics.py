@@ -114,6 +114,15 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     return (predict(model, x, batch_size) == y).double().mean().item()
 
 
+def _check_no_zero_sample(x: Tensor, metric: str, name: str = "x") -> None:
+    """``metric`` divides by each sample's norm: an all-zero sample would make it inf."""
+    zero = (x.detach().flatten(1) == 0).all(1)
+    if bool(zero.any()):
+        rows = zero.nonzero().squeeze(1)
+        raise ValueError(f"{name} has {rows.numel()} all-zero sample(s) (rows {rows[:5].tolist()}"
+                         f"{' ...' if rows.numel() > 5 else ''}): {metric} divides by each sample's norm")
+
+
 @dataclass
 class Rho2:
     """DeepFool robustness of a model on a set of samples.
@@ -152,6 +161,7 @@ def rho2(
     from . import deepfool  # the lead's batched attack
 
     check_data(model, x)
+    _check_no_zero_sample(x, "rho_2 = mean ||D||_2 / ||x||_2")
     _positive(scale, "scale")
     check_max_iter(max_iter)
     check_nonneg(overshoot, "overshoot")
@@ -163,7 +173,7 @@ def rho2(
         res = deepfool(model, xb, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
         d = res.delta.detach().flatten(1)
         n = torch.linalg.vector_norm(d, dim=1)
-        ratios.append(n / torch.linalg.vector_norm(xb.flatten(1), dim=1))
+        ratios.append(n / torch.linalg.vector_norm(xb.detach().flatten(1), dim=1))
         norms.append(n)
         iters.append(res.iterations)
         fooled.append(res.success)
@@ -256,11 +266,13 @@ def rho_inf(model: nn.Module, x: Tensor, y: Tensor, *, eps: Optional[float] = No
     ``eps`` in the units of the preprocessed ``x``."""
     if eps is not None:
         check_nonneg(eps, "eps")
+    check_data(model, x, y)
+    _check_no_zero_sample(x, "rho_inf = mean ||D||_inf / ||x||_inf")
     s = fgs_direction(model, x, y, batch_size)
     if eps is None:
         eps = fgs_eps50(model, x, y, direction=s, batch_size=batch_size)
     d_inf = eps * s.flatten(1).abs().amax(1)
-    return (d_inf / x.flatten(1).abs().amax(1)).double().mean().item(), eps
+    return (d_inf / x.detach().flatten(1).abs().amax(1)).double().mean().item(), eps
 
 
 def acc_at_eps(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], batch_size: int = 1000) -> List[float]:

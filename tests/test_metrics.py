@@ -165,6 +165,23 @@ def test_bad_model_output_and_settings():
         metrics.acc_at_eps(m, x, y, 0.1)
 
 
+def test_all_zero_sample_is_refused_by_the_ratio_metrics():
+    """rho_2 and rho_inf divide by ||x_i||: one all-zero sample made the whole mean inf."""
+    m, x, y = _small()
+    x0 = x.index_fill(0, torch.tensor([2]), 0.0)
+    with pytest.raises(ValueError, match=r"x has 1 all-zero sample\(s\) \(rows \[2\]\): rho_2"):
+        metrics.rho2(m, x0, progress=False)
+    with pytest.raises(ValueError, match=r"rows \[2\]\): rho_inf"):
+        metrics.rho_inf(m, x0, y, eps=0.1)
+    assert math.isfinite(metrics.rho2(m, x, progress=False).rho2)        # the others are fine
+
+
+def test_rho2_ratios_carry_no_graph():
+    m, x, _ = _small()
+    r = metrics.rho2(m, x.clone().requires_grad_(True), progress=False)
+    assert not r.ratios.requires_grad
+
+
 def _owned_state(model, x):
     """Everything of the caller's a metric must leave alone."""
     return {
