@@ -38,7 +38,9 @@ def _ints(s: str):
 
 
 def _common(p: argparse.ArgumentParser, threads_default) -> None:
-    p.add_argument("--data", type=Path, default=None, help="dataset directory (default: the shipped MNIST, or $DDFAST_DATA)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="dataset directory (default: $DDFAST_DATA, else ./data/mnist -- the repository's "
+                        "shipped copy when run from its root -- else the source checkout's data/mnist)")
     p.add_argument("--threads", type=int, default=threads_default,
                    help="torch CPU threads (0: torch's default; default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -175,6 +177,8 @@ def _cmd_eval(a) -> int:
     from . import data, metrics, models
     from .reproduce import load_weights
 
+    if a.json is not None:  # before the evaluation: a bad path must not cost the whole run
+        a.json.parent.mkdir(parents=True, exist_ok=True)
     model = load_weights(models.build_model(a.model), a.weights)
     prep = data.prepare(a.dataset, a.data)
     x, y = prep.x_test, prep.y_test

@@ -71,6 +71,10 @@ def test_train_then_eval(tiny_mnist, tmp_path, capsys):
 def test_readable_errors(tiny_mnist, tmp_path, capsys):
     rc, _, err = run(["eval", tmp_path / "missing.pt"], capsys)
     assert rc == 2 and "missing.pt" in err
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    rc, _, err = run(["eval", tmp_path / "missing.pt", "--json", blocker / "row.json"], capsys)
+    assert rc == 2 and "afile" in err and "Traceback" not in err  # --json checked before any work
     bad = tmp_path / "bad.pt"
     torch.save({"fc1.weight": torch.zeros(3)}, bad)
     rc, _, err = run(["eval", bad, "--data", tiny_mnist], capsys)
