@@ -47,7 +47,7 @@ class DeepDefenseInfo:
     """Per-sample diagnostics of one :func:`deepdefense_loss` call (detached, for logging).
 
     Attributes:
-        ratio: [B] ``||D_i||_2 / ||x_i||_2`` (0 where ``x_i == 0``), in the input's dtype.
+        ratio: [B] ``||D_i||_2 / ||x_i||_2`` (0 where ``x_i == 0``), in x's dtype (float32 at least).
         correct: [B] bool, the prediction at ``x_i`` (eval mode) equals ``y_i``.
         iterations: [B] int64, DeepFool steps taken by each sample (<= max_iter).
     """
@@ -229,8 +229,8 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
         method: route of the no-graph class gradients (:func:`ddfast.jacobian.class_grads`).
 
     Returns:
-        ``R``, a 0-d tensor in the logits' dtype, differentiable through every unrolled step
-        (``R.backward()`` reaches every parameter that influences it), and with
+        ``R``, a 0-d tensor in x's dtype (float32 at least), differentiable through every
+        unrolled step (``R.backward()`` reaches every parameter that influences it), and with
         ``return_info`` the tuple ``(R, info)``. The call writes no ``.grad``: inner
         derivatives use ``torch.autograd.grad``. An empty batch gives 0.0 (backpropagates).
         Under ``torch.no_grad()`` / ``torch.inference_mode()`` (e.g. to log R on a validation
@@ -277,7 +277,10 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
             x0 = x0.clone()
         delta, correct, iterations, finite = _unroll(net, x0, shape, y, max_iter, overshoot, k,
                                                      backend, method)
-    x_pen = x0 if x0.dtype == delta.dtype else x0.to(delta.dtype)
+    # float32 at least: exp overflows float16 above 11 (and bfloat16's 8-bit mantissa blurs it)
+    pen_dtype = torch.promote_types(delta.dtype, torch.float32)
+    delta = delta.to(pen_dtype)
+    x_pen = x0.to(pen_dtype)
     penalty = ops.deepdefense_penalty(delta, x_pen.contiguous(), correct, c, d, backend)
     reg = penalty.sum() * (lam / B)
     # Non-finite logits make R NaN, as they make a cross-entropy NaN: the step op reads a NaN

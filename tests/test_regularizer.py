@@ -383,6 +383,21 @@ def test_hopeless_misclassified_sample_stays_finite_float32():
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
 
 
+def test_float16_model_penalty_does_not_overflow():
+    """exp overflows float16 above ~11: a float16 model's penalty is computed in float32."""
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.3, 0, 0, 0], [-0.3, 0, 0, 0]]))
+        model.bias.copy_(torch.tensor([1.0, -1.0]))
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    y = torch.tensor([1, 0])                               # sample 0 misclassified, d * ratio ~ 15
+    reg32, info32 = deepdefense_loss(model, x, y, return_info=True)
+    assert 11.1 < 5.0 * float(info32.ratio[0]) < 60       # exp of it overflows float16, not float32
+    reg16, info16 = deepdefense_loss(model.half(), x.half(), y, return_info=True)
+    assert reg16.dtype == torch.float32 and bool(torch.isfinite(reg16))
+    torch.testing.assert_close(reg16, reg32, rtol=2e-2, atol=0)
+
+
 @pytest.mark.parametrize("where", ["at x", "at the iterates"])
 def test_nonfinite_logits_make_the_loss_nan(where):
     """NaN logits must not come back as a finite R (the step op reads a NaN normal as a zero
