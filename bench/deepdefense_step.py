@@ -12,7 +12,7 @@ at batch 100 on trained MNIST models (:func:`common.trained_model`), for:
 
 The methods are timed round-robin in the same process (each on its own copy of the model and
 optimizer), so the 2 shared cores' noise hits them alike; the median per method is reported,
-and the ratios to ``ce`` come from the same run (``naive``, 10-40x slower, joins only the
+and the ratios to ``ce`` come from the same run (``naive``, ~45-65x a plain step, joins only the
 first ``--naive-rounds`` rounds). ``naive`` and ``ddfast`` are checked to give
 the same regularizer value on the first batch.
 

@@ -6,7 +6,7 @@ composition (:mod:`ddfast.reference`), measured in the same run on the same inpu
 
 JSON: ``{"device": ..., "rows": [{"op", "backend", "shape": {"B", "K", "C", "D"}, "ms",
 "torch_ms", "speedup"}, ...], ...}`` plus, on a GPU, ``gbps`` (achieved bandwidth of the
-bytes an op must move at least) and ``hbm_fraction`` for ``select_boundary`` when the card's
+bytes an op must move at least) and ``hbm_fraction`` for every op when the card's
 peak is known (``--peak-gbps`` or the table below). Times are medians in milliseconds.
 Shapes (float32, K = C = 10 candidate classes): MNIST B=256 D=784, CIFAR B=256 D=3072,
 ImageNet top-10 B=32 D=150528.
