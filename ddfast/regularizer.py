@@ -26,7 +26,6 @@ Samples that are done leave the active set; ``D`` is never clipped.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
