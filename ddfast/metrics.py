@@ -223,7 +223,9 @@ def fgs_eps50(
     rel_tol: float = 1e-4,
     batch_size: int = 1000,
 ) -> float:
-    """Smallest FGS eps (bisection, relative tolerance ``rel_tol``) misclassifying >= ``target`` of ``x``.
+    """FGS eps misclassifying >= ``target`` of ``x``: doubled until it does, then bisected to a
+    relative tolerance ``rel_tol``. That is the smallest such eps when the FGS error grows with
+    eps (as it does on the paper's models); where the error dips, a crossing of ``target``.
 
     ``eps`` is in the units of the preprocessed ``x`` (an L-inf step per pixel). Returns 0 if the
     clean error already reaches ``target``; ``inf`` if no eps up to ``1e6 * mean|x|`` does.

@@ -18,7 +18,7 @@ PyTorch-initialised ones; here inputs are in [0,1] minus the mean image. The pap
 lambda=15, d=5, batch 100, 5 epochs, momentum 0.9, weight decay 5e-4 and the halving of the
 lr for the last epoch are kept, with lr 0.01 for this space. For the MLP, c=10 replaces the
 paper's 25: our reference is more robust than the paper's (rho_2 0.159 vs 0.111), so the
-penalty exp(-c rho) is weaker at equal c; the sweep (5, 10, 25, 45) shows c=10 gives 1.81x
+penalty exp(-c rho) is weaker at equal c; a sweep over c = 5, 10, 25, 45 shows c=10 gives 1.81x
 rho_2 with accuracy above the reference, c=25 1.47x, c=5 1.94x below the reference's accuracy.
 """
 from __future__ import annotations
