@@ -147,7 +147,7 @@ def _process_group(env: Optional[dict], device: str):
 def _cmd_train(a) -> int:
     from . import data, models
     from .reproduce import load_weights
-    from .train import TrainConfig, fit
+    from .train import TrainConfig, fit, weights_fingerprint
 
     cfg = TrainConfig(method=a.method, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                       lr_milestones=a.lr_milestones, momentum=a.momentum, weight_decay=a.weight_decay,
@@ -161,10 +161,11 @@ def _cmd_train(a) -> int:
     if a.init is not None:
         load_weights(model, a.init)
     prep = data.prepare(a.dataset, a.data)
+    start = weights_fingerprint(model)  # the starting weights (seed or --init): a resume must start from the same
     with _process_group(env, a.device) as dev:
         model.to(dev)
         tensors = [t.to(dev) for t in (prep.x_train, prep.y_train, prep.x_test, prep.y_test)]
-        log = fit(model, *tensors, cfg, out_dir=a.out, resume=a.resume, scale=prep.scale,
+        log = fit(model, *tensors, cfg, out_dir=a.out, resume=a.resume, scale=prep.scale, start_tag=start,
                   progress=not a.no_progress)
     if env is None or env["rank"] == 0:
         last = log[-1]

@@ -33,7 +33,7 @@ import torch
 
 from . import data as ddata
 from . import metrics, models, plots
-from .train import TrainConfig, fit, load_state, read_tensor_file
+from .train import TrainConfig, fit, load_state, read_tensor_file, weights_fingerprint
 
 __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
 
@@ -91,9 +91,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 
 def _run(model, prep, cfg, out: Path, progress: bool) -> List[dict]:
+    """``fit`` into ``out``, continuing a run found there; a run there that started from other
+    weights (another reference) is refused, not mixed in."""
     resume = (out / "checkpoint.pt").exists()
     return fit(model, prep.x_train, prep.y_train, prep.x_test, prep.y_test, cfg, out_dir=out, resume=resume,
-               scale=prep.scale, progress=progress)
+               scale=prep.scale, progress=progress, start_tag=weights_fingerprint(model))
 
 
 def _device(device: str) -> torch.device:

@@ -32,6 +32,7 @@ momentum 0.9, weight decay 5e-4, lr halved for the last epoch) at lr 0.01 in the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -53,7 +54,8 @@ from ._validate import NonFiniteLogitsError, check_max_iter, check_nonneg
 from .metrics import accuracy, check_data, rho2
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
-           "adversarial_set", "atomic_save", "load_checkpoint", "read_tensor_file", "load_state"]
+           "adversarial_set", "atomic_save", "load_checkpoint", "read_tensor_file", "load_state",
+           "weights_fingerprint"]
 
 METHODS = ("clean", "deepdefense", "adversarial", "parseval")
 
@@ -102,7 +104,9 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for name in ("epochs", "batch_size", "eval_subset"):
             _check_int(getattr(self, name), name, 1)
-        _check_int(self.seed, "seed", None)
+        _check_int(self.seed, "seed", 0)
+        if self.seed >= 2 ** 32:  # the epoch generators are seeded with seed * 1_000_003 + epoch (int64)
+            raise ValueError(f"seed must be < 2**32, got {self.seed}")
         for name in ("dd_max_iter", "adv_max_iter", "eval_max_iter"):
             check_max_iter(getattr(self, name), name)
         for name in ("lr", "lr_gamma"):
@@ -111,8 +115,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {v!r}")
         for name in ("momentum", "weight_decay", "lam", "c", "d", "overshoot", "parseval_beta"):
             check_nonneg(getattr(self, name), name)
-        if not 0 < self.parseval_frac <= 1:
-            raise ValueError(f"parseval_frac must be in (0, 1], got {self.parseval_frac}")
+        frac = self.parseval_frac
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+            raise ValueError(f"parseval_frac must be a number in (0, 1], got {frac!r}")
+        if isinstance(self.lr_milestones, (str, bytes)) or not isinstance(self.lr_milestones, Sequence):
+            raise ValueError(f"lr_milestones must be a sequence of epochs, got {self.lr_milestones!r}")
         self.lr_milestones = tuple(_check_int(m, "lr_milestones", 0) for m in self.lr_milestones)
         if self.layers is not None:
             if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):
@@ -149,8 +156,8 @@ def atomic_save(obj: object, path: os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            if path.suffix == ".json":
-                fh.write(json.dumps(obj, indent=1).encode())
+            if path.suffix == ".json":  # strict JSON: NaN / inf become null
+                fh.write(json.dumps(_finite_or_none(obj), indent=1, allow_nan=False).encode())
             else:
                 torch.save(obj, fh)
         umask = os.umask(0)
@@ -161,6 +168,17 @@ def atomic_save(obj: object, path: os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _finite_or_none(obj: object) -> object:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def read_tensor_file(path: os.PathLike) -> object:
@@ -188,6 +206,16 @@ def read_tensor_file(path: os.PathLike) -> object:
 
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "rng", "log", "config")
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state (names, dtypes, shapes, values): which weights a run started from."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def load_checkpoint(path: os.PathLike) -> dict:
@@ -312,12 +340,16 @@ def fit(
     scale: float = 1.0,
     progress: bool = True,
     step_callback: Optional[Callable[[int, int], None]] = None,
+    start_tag: Optional[str] = None,
 ) -> List[dict]:
     """Train ``model`` in place with ``cfg`` and return the per-epoch log.
 
     ``x_*``: preprocessed float tensors ``[N, ...]``; ``y_*``: int64 ``[N]``. ``scale``: the
     preprocessing scale (for rho'_2 in logs). ``out_dir``: where checkpoints and logs go
     (required for ``resume``). ``step_callback(epoch, step)`` runs after each step.
+    ``start_tag``: names the weights the run starts from (e.g. :func:`weights_fingerprint` of
+    the model as passed); kept in the checkpoint, and a resume with another tag is refused
+    (without a tag, a resume takes everything from the checkpoint, whatever the model holds).
     Raises :class:`NonFiniteLossError` on a NaN/Inf loss when ``cfg.on_nonfinite == "stop"``.
     """
     if not isinstance(cfg, TrainConfig):
@@ -357,6 +389,10 @@ def fit(
         if saved != cfg.to_dict():
             diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
             raise ValueError(f"{ckpt_path} was written with other settings (saved, now): {diff}")
+        saved_tag = ck.get("start_tag")
+        if start_tag is not None and saved_tag is not None and saved_tag != start_tag:
+            raise ValueError(f"{ckpt_path} was started from other weights than this run (another --init or "
+                             "reference): resuming would mix the two; use another output directory")
         load_state(model, ck["model"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
@@ -369,8 +405,9 @@ def fit(
     x_fit = x_train
     if cfg.method == "adversarial" and start_epoch <= cfg.epochs:
         # the fixed set comes from the *starting* model, kept in init.pt so a resume rebuilds it
+        # (read back only when this run resumes a checkpoint: a fresh run's init.pt may be stale)
         init_path = out / "init.pt" if out is not None else None
-        if init_path is not None and init_path.exists():
+        if init_path is not None and log and init_path.exists():
             src = _clone_with(model, read_tensor_file(init_path))
         else:
             src = _clone_with(model, model.state_dict())
@@ -382,8 +419,8 @@ def fit(
     def save(epoch: int):
         if writer:
             atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "rng": torch.get_rng_state(), "log": json.dumps(log), "config": json.dumps(cfg.to_dict())},
-                        ckpt_path)
+                         "rng": torch.get_rng_state(), "log": json.dumps(log), "config": json.dumps(cfg.to_dict()),
+                         "start_tag": start_tag}, ckpt_path)
             atomic_save(model.state_dict(), out / "model.pt")
             atomic_save(log, out / "log.json")
         _barrier(world)
@@ -432,8 +469,9 @@ def fit(
                          f"cross-entropy {ce_sum / len(idx)}, regularizer {reg_sum / len(idx)})")
                 if cfg.on_nonfinite == "stop":
                     last = f"{ckpt_path} (end of epoch {epoch - 1})" if out is not None else "none (no out_dir)"
-                    raise NonFiniteLossError(f"non-finite loss at {where}; stopped. Last good checkpoint: {last}. "
-                                             "Lower the learning rate or lambda/c, then --resume.")
+                    raise NonFiniteLossError(f"non-finite loss at {where}; stopped. Last checkpoint: {last}. "
+                                             "A new run (another output directory) with a lower learning rate "
+                                             "or lambda/c usually avoids it; on_nonfinite='skip' skips such steps.")
                 sums["skipped"] += 1
                 continue
             weight = world * len(part) / len(idx)  # 1.0 in one process: DDP's mean becomes the global mean
@@ -452,7 +490,7 @@ def fit(
             sums["seen"] += len(idx)
             if step_callback is not None:
                 step_callback(epoch, step)
-        seen = max(sums["seen"], 1)
+        seen = sums["seen"] if sums["seen"] else math.nan  # every step skipped: no statistics (null in log.json)
         entry = evaluated({"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / seen, "train_ce": sums["ce"] / seen,
                            "train_reg": sums["reg"] / seen, "train_acc": sums["correct"] / seen,
                            "skipped_steps": sums["skipped"]})

@@ -111,6 +111,52 @@ def test_nonfinite_loss_skip(tmp_path):
     assert not math.isnan(log[0]["rho2"])
 
 
+def test_epoch_with_every_step_skipped_has_no_statistics_and_log_json_stays_strict(tmp_path):
+    model = fresh_model()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")                # every step's loss is NaN
+    _, log = run(tmp_path, tiny_cfg(epochs=1, on_nonfinite="skip"), model=model)
+    assert log[1]["skipped_steps"] == 6
+    assert all(math.isnan(log[1][k]) for k in ("train_loss", "train_ce", "train_reg", "train_acc"))
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    saved = json.loads((tmp_path / "log.json").read_text(), parse_constant=refuse)
+    assert saved[1]["train_loss"] is None and saved[1]["test_acc"] is None and saved[1]["skipped_steps"] == 6
+
+
+def test_resume_from_other_starting_weights_is_refused_when_tagged(tmp_path):
+    cfg = tiny_cfg(epochs=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, step):
+        if epoch == 2:
+            raise Stop
+
+    a = fresh_model(seed=1)
+    with pytest.raises(Stop):
+        run(tmp_path, cfg, model=a, step_callback=stop, start_tag=train.weights_fingerprint(a))
+    b = fresh_model(seed=2)
+    with pytest.raises(ValueError, match="started from other weights"):
+        run(tmp_path, cfg, model=b, resume=True, start_tag=train.weights_fingerprint(b))
+    a2 = fresh_model(seed=1)                                 # the same starting weights: resumes
+    _, log = run(tmp_path, cfg, model=a2, resume=True, start_tag=train.weights_fingerprint(a2))
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+
+
+def test_adversarial_fresh_run_ignores_a_stale_init_file(tmp_path):
+    stale = fresh_model(seed=5)
+    train.atomic_save(stale.state_dict(), tmp_path / "init.pt")   # left by an interrupted earlier run
+    model = fresh_model(seed=0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    run(tmp_path, tiny_cfg(epochs=1, method="adversarial", adv_max_iter=5), model=model)
+    saved = torch.load(tmp_path / "init.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in start.items())
+
+
 def test_parseval_projection():
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(8, 5, bias=False)
@@ -148,7 +194,8 @@ def test_adversarial_training_uses_fixed_deepfool_set(tmp_path):
     ("eval_subset", 0), ("seed", "0"), ("lr", 0.0), ("lr", float("nan")), ("lr_gamma", -0.5), ("momentum", -0.1),
     ("weight_decay", -1e-4), ("lam", -1.0), ("c", -1.0), ("d", float("inf")), ("overshoot", -0.02),
     ("parseval_beta", -1e-4), ("parseval_frac", 0.0), ("dd_max_iter", -1), ("adv_max_iter", 1.5),
-    ("eval_max_iter", -1), ("lr_milestones", (1.5,)),
+    ("eval_max_iter", -1), ("lr_milestones", (1.5,)), ("lr_milestones", 4), ("parseval_frac", "0.3"),
+    ("seed", -1), ("seed", 2 ** 40),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
