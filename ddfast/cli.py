@@ -43,7 +43,8 @@ def _common(p: argparse.ArgumentParser, threads_default) -> None:
                         "shipped copy when run from its root -- else the source checkout's data/mnist)")
     p.add_argument("--threads", type=int, default=threads_default,
                    help="torch CPU threads (0: torch's default; default %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars and no per-epoch lines (train: OUT/log.json has every epoch)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +145,19 @@ def _process_group(env: Optional[dict], device: str):
         dist.destroy_process_group()
 
 
+def _check_model_takes(model, x, y, a) -> None:
+    """One probe forward of a sample: a model built for other inputs (--model lenet on cifar10,
+    convnet on MNIST) fails here with one line naming both, not as a traceback mid-run."""
+    from .metrics import check_data
+
+    try:
+        check_data(model, x[:1], y[:1])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"--model {a.model} does not take --dataset {a.dataset} samples of shape "
+                         f"{list(x.shape[1:])} ({first})") from exc
+
+
 def _cmd_train(a) -> int:
     from . import data, models
     from .reproduce import load_weights
@@ -161,6 +175,7 @@ def _cmd_train(a) -> int:
     if a.init is not None:
         load_weights(model, a.init)
     prep = data.prepare(a.dataset, a.data)
+    _check_model_takes(model, prep.x_train, prep.y_train, a)
     start = weights_fingerprint(model)  # the starting weights (seed or --init): a resume must start from the same
     with _process_group(env, a.device) as dev:
         model.to(dev)
@@ -183,6 +198,7 @@ def _cmd_eval(a) -> int:
     model = load_weights(models.build_model(a.model), a.weights)
     prep = data.prepare(a.dataset, a.data)
     x, y = prep.x_test, prep.y_test
+    _check_model_takes(model, x, y, a)
     if a.limit is not None:
         if a.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {a.limit}")
@@ -191,7 +207,9 @@ def _cmd_eval(a) -> int:
                            progress=not a.no_progress)
     print(json.dumps(row, indent=1))
     if a.json is not None:
-        a.json.write_text(json.dumps(row, indent=1))
+        from .train import atomic_save
+
+        atomic_save(row, a.json)
     return 0
 
 

@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -87,7 +88,7 @@ def _read_bytes(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file name says
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise ValueError(f"{path}: corrupt gzip data ({exc})") from exc
     return raw
 

@@ -33,7 +33,8 @@ import torch
 
 from . import data as ddata
 from . import metrics, models, plots
-from .train import TrainConfig, fit, load_state, read_tensor_file, weights_fingerprint
+from ._validate import check_max_iter, check_nonneg
+from .train import TrainConfig, atomic_save, fit, load_state, read_tensor_file, weights_fingerprint
 
 __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
 
@@ -189,14 +190,17 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
     methods = tuple(m for m in ROWS[1:] if m in methods)
     dev = _device(device)
     exp = EXPERIMENTS[experiment]
+    sweep = exp["sweep"] if sweep is None else tuple(sweep)
+    if "deepdefense" not in methods:
+        sweep = ()
+    check_max_iter(eval_max_iter, "eval_max_iter")  # before any training, not after it
+    for c in sweep:
+        check_nonneg(c, "sweep (values of c)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     prep = ddata.prepare("mnist", data_root)
     prep = replace(prep, **{k: getattr(prep, k).to(dev) for k in ("x_train", "y_train", "x_test", "y_test")})
-    sweep = exp["sweep"] if sweep is None else tuple(sweep)
-    if "deepdefense" not in methods:
-        sweep = ()
 
     def new_model():
         torch.manual_seed(0)
@@ -264,7 +268,7 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
         plots.c_sweep(points, out / "c_sweep.png", reference=rows[0])
     _examples(trained, prep, out)
     results["time_s"] = time.time() - t0
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    atomic_save(results, out / "results.json")  # strict JSON: a diverged row's NaN is written as null
     (out / "results.md").write_text(_markdown(results))
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots ({results['time_s'] / 60:.1f} min)")
     return results

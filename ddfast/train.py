@@ -191,6 +191,10 @@ def read_tensor_file(path: os.PathLike) -> object:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save: a zip archive, or a pickle (legacy)
+        raise ValueError(f"{path}: not a torch file (it starts with {head!r}; torch.save writes a zip archive)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol notices of the weights-only unpickler
@@ -391,6 +395,9 @@ def fit(
             raise ValueError(f"{ckpt_path} was written with other settings (saved, now): {diff}")
         saved_tag = ck.get("start_tag")
         if start_tag is not None and saved_tag is not None and saved_tag != start_tag:
+            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            if shapes != {k: tuple(v.shape) for k, v in ck["model"].items()}:
+                load_state(model, ck["model"], ckpt_path)  # another architecture: that is the error to name
             raise ValueError(f"{ckpt_path} was started from other weights than this run (another --init or "
                              "reference): resuming would mix the two; use another output directory")
         load_state(model, ck["model"], ckpt_path)

@@ -75,6 +75,10 @@ def test_readable_errors(tiny_mnist, tmp_path, capsys):
     blocker.write_text("")
     rc, _, err = run(["eval", tmp_path / "missing.pt", "--json", blocker / "row.json"], capsys)
     assert rc == 2 and "afile" in err and "Traceback" not in err  # --json checked before any work
+    text = tmp_path / "log.json"
+    text.write_text("[]")
+    rc, _, err = run(["eval", text], capsys)
+    assert rc == 2 and "log.json: not a torch file" in err
     bad = tmp_path / "bad.pt"
     torch.save({"fc1.weight": torch.zeros(3)}, bad)
     rc, _, err = run(["eval", bad, "--data", tiny_mnist], capsys)
@@ -85,6 +89,10 @@ def test_readable_errors(tiny_mnist, tmp_path, capsys):
     assert rc == 2 and "nodata" in err
     rc, _, err = run(["train", "--out", tmp_path / "o", "--model", "vgg", "--data", tiny_mnist], capsys)
     assert rc == 2 and "vgg" in err
+    rc, _, err = run(["train", "--out", tmp_path / "o2", "--model", "convnet", "--data", tiny_mnist,
+                      "--no-progress"], capsys)                  # a 3x32x32 network on 1x28x28 images
+    assert rc == 2 and "--model convnet does not take --dataset mnist" in err and "Traceback" not in err
+    assert not (tmp_path / "o2" / "checkpoint.pt").exists()
     with pytest.raises(SystemExit):
         cli.main(["train", "--out", str(tmp_path / "o"), "--method", "magic"])
     assert "magic" in capsys.readouterr().err
@@ -151,3 +159,13 @@ def test_reproduce_rejects_unusable_device(tmp_path, device):
     with pytest.raises(ValueError, match="device"):
         reproduce.reproduce("mnist-mlp", tmp_path / "out", device=device)
     assert not (tmp_path / "out").exists()  # nothing written before the check
+
+
+@pytest.mark.parametrize("kw, match", [(dict(eval_max_iter=-1), "eval_max_iter"),
+                                       (dict(sweep=(10.0, -5.0)), "sweep")])
+def test_reproduce_checks_its_settings_before_any_training(tmp_path, kw, match):
+    from ddfast.reproduce import reproduce
+
+    with pytest.raises(ValueError, match=match):
+        reproduce("mnist-mlp", tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()          # refused before creating or training anything

@@ -63,6 +63,12 @@ def test_read_idx_rejects_bad_files(tmp_path):
     r.write_bytes(b"\x00\x00\x42\x01" + struct.pack(">I", 1) + b"\x00")
     with pytest.raises(ValueError, match="dtype code"):
         data.read_idx(r)
+    z = write_idx(tmp_path / "flipped.gz", np.arange(4000).reshape(40, 100) % 251, gz=True)
+    raw = bytearray(z.read_bytes())
+    raw[40:80] = bytes(255 - v for v in raw[40:80])          # damage inside the deflate stream
+    z.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="flipped.gz: corrupt gzip data"):
+        data.read_idx(z)
 
 
 @pytest.mark.parametrize("gz", [False, True])
