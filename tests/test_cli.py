@@ -68,6 +68,19 @@ def test_train_then_eval(tiny_mnist, tmp_path, capsys):
     assert row["acc"] > 0.5 and row["rho2"] > 0 and set(row["acc_at_eps"]) == {"0.2", "0.5", "1.0"}
 
 
+def test_resume_with_another_init_is_refused(tiny_mnist, tmp_path, capsys):
+    base = ["train", "--data", tiny_mnist, "--epochs", "1", "--batch-size", "100", "--eval-subset", "10",
+            "--threads", "1", "--no-progress"]
+    rc, _, err = run(base + ["--out", tmp_path / "a", "--seed", "1"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(base + ["--out", tmp_path / "b", "--init", tmp_path / "a" / "model.pt"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(base + ["--out", tmp_path / "b", "--resume"], capsys)        # --init dropped: other start
+    assert rc == 2 and "started from other weights" in err
+    rc, _, err = run(base + ["--out", tmp_path / "b", "--resume", "--init", tmp_path / "a" / "model.pt"], capsys)
+    assert rc == 0, err                                                           # the same start: resumes
+
+
 def test_readable_errors(tiny_mnist, tmp_path, capsys):
     rc, _, err = run(["eval", tmp_path / "missing.pt"], capsys)
     assert rc == 2 and "missing.pt" in err
