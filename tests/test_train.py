@@ -147,6 +147,18 @@ def test_resume_from_other_starting_weights_is_refused_when_tagged(tmp_path):
     assert [e["epoch"] for e in log] == [0, 1, 2]
 
 
+def test_weights_fingerprint_covers_buffers_and_values():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).to(torch.bfloat16)
+    tag = train.weights_fingerprint(net)                   # 0-d int64 and bfloat16 tensors included
+    assert tag == train.weights_fingerprint(net)
+    with torch.no_grad():
+        net[0].weight[0, 0] += 1
+    assert train.weights_fingerprint(net) != tag
+    net[1].num_batches_tracked += 1
+    assert len({tag, train.weights_fingerprint(net)}) == 2
+
+
 def test_adversarial_fresh_run_ignores_a_stale_init_file(tmp_path):
     stale = fresh_model(seed=5)
     train.atomic_save(stale.state_dict(), tmp_path / "init.pt")   # left by an interrupted earlier run
