@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--c", type=float, default=d.c)
     t.add_argument("--d", type=float, default=d.d)
     t.add_argument("--layers", type=lambda s: tuple(s.split(",")), default=None,
-                   help="regularize only these layers, e.g. fc1 (paper Fig. 5)")
+                   help="with --method deepdefense: regularize only these layers, e.g. fc1 (paper Fig. 5)")
     t.add_argument("--parseval-beta", type=float, default=d.parseval_beta)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite)

@@ -124,6 +124,9 @@ class TrainConfig:
         if self.layers is not None:
             if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers):
                 raise TypeError(f"layers must be a sequence of layer names, got {self.layers!r}")
+            if self.method != "deepdefense":  # it would be ignored: only the regularizer is layer-wise
+                raise ValueError(f"layers restricts the DeepDefense regularizer: it needs method='deepdefense', "
+                                 f"got method={self.method!r}")
             self.layers = tuple(self.layers)
 
     def to_dict(self) -> dict:

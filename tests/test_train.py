@@ -207,7 +207,7 @@ def test_adversarial_training_uses_fixed_deepfool_set(tmp_path):
     ("weight_decay", -1e-4), ("lam", -1.0), ("c", -1.0), ("d", float("inf")), ("overshoot", -0.02),
     ("parseval_beta", -1e-4), ("parseval_frac", 0.0), ("dd_max_iter", -1), ("adv_max_iter", 1.5),
     ("eval_max_iter", -1), ("lr_milestones", (1.5,)), ("lr_milestones", 4), ("parseval_frac", "0.3"),
-    ("seed", -1), ("seed", 2 ** 40),
+    ("seed", -1), ("seed", 2 ** 40), ("layers", ("fc1",)),     # layers without method='deepdefense'
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
