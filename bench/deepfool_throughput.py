@@ -18,7 +18,8 @@ torch DeepFool, side by side in one run, same models, same inputs, same device.
   ||x_adv - x||_2 / ||x||_2 (x on the [0, 1] pixel scale, so this is *not* the paper's rho_2 on
   mean-subtracted images); ``fooled`` = fraction of images with argmax f(x_adv) != ref;
   ``mean_iterations`` where the implementation reports it; ``speedup`` = the ddfast (default
-  backend, same bounds) time on the same images / this row's time; ``vs_ref_*`` = per-sample
+  backend, same bounds) speedup over this row: this row's time / ddfast's time on the same
+  images (> 1: ddfast is faster); ``vs_ref_*`` = per-sample
   relative difference of ||delta|| to the reference of the row's group on the images both
   fooled (rows that clip to [0, 1]: foolbox; rows that cannot clip: ddfast without bounds).
 * Also the candidates trade-off: ddfast and foolbox with the top-k classes, k in {2, 3, 5, 10}.
@@ -95,6 +96,16 @@ def per_sample(dn, fooled, dn_ref, fooled_ref) -> Dict[str, Optional[float]]:
             "vs_ref_within_1e-3": float((rel <= 1e-3).float().mean())}
 
 
+def _steps_per_batch(out: peers.Outcome, B: int) -> Optional[float]:
+    """Mean over batches of the steps a batch ran: the library's own count (ART), else the
+    largest per-image iteration count of each batch of B."""
+    if out.steps_per_batch is not None:
+        return out.steps_per_batch
+    if out.iterations is None:
+        return None
+    return float(torch.stack([c.max() for c in out.iterations.split(B)]).double().mean())
+
+
 def measure(jobs, N: int, B: int, args):
     """Time every job batch by batch, interleaved: for each batch of B images, each job that covers
     it runs on it (``repeat`` times, best kept, unless its first run took over ``repeat_below_s``
@@ -140,14 +151,21 @@ def measure(jobs, N: int, B: int, args):
         its = [p.iterations for p in ps]
         if not ps:
             continue
+        steps = [p.steps_per_batch for p in ps]
         outs[k] = peers.Outcome(torch.cat([p.x_adv for p in ps]),
-                                None if any(i is None for i in its) else torch.cat(its))
+                                None if any(i is None for i in its) else torch.cat(its),
+                                None if any(v is None for v in steps) else statistics.mean(steps))
     return times, outs
 
 
 def bench_model(name: str, args, available: Dict[str, Optional[str]]) -> Dict[str, list]:
     dev = torch.device(args.device)
     model = common.trained_model(name, log=log).to(dev)
+    # DeepFool needs input gradients only. Libraries that call .backward() (foolbox, torchattacks,
+    # ART) also compute and accumulate the parameters' gradients when those require grad, which
+    # roughly doubles their backward cost; frozen parameters give every library its best case
+    # (bit-identical results; ddfast's cost does not change).
+    model.requires_grad_(bool(args.keep_param_grad))
     x_all, y_all = common.mnist_test(args.n or N_FULL[name], model=name)
     x_all = x_all.to(dev)
     ref_all = common.predict(model, x_all)
@@ -223,8 +241,14 @@ def bench_model(name: str, args, available: Dict[str, Optional[str]]) -> Dict[st
             "n_images": n, "batch_size": B if impl not in ("torchattacks", "deeprobust") else 1,
             "seconds": t, "img_per_s": n / t,
             "speedup": (t / t_ref) if t_ref else None,
+            "steps_per_batch": _steps_per_batch(outs[label], B) if impl not in ("torchattacks", "deeprobust")
+            else None,
             **metrics,
         }
+        if n < len(x_all) and backends:  # a prefix: ddfast's rho_2 on the same images, to compare with
+            same = plan[0][0] if bounds else "ddfast, no bounds"
+            row["rho2_ddfast_same_images"] = evaluate(model, x_all[:n], ref_all[:n],
+                                                      peers.Outcome(outs[same].x_adv[:n]))[0]["rho2"]
         if bounds in refs:
             row["per_sample_reference"] = refs[bounds][0]
             row.update(per_sample(dn, fooled, *refs[bounds][1:]))
@@ -262,18 +286,26 @@ def bench_model(name: str, args, available: Dict[str, Optional[str]]) -> Dict[st
 # ----------------------------------------------------------------------------- outputs
 
 
+PARAMS = {False: "Model parameters frozen (requires_grad=False) for every implementation: the libraries "
+                 "that call .backward() then compute no weight gradients",
+          True: "Model parameters requiring grad, as a model comes: foolbox, torchattacks and ART also "
+                "compute (and ART/torchattacks accumulate) weight gradients in every backward"}
+
+
 def write_markdown(path: Path, payload) -> None:
     lines = [f"DeepFool on {payload['device']}, torch {payload['torch']}, {payload['torch_threads']} threads; "
              f"max_iter {payload['settings']['max_iter']}, overshoot {payload['settings']['overshoot']}, "
              f"all classes, batch {payload['settings']['batch_size']}; "
              f"rho_2 = mean ||delta||_2/||x||_2 over fooled images, x in [0, 1] pixels. "
-             f"Speedup = ddfast time on the same images (same bounds) / this row's time "
-             f"(> 1: ddfast is faster). `{payload['command']}`", ""]
+             f"Speedup = this row's time / ddfast's time on the same images (same bounds) "
+             f"(> 1: ddfast is faster). {PARAMS[bool(payload['settings'].get('keep_param_grad'))]}. "
+             f"`{payload['command']}`", ""]
     for model in payload["models"]:
         lines += [f"**{MODEL_TITLES[model]}** (clean accuracy {payload['accuracy'][model]:.4f})", "",
-                  "| implementation | clip [0,1] | images | img/s | ddfast speedup | rho_2 | fooled | mean iters "
+                  "| implementation | clip [0,1] | images | img/s | ddfast speedup | rho_2 (ddfast on the same images) "
+                  "| fooled | mean iters | steps / batch "
                   "| per-sample ‖δ‖ vs reference: median rel. diff / share within 1e-3 |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in payload["rows"]:
             if r["model"] != model:
                 continue
@@ -282,8 +314,11 @@ def write_markdown(path: Path, payload) -> None:
             vs = "" if r.get("vs_ref_median_rel") is None else \
                 f"{r['vs_ref_median_rel']:.1e} / {r['vs_ref_within_1e-3']:.3f} (vs {r['per_sample_reference']})"
             rho = "" if r["rho2"] is None else f"{r['rho2']:.4f}"
+            if r.get("rho2_ddfast_same_images") is not None:
+                rho += f" ({r['rho2_ddfast_same_images']:.4f})"
+            st = "" if r.get("steps_per_batch") is None else f"{r['steps_per_batch']:.1f}"
             lines.append(f"| {r['label']} | {'yes' if r['bounds'] else 'no'} | {r['n_images']} | "
-                         f"{r['img_per_s']:.1f} | {sp} | {rho} | {r['fooled']:.3f} | {it} | {vs} |")
+                         f"{r['img_per_s']:.1f} | {sp} | {rho} | {r['fooled']:.3f} | {it} | {st} | {vs} |")
         lines.append("")
         cands = [c for c in payload["candidates"] if c["model"] == model]
         if cands:
@@ -376,6 +411,9 @@ def main(argv=None):
     ap.add_argument("--impls", default="foolbox,torchattacks,art,naive,deeprobust", help="peers to run")
     ap.add_argument("--backends", default=None, help="ddfast backends to run (default all available)")
     ap.add_argument("--no-candidates", dest="candidates", action="store_false")
+    ap.add_argument("--keep-param-grad", action="store_true",
+                    help="keep the model's parameters requiring grad, as a model comes (default: frozen, so that "
+                         "libraries that call .backward() do not also compute weight gradients)")
     ap.add_argument("--tf32", action="store_true",
                     help="on a GPU, leave TF32 convolutions on (PyTorch's default; default here: off)")
     args = ap.parse_args(argv)
@@ -424,7 +462,10 @@ def main(argv=None):
                                "best of repeat per batch (one run where the first took over repeat_below_s), "
                                "summed over the batches; after a warm-up call",
                      "rho2": "mean over fooled images of ||x_adv - x||_2 / ||x||_2, x in [0, 1] pixels",
-                     "speedup": "ddfast (default backend, same bounds) seconds on the same images / row seconds"},
+                     "speedup": "row seconds / ddfast (default backend, same bounds) seconds on the same images",
+                     "keep_param_grad": bool(args.keep_param_grad),
+                     "params": ("requires_grad kept: libraries calling .backward() also compute weight gradients"
+                                if args.keep_param_grad else "frozen (requires_grad=False) for every implementation")},
         "unavailable": {k: v for k, v in available.items() if v is not None},
         "rows": all_rows,
         "candidates": all_cands,

@@ -33,6 +33,7 @@ BOUNDS = (0.0, 1.0)
 class Outcome:
     x_adv: Tensor  # [N, ...] float32
     iterations: Optional[Tensor] = None  # [N] int64 where the implementation reports it
+    steps_per_batch: Optional[float] = None  # mean steps of the library's internal batches, where counted (ART)
 
 
 # ----------------------------------------------------------------------------- ddfast
@@ -122,9 +123,21 @@ def art_run(model, x, ref, *, batch_size, max_iter=50, overshoot=0.02, candidate
     atk = DeepFool(clf, max_iter=max_iter, epsilon=overshoot,
                    nb_grads=candidates if candidates is not None else nb_classes,
                    batch_size=batch_size, verbose=False)
+    # ART reports no iteration count: count its class-gradient calls (with all classes, one per
+    # batch before its loop and one per step)
+    calls = [0]
+    gradient = clf.class_gradient
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return gradient(*args, **kwargs)
+
+    clf.class_gradient = counted
     adv = atk.generate(x.detach().cpu().numpy())
     model.eval()  # ART's class_gradient leaves the model in the mode it set; keep eval for the others
-    return Outcome(torch.from_numpy(np.ascontiguousarray(adv)).to(x.device))
+    n_batches = -(-len(x) // batch_size)
+    steps = calls[0] / n_batches - 1 if candidates is None else None
+    return Outcome(torch.from_numpy(np.ascontiguousarray(adv)).to(x.device), steps_per_batch=steps)
 
 
 # ----------------------------------------------------------------------------- deeprobust

@@ -75,6 +75,9 @@ if [ "$QUICK" = 1 ]; then
     run "$PY" bench/deepfool_throughput.py --quick --device "$DEVICE" --json "$OUT/deepfool_throughput$SUF.json"
 else
     run "$PY" bench/deepfool_throughput.py --device "$DEVICE" --json "$OUT/deepfool_throughput$SUF.json"
+    # the same comparison with the parameters requiring grad, as a model comes (MLP, 1000 images)
+    run "$PY" bench/deepfool_throughput.py --quick --no-candidates --keep-param-grad --device "$DEVICE" \
+        --json "$OUT/deepfool_throughput${SUF}_param_grad.json"
 fi
 
 if [ "$QUICK" = 0 ]; then
