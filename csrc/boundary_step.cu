@@ -26,7 +26,7 @@ __global__ void bs_step(const float* __restrict__ fdiff, const T* __restrict__ w
   T* ri = r + i * D;
   for (std::int64_t d = d0 + threadIdx.x; d < d1; d += blockDim.x) {
     const float v = to_f(wi[d]);
-    ri[d] = from_f<T>(Q == 2 ? coef * v : scale * sign_f(v));
+    ri[d] = from_f<T>(Q == 2 ? (nz ? coef * v : 0.0f) : scale * sign_f(v));  // r = 0 also for a NaN w
   }
 }
 

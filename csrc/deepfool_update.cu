@@ -22,8 +22,8 @@ __global__ void du_kernel(const T* __restrict__ x0, const T* __restrict__ r_tot,
     float rt = to_f(r_tot[o]);
     if (act) rt += to_f(r[o]);
     float xn = to_f(x0[o]) + k * rt;
-    if (has_lo) xn = fmaxf(xn, lo);
-    if (has_hi) xn = fminf(xn, hi);
+    if (has_lo && xn < lo) xn = lo;  // comparisons, not fmaxf/fminf: a NaN stays NaN (torch.clamp)
+    if (has_hi && xn > hi) xn = hi;
     r_tot_out[o] = from_f<T>(rt);
     x_next[o] = from_f<T>(xn);
   }

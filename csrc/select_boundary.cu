@@ -111,12 +111,13 @@ __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict_
   const float best = s_best, n = s_norm;
   const bool finite = best < INFINITY;
   const float scale = finite ? best + eps : 0.0f;
-  const float coef = (finite && n > 0.0f) ? scale / n : 0.0f;
+  const bool step = finite && n > 0.0f;  // else r = 0, also where w holds NaN (0 * NaN would be NaN)
+  const float coef = step ? scale / n : 0.0f;
   const T* g_l = grads + i * gs_b + pos * gs_c;
   const T* g_ref = grads + i * gs_b + s_rp * gs_c;
   for (std::int64_t d = d0 + threadIdx.x; d < d1; d += blockDim.x) {
     const float w = to_f(g_l[d]) - to_f(g_ref[d]);
-    ri[d] = from_f<T>(Q == 2 ? coef * w : scale * sign_f(w));
+    ri[d] = from_f<T>(Q == 2 ? (step ? coef * w : 0.0f) : scale * sign_f(w));
   }
   if (first) { l[i] = cand_i[pos]; dist[i] = best; }
 }

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import reference
 from .reference import PENALTY_EXP_CAP
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -75,6 +76,9 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
     lib = _lib_for(grads)
     B, C, D = grads.shape
     K = logits.shape[1]
+    if B == 0 or D == 0:  # nothing for the kernels to do: the reference's rule for empty rows
+        return reference.select_boundary(logits, grads, _on(cand, grads, torch.int64), _on(ref, grads, torch.int64),
+                                         _on(active, grads, torch.bool), norm, eps)
     if grads.stride(2) != 1 and D > 1:  # rows may be strided (a transposed Jacobian), not elements
         grads = grads.contiguous()
     logits32 = _on(logits, grads, torch.float32)
@@ -91,10 +95,6 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
                             active.data_ptr(), part.data_ptr(), l.data_ptr(), dist.data_ptr(),
                             r.data_ptr(), B, K, C, D, grads.stride(0), grads.stride(1),
                             math.isinf(norm), float(eps), code, _stream(grads))
-    if B == 0 or D == 0:  # the kernels do not run: follow the reference's empty-row rule
-        l.copy_(ref)
-        dist.zero_()
-        r.zero_()
     return l, dist.to(logits.dtype), r
 
 

@@ -29,16 +29,21 @@ def _impl(backend: str, op: str):
 
 # --------------------------------------------------------------------------- select_boundary
 def _select_impl(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
-                 norm: float, eps: float, backend: str, diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                 norm: float, eps: float, backend: str, diff: bool = False,
+                 cand_may_hold_ref: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     mod = backends.load(backend)
     if not diff:
         return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps))
     if getattr(mod, "SELECT_DIFF", False):
         return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps, diff=True))
-    # A backend without the difference form: put a zero reference row in front.
-    B, _, D = grads.shape
-    grads = torch.cat([grads.new_zeros(B, 1, D), grads], 1)
-    cand = torch.cat([ref[:, None].to(cand.dtype), cand], 1)
+    # A backend without the difference form: a zero reference row after the candidates. The
+    # backend takes the first candidate equal to ref as the reference row, so a candidate equal
+    # to ref gets a zero row too: it is skipped (distance inf), as the difference form says.
+    B, C, D = grads.shape
+    grads = torch.cat([grads, grads.new_zeros(B, 1, D)], 1)
+    if cand_may_hold_ref:
+        grads[:, :C].masked_fill_((cand == ref[:, None])[:, :, None], 0)
+    cand = torch.cat([cand, ref[:, None].to(cand.dtype)], 1)
     return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps))
 
 
@@ -316,10 +321,11 @@ def select_boundary_unchecked(logits: Tensor, grads: Tensor, cand: Tensor, ref: 
                               ) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`select_boundary` for inputs that ddfast builds itself, with the backend already
     resolved: no argument checks (they cost two device syncs per call) and, in eager mode, no
-    custom-op dispatch (these inputs need no autograd). Under ``torch.compile``, the op."""
+    custom-op dispatch (these inputs need no autograd; their candidates never include the
+    reference class). Under ``torch.compile``, the op."""
     if torch.compiler.is_compiling():
         return torch.ops.ddfast.select_boundary(logits, grads, cand, ref, active, norm, eps, backend, diff)
-    return _select_impl(logits, grads, cand, ref, active, norm, eps, backend, diff)
+    return _select_impl(logits, grads, cand, ref, active, norm, eps, backend, diff, cand_may_hold_ref=False)
 
 
 def deepfool_update_unchecked(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,

@@ -38,7 +38,7 @@ def _step_kernel(fdiff_ptr, w_ptr, part_ptr, r_ptr, D, stride_b, S, eps,
     scale = tl.where(nz, tl.div_rn(tl.abs(f), n_safe) + eps, 0.0)
     w = tl.load(w_ptr + i * stride_b + offs, mask=dm, other=0.0).to(tl.float32)
     if Q == 2:
-        r = tl.div_rn(scale, n_safe) * w
+        r = tl.where(nz, tl.div_rn(scale, n_safe) * w, 0.0)   # 0, not 0 * NaN, where w holds NaN
     else:
         r = scale * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
     tl.store(r_ptr + i * D + offs, r.to(r_ptr.dtype.element_ty), mask=dm)

@@ -27,10 +27,10 @@ def _update_kernel(x0_ptr, rt_ptr, r_ptr, active_ptr, rt_out_ptr, x_out_ptr, D, 
     if tl.load(active_ptr + i) != 0:
         rt += tl.load(r_ptr + base, mask=m, other=0.0).to(tl.float32)
     xn = tl.load(x0_ptr + base, mask=m, other=0.0).to(tl.float32) + k * rt
-    if HAS_LO:
-        xn = tl.maximum(xn, lo)
+    if HAS_LO:  # comparisons: a NaN stays NaN, as in torch.clamp (tl.maximum would return the bound)
+        xn = tl.where(xn < lo, lo, xn)
     if HAS_HI:
-        xn = tl.minimum(xn, hi)
+        xn = tl.where(xn > hi, hi, xn)
     tl.store(rt_out_ptr + base, rt.to(rt_out_ptr.dtype.element_ty), mask=m)
     tl.store(x_out_ptr + base, xn.to(x_out_ptr.dtype.element_ty), mask=m)
 

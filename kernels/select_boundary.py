@@ -123,8 +123,9 @@ def _finish_kernel(logits_ptr, grads_ptr, cand_ptr, ref_ptr, active_ptr, part_pt
         gr = tl.load(g_row + rp.to(tl.int64) * gs_c + offs, mask=dm, other=0.0).to(tl.float32)
         w = gl - gr
         if Q == 2:
-            coef = tl.where(finite & (best_n > 0), tl.div_rn(scale, tl.where(best_n > 0, best_n, 1.0)), 0.0)
-            r = coef * w
+            step = finite & (best_n > 0)
+            coef = tl.where(step, tl.div_rn(scale, tl.where(best_n > 0, best_n, 1.0)), 0.0)
+            r = tl.where(step, coef * w, 0.0)           # 0, not 0 * NaN, where w holds NaN
         else:
             r = scale * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
         tl.store(r_ptr + i * D + offs, r.to(r_ptr.dtype.element_ty), mask=dm)
@@ -141,6 +142,9 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
                     block_c: int = 0, block_r: int = 1024) -> Tuple[Tensor, Tensor, Tensor]:
     """Launch the two kernels; ``block_*`` (powers of two) only tune or test the split."""
     check(grads, "grads")
+    logits_dtype = logits.dtype          # the backend is chosen by grads' dtype: logits may be wider
+    if logits_dtype == torch.float64:
+        logits = logits.to(torch.float32)
     check(logits, "logits")
     B, C, D = grads.shape
     K = logits.shape[1]
@@ -154,8 +158,11 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
     l = torch.empty(B, dtype=torch.int64, device=dev)
     dist = torch.empty(B, dtype=store_dtype(logits.dtype), device=dev)
     r = torch.empty(B, D, dtype=store_dtype(grads.dtype), device=dev)
-    if B == 0 or D == 0:
-        return l.copy_(ref), dist.zero_().to(logits.dtype), r.to(grads.dtype)
+    if B == 0 or D == 0:  # nothing for the kernels to do: the reference's rule for empty rows
+        from ..reference import select_boundary as reference
+
+        l, dist, r = reference(logits, grads, cand, ref, active.bool(), norm, eps)
+        return l, dist.to(logits_dtype), r
     q = 1 if math.isinf(norm) else 2
     if not block_c:
         block_c = min(triton.next_power_of_2(C), 8)
@@ -170,4 +177,4 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
         logits, grads, cand, ref, act, part, l, dist, r, K, C, D, grads.stride(0),
         grads.stride(1), S, float(eps), Q=q, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_R=block_r,
         **LAUNCH)
-    return l, dist.to(logits.dtype), r.to(grads.dtype)
+    return l, dist.to(logits_dtype), r.to(grads.dtype)

@@ -257,6 +257,58 @@ def test_deepfool_update_conforms(backend, device, bounds):
                 assert_rule(o, a, b, name)
 
 
+# ------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("backend,device", COMBOS)
+def test_edge_cases_match_the_reference(backend, device):
+    """A NaN boundary normal gives a zero step (norm 2: the reference masks rows whose norm is not
+    > 0), a NaN iterate stays NaN through the clip (torch.clamp), a candidate equal to ref is
+    skipped in the difference form, D == 0 rows follow the reference, and float64 logits go
+    with float32 gradients."""
+    need(backend, device)
+    nan = math.nan
+    fdiff = torch.tensor([0.5, -0.3], device=device)
+    w = torch.tensor([[1.0, nan, 2.0], [0.5, -1.0, 0.25]], device=device)
+    r = ops.boundary_step(fdiff, w, 2.0, backend=backend)
+    torch.testing.assert_close(r, reference.boundary_step(fdiff, w, 2.0))        # row 0: zeros, no NaN
+
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.1, 1.5, 0.2]], device=device)
+    cand = torch.tensor([[1, 2], [0, 2]], device=device)
+    ref = torch.tensor([0, 1], device=device)
+    active = torch.ones(2, dtype=torch.bool, device=device)
+    g = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(0)).to(device)
+    g[0, 1, 1] = nan                                                              # one NaN candidate row
+    g[0, 0] = nan
+    for got, want in zip(ops.select_boundary(logits, g, cand, ref, active, 2.0, diff=True, backend=backend),
+                         reference.select_boundary(logits, g, cand, ref, active, 2.0, diff=True)):
+        torch.testing.assert_close(got, want)                                     # row 0: every w NaN
+
+    x0 = torch.tensor([[0.2, 0.4]], device=device)
+    r_nan = torch.tensor([[nan, 0.1]], device=device)
+    one = torch.ones(1, dtype=torch.bool, device=device)
+    for got, want in zip(ops.deepfool_update(x0, torch.zeros_like(x0), r_nan, one, 0.02, 0.0, 1.0, backend=backend),
+                         reference.deepfool_update(x0, torch.zeros_like(x0), r_nan, one, 0.02, 0.0, 1.0)):
+        torch.testing.assert_close(got, want, equal_nan=True)                     # NaN, not a bound
+
+    g = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1)).to(device)
+    cand_ref = torch.tensor([[0, 1, 2], [0, 1, 2]], device=device)              # holds ref
+    for got, want in zip(ops.select_boundary(logits, g, cand_ref, ref, active, 2.0, diff=True, backend=backend),
+                         reference.select_boundary(logits, g, cand_ref, ref, active, 2.0, diff=True)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    empty = torch.zeros(2, 3, 0, device=device)                                   # D == 0
+    half = torch.tensor([True, False], device=device)
+    for got, want in zip(ops.select_boundary(logits, empty, cand_ref, ref, half, 2.0, backend=backend),
+                         reference.select_boundary(logits, empty, cand_ref, ref, half, 2.0)):
+        torch.testing.assert_close(got, want)
+
+    g = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(2)).to(device)
+    l64, d64, r64 = ops.select_boundary(logits.double(), g, cand_ref, ref, active, 2.0, backend=backend)
+    lw, dw, rw = reference.select_boundary(logits.double(), g.double(), cand_ref, ref, active, 2.0)
+    assert torch.equal(l64, lw) and d64.dtype == torch.float64
+    torch.testing.assert_close(d64, dw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r64, rw.float(), rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------- autograd and opcheck
 def _grad_dtype(backend):
     return torch.float64 if backend == "cpu" else torch.float32
