@@ -137,6 +137,32 @@ def test_art_overshoot_at_the_end(setup, peer_status):
     assert 0.005 < rel.median() < 0.05, rel
 
 
+def test_frozen_parameters_change_no_result_and_art_steps_are_counted(setup, peer_status):
+    """The benchmark freezes the model's parameters for every library (their best case): the
+    adversarials are bit-identical to those of the model as it comes. ART's steps per batch
+    are read from its class-gradient calls (one before its loop, one per step)."""
+    import peers
+
+    model, x, ref = setup
+    m32, x32 = copy.deepcopy(model).float(), x.float()       # ART runs float32
+    frozen = copy.deepcopy(m32).requires_grad_(False)
+    names = [n for n in ("ddfast", "foolbox", "art") if peer_status.get(n) is None]
+    for name in names:
+        a = peers.RUNNERS[name](m32, x32, ref, batch_size=N)
+        b = peers.RUNNERS[name](frozen, x32, ref, batch_size=N)
+        assert torch.equal(a.x_adv, b.x_adv), name
+    if "art" in names:
+        assert peers.art_run(frozen, x32, ref, batch_size=N // 2, max_iter=0).steps_per_batch == 0.0
+        out = peers.art_run(frozen, x32, ref, batch_size=N // 2, max_iter=7)
+        assert 0.0 < out.steps_per_batch <= 7.0
+        import deepfool_throughput as bench
+
+        assert bench._steps_per_batch(out, N // 2) == out.steps_per_batch
+        dd = peers.ddfast_run(frozen, x32, ref, batch_size=N)
+        assert bench._steps_per_batch(dd, N // 2) == float(torch.stack(
+            [dd.iterations[:N // 2].max(), dd.iterations[N // 2:].max()]).double().mean())
+
+
 def test_tables_refresh_replaces_only_the_blocks(tmp_path):
     import json
 
