@@ -280,6 +280,7 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor,
     if active is None and isinstance(grads, Tensor):
         active = torch.ones(grads.shape[0], dtype=torch.bool, device=grads.device)
     _check_select(logits, grads, cand, ref, active, diff)
+    cand, ref = cand.long(), ref.long()   # int64, as every backend returns l (no-op when already)
     name = backends.resolve(backend, grads.device, grads.dtype)
     return torch.ops.ddfast.select_boundary(logits, grads, cand, ref, active,
                                             _norm_value(norm), float(eps), name, bool(diff))
@@ -309,6 +310,8 @@ def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, oversh
     """(r_tot', x_next), each [B, D]; see :func:`ddfast.reference.deepfool_update`."""
     _check_rows([("x0", x0, 2, "float"), ("r_tot", r_tot, 2, "float"), ("r", r, 2, "float"),
                  ("active", active, 1, "bool")])
+    _need(r_tot.dtype == x0.dtype and r.dtype == x0.dtype,
+          f"x0, r_tot and r must share one dtype, got {x0.dtype}, {r_tot.dtype} and {r.dtype}")
     name = backends.resolve(backend, x0.device, x0.dtype)
     lo = None if lo is None else float(lo)
     hi = None if hi is None else float(hi)

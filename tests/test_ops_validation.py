@@ -49,6 +49,8 @@ def test_select_boundary_rejects(change, match, backend):
     (lambda: ops.deepfool_update(torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4),
                                  torch.ones(2, dtype=torch.bool), 0.02), "active must have 3 rows"),
     (lambda: ops.boundary_step(torch.randn(3), torch.randn(3, 4), backend="nope"), "backend must be one of"),
+    (lambda: ops.deepfool_update(torch.randn(3, 4).half(), torch.randn(3, 4), torch.randn(3, 4).half(),
+                                 torch.ones(3, dtype=torch.bool), 0.02), "x0, r_tot and r must share one dtype"),
 ])
 def test_other_ops_reject(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -61,3 +63,14 @@ def test_empty_batch_ops():
                 active=torch.ones(0, dtype=torch.bool))
     l, dist, r = ops.select_boundary(**args, backend="cpu")
     assert l.shape == (0,) and r.shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_select_boundary_takes_int32_classes_and_returns_int64(backend):
+    """Every backend returns l as int64 (the op's fake kernel says so): int32 classes are widened."""
+    args = _select_args()
+    args["cand"], args["ref"] = args["cand"].int(), args["ref"].int()
+    l, _, _ = ops.select_boundary(**args, backend=backend)
+    l64, _, _ = ops.select_boundary(**{**args, "cand": args["cand"].long(), "ref": args["ref"].long()},
+                                    backend=backend)
+    assert l.dtype == torch.int64 and torch.equal(l, l64)
