@@ -79,7 +79,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     if x0.is_inference():                      # a tensor made under torch.inference_mode()
         x0 = x0.clone()
     xg, logits_g = jacobian.forward_with_graph(model, x0, shape)
-    logits = check_graph_logits(logits_g, B).detach().to(dtype)
+    logits = check_logits(logits_g, B).detach().to(dtype)
     K = logits.shape[1]
     nonfinite = ~torch.isfinite(logits).all(1)
     if bool(nonfinite.any()):
@@ -130,6 +130,8 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             rows, go_graph = None, go
         elif rows is not None:
             go_graph = go_graph * keep[None, :, None]     # the graph's dropped rows get no direction
+        if t == 0:  # the first Jacobian: the logits must carry a graph back to x
+            check_graph_logits(logits_g, logits_g.shape[0])
         # One backward row per competing class: w_k = g_k - g_ref directly.
         grads = jacobian.direction_grads(model, xg, logits_g, go_graph, rows, shape=shape)
         del xg, logits_g, go_graph

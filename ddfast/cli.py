@@ -205,10 +205,10 @@ def _cmd_eval(a) -> int:
         x, y = x[: a.limit], y[: a.limit]
     row = metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
                            progress=not a.no_progress)
-    print(json.dumps(row, indent=1))
-    if a.json is not None:
-        from .train import atomic_save
+    from .train import _finite_or_none, atomic_save
 
+    print(json.dumps(_finite_or_none(row), indent=1))  # strict JSON, as the file
+    if a.json is not None:
         atomic_save(row, a.json)
     return 0
 

@@ -36,15 +36,19 @@ def _select_impl(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, activ
         return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps))
     if getattr(mod, "SELECT_DIFF", False):
         return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps, diff=True))
-    # A backend without the difference form: a zero reference row after the candidates. The
-    # backend takes the first candidate equal to ref as the reference row, so a candidate equal
-    # to ref gets a zero row too: it is skipped (distance inf), as the difference form says.
+    # A backend without the difference form gets a zero reference row; it takes the first
+    # candidate equal to ref as the reference row.
     B, C, D = grads.shape
-    grads = torch.cat([grads, grads.new_zeros(B, 1, D)], 1)
-    if cand_may_hold_ref:
-        grads[:, :C].masked_fill_((cand == ref[:, None])[:, :, None], 0)
-    cand = torch.cat([cand, ref[:, None].to(cand.dtype)], 1)
-    return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps))
+    zero, ref_col = grads.new_zeros(B, 1, D), ref[:, None].to(cand.dtype)
+    if not cand_may_hold_ref:  # ddfast's own rows: the reference first, found at once
+        return tuple(mod.select_boundary(logits, torch.cat([zero, grads], 1), torch.cat([ref_col, cand], 1),
+                                         ref, active, norm, eps))
+    # A candidate equal to ref is skipped (distance inf), as the difference form says: with the
+    # zero row last, the first such candidate becomes the (zeroed) reference row, and the rest
+    # keep the first-index tie rule of the candidates' own order.
+    grads = torch.cat([grads, zero], 1)
+    grads[:, :C].masked_fill_((cand == ref[:, None])[:, :, None], 0)
+    return tuple(mod.select_boundary(logits, grads, torch.cat([cand, ref_col], 1), ref, active, norm, eps))
 
 
 @torch.library.custom_op("ddfast::select_boundary", mutates_args=())

@@ -115,8 +115,10 @@ def select_boundary(
     dist = dist_all[rows, pos]
     l = cand[rows, pos]
     w_l = w[rows, pos]                                              # [B, D]
-    scale = torch.where(torch.isfinite(dist), dist + eps, torch.zeros_like(dist))
-    r = scale.to(grads.dtype)[:, None] * step_direction(w_l, norm)
+    step = torch.isfinite(dist)
+    scale = torch.where(step, dist + eps, torch.zeros_like(dist))
+    r = torch.where(step[:, None], scale.to(grads.dtype)[:, None] * step_direction(w_l, norm),
+                    torch.zeros_like(w_l))                      # 0, not 0 * NaN, where no step
     l = torch.where(active, l, ref)
     dist = torch.where(active, dist, torch.zeros_like(dist))
     r = torch.where(active[:, None], r, torch.zeros_like(r))
@@ -140,7 +142,8 @@ def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4
     nz = wn > 0
     wn_safe = torch.where(nz, wn, torch.ones_like(wn))
     scale = torch.where(nz, fdiff.abs() / wn_safe + eps, torch.zeros_like(wn))
-    return scale[:, None] * step_direction(w, norm)
+    # where no step is taken r is 0, also where w holds NaN (0 * sign(NaN) would be NaN)
+    return torch.where(nz[:, None], scale[:, None] * step_direction(w, norm), torch.zeros_like(w))
 
 
 def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: float) -> Tensor:

@@ -90,8 +90,7 @@ def _zero_loss(model: Callable, x: Tensor) -> Tensor:
         parts = [p.reshape(-1)[:0].sum() for p in model.parameters() if p.requires_grad]
     if x.requires_grad:
         parts.append(x.reshape(-1)[:0].sum())
-    dtype = next((p.dtype for p in model.parameters()), x.dtype) if isinstance(model, nn.Module) else x.dtype
-    zero = torch.zeros((), dtype=dtype, device=x.device)
+    zero = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)  # as R
     return zero + sum(parts) if parts else zero
 
 
@@ -125,7 +124,8 @@ def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: i
     """
     B = x0.shape[0]
     x_in = _graph_input(x0)
-    logits = check_graph_logits(net(x_in.view(B, *shape)), B)
+    # a graph back to x is needed only if a step is taken
+    logits = (check_graph_logits if max_iter > 0 else check_logits)(net(x_in.view(B, *shape)), B)
     K = logits.shape[1]
     y = as_labels(y, B, K, x0.device)
     finite = torch.isfinite(logits.detach()).all()
@@ -266,7 +266,7 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
         if not return_info:
             return zero
         empty = torch.zeros(0, dtype=torch.int64, device=x.device)
-        return zero, DeepDefenseInfo(x.new_zeros(0), empty.bool(), empty)
+        return zero, DeepDefenseInfo(zero.new_zeros(0), empty.bool(), empty)
     check_model_device(net, x)
     shape = x.shape[1:]
     x0 = x.reshape(B, -1)

@@ -3,11 +3,12 @@
 :func:`fit` runs one method on preprocessed tensors and, with an ``out_dir``, writes after
 every epoch (atomically: temp file + ``os.replace``):
 
-* ``checkpoint.pt``: model, optimizer, epoch, RNG state, log and config (plain tensors and
-  containers, read back with ``torch.load(weights_only=True)``); ``--resume`` continues from it;
+* ``checkpoint.pt``: model, optimizer, epoch, RNG state, log, config and the tag of the
+  starting weights (plain tensors and containers, read back with
+  ``torch.load(weights_only=True)``); ``--resume`` continues from it;
 * ``log.json``: one entry per epoch (epoch 0 is the starting model): loss, cross-entropy,
   regularizer, train and test accuracy, rho_2 and fooled fraction on a fixed test subset,
-  learning rate, seconds, skipped steps;
+  learning rate, seconds, skipped steps (strict JSON: NaN or inf is written as null);
 * ``model.pt``: the model's ``state_dict`` after the last finished epoch.
 
 The data order of epoch ``e`` is a permutation drawn from a generator seeded by
@@ -104,9 +105,11 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for name in ("epochs", "batch_size", "eval_subset"):
             _check_int(getattr(self, name), name, 1)
-        _check_int(self.seed, "seed", 0)
-        if self.seed >= 2 ** 32:  # the epoch generators are seeded with seed * 1_000_003 + epoch (int64)
-            raise ValueError(f"seed must be < 2**32, got {self.seed}")
+        _check_int(self.seed, "seed", None)
+        low, high = self.seed * _SEED_STRIDE, self.seed * _SEED_STRIDE + self.epochs
+        if low < -2 ** 63 or high >= 2 ** 64:  # the range torch.Generator.manual_seed takes
+            raise ValueError(f"seed must keep seed * {_SEED_STRIDE} + epoch within [-2**63, 2**64) "
+                             f"(torch's seed range), got {self.seed}")
         for name in ("dd_max_iter", "adv_max_iter", "eval_max_iter"):
             check_max_iter(getattr(self, name), name)
         for name in ("lr", "lr_gamma"):
@@ -330,8 +333,11 @@ def _evaluate_epoch(model, x_test, y_test, cfg, scale, progress) -> dict:
     return {"test_acc": accuracy(model, x_test, y_test), "rho2": r.rho2, "fooled": r.fooled}
 
 
+_SEED_STRIDE = 1_000_003  # epoch e of seed s draws from seed s * _SEED_STRIDE + e
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.Generator().manual_seed(seed * _SEED_STRIDE + epoch)
 
 
 def fit(

@@ -374,6 +374,20 @@ def test_bad_model_output(out, match):
         ddfast.deepfool(out, torch.randn(2, 4, dtype=torch.float64))
 
 
+def test_detached_logits_are_refused_only_when_a_step_needs_gradients():
+    lin = torch.nn.Linear(6, 3).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def detached(z):
+        return lin(z).detach()
+
+    assert not ddfast.deepfool(detached, x, max_iter=0).delta.any()          # no step, no gradient
+    wrong = (lin(x).argmax(1) + 1) % 3                                        # every sample misclassified
+    assert ddfast.deepfool(detached, x, wrong).success.all()
+    with pytest.raises(ValueError, match="carry no gradient back to its input"):
+        ddfast.deepfool(detached, x)
+
+
 def test_model_dtype_mismatch_error_names_the_dtypes():
     """float64 x into a float32 model: torch's own error ("mat1 and mat2 must have the same
     dtype") gets a note that names x's dtype and the model's; a model that casts x itself

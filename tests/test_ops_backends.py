@@ -268,8 +268,9 @@ def test_edge_cases_match_the_reference(backend, device):
     nan = math.nan
     fdiff = torch.tensor([0.5, -0.3], device=device)
     w = torch.tensor([[1.0, nan, 2.0], [0.5, -1.0, 0.25]], device=device)
-    r = ops.boundary_step(fdiff, w, 2.0, backend=backend)
-    torch.testing.assert_close(r, reference.boundary_step(fdiff, w, 2.0))        # row 0: zeros, no NaN
+    for norm in NORMS:
+        r = ops.boundary_step(fdiff, w, norm, backend=backend)
+        torch.testing.assert_close(r, reference.boundary_step(fdiff, w, norm))   # row 0: zeros, no NaN
 
     logits = torch.tensor([[2.0, 1.0, 0.5], [0.1, 1.5, 0.2]], device=device)
     cand = torch.tensor([[1, 2], [0, 2]], device=device)
@@ -278,9 +279,10 @@ def test_edge_cases_match_the_reference(backend, device):
     g = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(0)).to(device)
     g[0, 1, 1] = nan                                                              # one NaN candidate row
     g[0, 0] = nan
-    for got, want in zip(ops.select_boundary(logits, g, cand, ref, active, 2.0, diff=True, backend=backend),
-                         reference.select_boundary(logits, g, cand, ref, active, 2.0, diff=True)):
-        torch.testing.assert_close(got, want)                                     # row 0: every w NaN
+    for norm in NORMS:
+        for got, want in zip(ops.select_boundary(logits, g, cand, ref, active, norm, diff=True, backend=backend),
+                             reference.select_boundary(logits, g, cand, ref, active, norm, diff=True)):
+            torch.testing.assert_close(got, want)                                 # row 0: every w NaN
 
     x0 = torch.tensor([[0.2, 0.4]], device=device)
     r_nan = torch.tensor([[nan, 0.1]], device=device)
