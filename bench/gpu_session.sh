@@ -11,6 +11,7 @@
 #   tests       the GPU tests (tests/test_gpu.py, test_cuda.py, test_triton.py, test_ops_backends.py)
 #   ops         bench/ops.py --device cuda                            -> OUTDIR/ops_cuda.json
 #   throughput  bench/deepfool_throughput.py --quick --device cuda    -> OUTDIR/deepfool_throughput_cuda.*
+#               (parameters frozen), and with --keep-param-grad       -> OUTDIR/deepfool_throughput_cuda_param_grad.*
 #   step        bench/deepdefense_step.py --device cuda (MLP and LeNet) -> OUTDIR/deepdefense_step_cuda.json
 #
 # Each stage's output is appended to OUTDIR/session.log; a failing stage is reported and the
@@ -54,7 +55,10 @@ for s in "$@"; do
         ops)
             stage ops $PY bench/ops.py --device cuda --json "$OUTDIR/ops_cuda.json" ;;
         throughput)
-            stage throughput $PY bench/deepfool_throughput.py --quick --device cuda --json "$OUTDIR/deepfool_throughput_cuda.json" ;;
+            stage throughput $PY bench/deepfool_throughput.py --quick --device cuda --json "$OUTDIR/deepfool_throughput_cuda.json"
+            # the earlier GPU numbers kept the parameters requiring grad: the same run that way
+            stage throughput_param_grad $PY bench/deepfool_throughput.py --quick --no-candidates --keep-param-grad \
+                --device cuda --json "$OUTDIR/deepfool_throughput_cuda_param_grad.json" ;;
         step)
             stage step $PY bench/deepdefense_step.py --device cuda --out "$OUTDIR/deepdefense_step_cuda.json" ;;
         *)
