@@ -268,7 +268,7 @@ def rho_inf(model: nn.Module, x: Tensor, y: Tensor, *, eps: Optional[float] = No
     ``eps`` in the units of the preprocessed ``x``."""
     if eps is not None:
         check_nonneg(eps, "eps")
-    check_data(model, x, y)
+    check_input(x)  # enough for the zero-sample check; fgs_direction checks the rest (one probe forward)
     _check_no_zero_sample(x, "rho_inf = mean ||D||_inf / ||x||_inf")
     s = fgs_direction(model, x, y, batch_size)
     if eps is None:
