@@ -7,15 +7,15 @@
 namespace ddfast_cuda {
 namespace {
 
-constexpr int kRSlice = 1024;  // r elements per bs_step block
+constexpr int kRSlice = 1024;  // r elements per bs_step block (more where D is huge: slice_len)
 
 template <typename T, int Q>
 __global__ void bs_step(const float* __restrict__ fdiff, const T* __restrict__ w,
                         const float* __restrict__ part, T* __restrict__ r, std::int64_t D,
-                        std::int64_t ws_b, std::int64_t S, float eps) {
+                        std::int64_t ws_b, std::int64_t S, float eps, std::int64_t slice) {
   const std::int64_t i = blockIdx.x;
-  const std::int64_t d0 = static_cast<std::int64_t>(blockIdx.y) * kRSlice;
-  const std::int64_t d1 = d0 + kRSlice < D ? d0 + kRSlice : D;
+  const std::int64_t d0 = static_cast<std::int64_t>(blockIdx.y) * slice;
+  const std::int64_t d1 = d0 + slice < D ? d0 + slice : D;
   float npow = 0.0f;
   for (std::int64_t s = 0; s < S; ++s) npow += part[i * S + s];  // same S loads in every thread
   const float n = Q == 2 ? sqrtf(npow) : npow;
@@ -37,17 +37,17 @@ std::string boundary_step(std::uintptr_t fdiff, std::uintptr_t w, std::uintptr_t
                           bool norm_inf, double eps, int dtype, std::uintptr_t stream) {
   if (B == 0 || D == 0) return "";
   const cudaStream_t st = as_stream(stream);
-  const std::int64_t S = row_chunks(B, D);
-  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(cdiv(D, kRSlice)));
+  const std::int64_t S = row_chunks(B, D), slice = slice_len(D, kRSlice);
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(cdiv(D, slice)));
   const float e = static_cast<float>(eps);
   DDFAST_DISPATCH(dtype, {
     launch_partial_norm<T>(ptr<const T>(w), ptr<float>(part), B, D, ws_b, norm_inf, st);
     if (norm_inf)
       bs_step<T, 1><<<grid, kThreads, 0, st>>>(ptr<const float>(fdiff), ptr<const T>(w),
-                                               ptr<const float>(part), ptr<T>(r), D, ws_b, S, e);
+                                               ptr<const float>(part), ptr<T>(r), D, ws_b, S, e, slice);
     else
       bs_step<T, 2><<<grid, kThreads, 0, st>>>(ptr<const float>(fdiff), ptr<const T>(w),
-                                               ptr<const float>(part), ptr<T>(r), D, ws_b, S, e);
+                                               ptr<const float>(part), ptr<T>(r), D, ws_b, S, e, slice);
   });
   return last_error();
 }

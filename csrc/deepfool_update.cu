@@ -6,16 +6,17 @@
 namespace ddfast_cuda {
 namespace {
 
-constexpr int kSlice = 1024;  // elements per block
+constexpr int kSlice = 1024;  // elements per block (more where D is huge: slice_len)
 
 template <typename T>
 __global__ void du_kernel(const T* __restrict__ x0, const T* __restrict__ r_tot,
                           const T* __restrict__ r, const bool* __restrict__ active,
                           T* __restrict__ r_tot_out, T* __restrict__ x_next, std::int64_t D,
-                          float k, bool has_lo, float lo, bool has_hi, float hi) {
+                          float k, bool has_lo, float lo, bool has_hi, float hi,
+                          std::int64_t slice) {
   const std::int64_t i = blockIdx.x;
-  const std::int64_t d0 = static_cast<std::int64_t>(blockIdx.y) * kSlice;
-  const std::int64_t d1 = d0 + kSlice < D ? d0 + kSlice : D;
+  const std::int64_t d0 = static_cast<std::int64_t>(blockIdx.y) * slice;
+  const std::int64_t d1 = d0 + slice < D ? d0 + slice : D;
   const bool act = active[i];
   for (std::int64_t d = d0 + threadIdx.x; d < d1; d += blockDim.x) {
     const std::int64_t o = i * D + d;
@@ -37,12 +38,13 @@ std::string deepfool_update(std::uintptr_t x0, std::uintptr_t r_tot, std::uintpt
                             double overshoot, bool has_lo, double lo, bool has_hi, double hi,
                             int dtype, std::uintptr_t stream) {
   if (B == 0 || D == 0) return "";
-  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(cdiv(D, kSlice)));
+  const std::int64_t slice = slice_len(D, kSlice);
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(cdiv(D, slice)));
   const float k = static_cast<float>(1.0 + overshoot);
   DDFAST_DISPATCH(dtype, du_kernel<T><<<grid, kThreads, 0, as_stream(stream)>>>(
       ptr<const T>(x0), ptr<const T>(r_tot), ptr<const T>(r), ptr<const bool>(active),
       ptr<T>(r_tot_out), ptr<T>(x_next), D, k, has_lo, static_cast<float>(lo), has_hi,
-      static_cast<float>(hi)));
+      static_cast<float>(hi), slice));
   return last_error();
 }
 

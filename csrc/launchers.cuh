@@ -28,6 +28,14 @@ inline std::int64_t chunk_len(std::int64_t B, std::int64_t D) {
   return cdiv(units, want) * kChunkUnit;
 }
 
+// Elementwise kernels give a block a slice of `base` elements of a row, grid (B, D / slice);
+// past kMaxGridY slices (the grid's y limit, D > ~67M at base 1024) a slice grows to a
+// multiple of base that keeps the grid within it.
+constexpr std::int64_t kMaxGridY = 65535;
+inline std::int64_t slice_len(std::int64_t D, std::int64_t base) {
+  return cdiv(cdiv(D > 0 ? D : 1, base), kMaxGridY) * base;
+}
+
 // S >= 1: how many chunks a row is cut into. Callers size the float32 partial buffers with it.
 inline std::int64_t row_chunks(std::int64_t B, std::int64_t D) {
   return cdiv(D > 0 ? D : 1, chunk_len(B, D));
@@ -35,13 +43,14 @@ inline std::int64_t row_chunks(std::int64_t B, std::int64_t D) {
 
 // logits [B,K] float32, grads [B,C,D] (element strides gs_b, gs_c; stride 1 over D),
 // cand [B,C] i64, ref [B] i64, active [B] bool, part float32 scratch [B,C,S] (S =
-// row_chunks(B, D)) -> l [B] i64, dist [B] float32, r [B,D] (grads dtype).
+// row_chunks(B, D)) -> l [B] i64, dist [B] float32, r [B,D] (grads dtype). diff: the rows
+// are already g_cand - g_ref (ref need not be a candidate; one equal to it is skipped).
 std::string select_boundary(std::uintptr_t logits, std::uintptr_t grads, std::uintptr_t cand,
                             std::uintptr_t ref, std::uintptr_t active, std::uintptr_t part,
                             std::uintptr_t l, std::uintptr_t dist, std::uintptr_t r,
                             std::int64_t B, std::int64_t K, std::int64_t C, std::int64_t D,
                             std::int64_t gs_b, std::int64_t gs_c, bool norm_inf, double eps,
-                            int dtype, std::uintptr_t stream);
+                            bool diff, int dtype, std::uintptr_t stream);
 
 // fdiff [B] float32, w [B,D] (row stride ws_b), part float32 scratch [B,S] -> r [B,D].
 std::string boundary_step(std::uintptr_t fdiff, std::uintptr_t w, std::uintptr_t part,

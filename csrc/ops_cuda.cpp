@@ -29,13 +29,14 @@ PYBIND11_MODULE(_C_cuda, m) {
       [](std::uintptr_t logits, std::uintptr_t grads, std::uintptr_t cand, std::uintptr_t ref,
          std::uintptr_t active, std::uintptr_t part, std::uintptr_t l, std::uintptr_t dist,
          std::uintptr_t r, std::int64_t B, std::int64_t K, std::int64_t C, std::int64_t D,
-         std::int64_t gs_b, std::int64_t gs_c, bool norm_inf, double eps, int dtype,
+         std::int64_t gs_b, std::int64_t gs_c, bool norm_inf, double eps, bool diff, int dtype,
          std::uintptr_t stream) {
         std::string err;
         {
           py::gil_scoped_release release;
           err = ddfast_cuda::select_boundary(logits, grads, cand, ref, active, part, l, dist, r, B,
-                                             K, C, D, gs_b, gs_c, norm_inf, eps, dtype, stream);
+                                             K, C, D, gs_b, gs_c, norm_inf, eps, diff, dtype,
+                                             stream);
         }
         check(err, "select_boundary");
       });

@@ -4,7 +4,9 @@
 //     into part[i, j, s] (float32).
 //  2. sb_finish, grid (B, R): warp 0 of every block sums row i's partials and takes the
 //     exact first-index argmin of |f_j - f_ref| / ||w_j||_q; the block then writes its
-//     kThreads * kPerThread slice of r from the chosen row alone; block (i, 0) writes l, dist.
+//     slice of r from the chosen row alone; block (i, 0) writes l, dist.
+// With ``diff`` the rows are already w_j = g_j - g_ref: there is no reference row to subtract,
+// ref need not be among the candidates, and a candidate equal to it is skipped.
 #include <cmath>
 
 #include "cuda_common.cuh"
@@ -13,13 +15,15 @@ namespace ddfast_cuda {
 namespace {
 
 constexpr int kCT = 8;         // candidates per pass of sb_partial
-constexpr int kRSlice = 1024;  // r elements per sb_finish block
+constexpr int kRSlice = 1024;  // r elements per sb_finish block (more where D is huge: slice_len)
 
+// Position of ref in cand; when absent 0 (the reference's argmax of an all-false row), or -1
+// with diff (no candidate is skipped).
 __device__ __forceinline__ std::int64_t ref_position(const std::int64_t* cand, std::int64_t ref,
-                                                     std::int64_t C) {
+                                                     std::int64_t C, bool diff) {
   for (std::int64_t j = 0; j < C; ++j)
     if (cand[j] == ref) return j;
-  return 0;  // absent: as the reference's argmax of an all-false row
+  return diff ? -1 : 0;
 }
 
 template <typename T, int Q>
@@ -27,12 +31,11 @@ __global__ void sb_partial(const T* __restrict__ grads, const std::int64_t* __re
                            const std::int64_t* __restrict__ ref, const bool* __restrict__ active,
                            float* __restrict__ part, std::int64_t C, std::int64_t D,
                            std::int64_t gs_b, std::int64_t gs_c, std::int64_t chunk,
-                           std::int64_t S) {
+                           std::int64_t S, bool diff) {
   const std::int64_t i = blockIdx.x, s = blockIdx.y;
   if (!active[i]) return;  // uniform over the block: no barrier is skipped by half of it
-  const std::int64_t rp = ref_position(cand + i * C, ref[i], C);
   const T* row = grads + i * gs_b;
-  const T* g_ref = row + rp * gs_c;
+  const T* g_ref = diff ? nullptr : row + ref_position(cand + i * C, ref[i], C, false) * gs_c;
   const std::int64_t start = s * chunk;
   const std::int64_t end = start + chunk < D ? start + chunk : D;
   for (std::int64_t c0 = 0; c0 < C; c0 += kCT) {
@@ -40,7 +43,7 @@ __global__ void sb_partial(const T* __restrict__ grads, const std::int64_t* __re
 #pragma unroll
     for (int t = 0; t < kCT; ++t) acc[t] = 0.0f;
     for (std::int64_t d = start + threadIdx.x; d < end; d += blockDim.x) {
-      const float gr = to_f(g_ref[d]);
+      const float gr = g_ref ? to_f(g_ref[d]) : 0.0f;
 #pragma unroll
       for (int t = 0; t < kCT; ++t)
         if (c0 + t < C) acc[t] += norm_term<Q>(to_f(row[(c0 + t) * gs_c + d]) - gr);
@@ -65,10 +68,11 @@ __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict_
                           const bool* __restrict__ active, const float* __restrict__ part,
                           std::int64_t* __restrict__ l, float* __restrict__ dist, T* __restrict__ r,
                           std::int64_t K, std::int64_t C, std::int64_t D, std::int64_t gs_b,
-                          std::int64_t gs_c, std::int64_t S, float eps) {
+                          std::int64_t gs_c, std::int64_t S, float eps, bool diff,
+                          std::int64_t slice) {
   const std::int64_t i = blockIdx.x;
-  const std::int64_t d0 = static_cast<std::int64_t>(blockIdx.y) * kRSlice;
-  const std::int64_t d1 = d0 + kRSlice < D ? d0 + kRSlice : D;
+  const std::int64_t d0 = static_cast<std::int64_t>(blockIdx.y) * slice;
+  const std::int64_t d1 = d0 + slice < D ? d0 + slice : D;
   T* ri = r + i * D;
   const bool first = blockIdx.y == 0 && threadIdx.x == 0;
   if (!active[i]) {
@@ -81,7 +85,7 @@ __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict_
   const std::int64_t* cand_i = cand + i * C;
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
-    const std::int64_t rp = ref_position(cand_i, ref[i], C);
+    const std::int64_t rp = ref_position(cand_i, ref[i], C, diff);
     const float f_ref = logits[i * K + ref[i]];
     const float inf = INFINITY;
     float best = inf, best_n = 0.0f;
@@ -114,9 +118,9 @@ __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict_
   const bool step = finite && n > 0.0f;  // else r = 0, also where w holds NaN (0 * NaN would be NaN)
   const float coef = step ? scale / n : 0.0f;
   const T* g_l = grads + i * gs_b + pos * gs_c;
-  const T* g_ref = grads + i * gs_b + s_rp * gs_c;
+  const T* g_ref = diff ? nullptr : grads + i * gs_b + s_rp * gs_c;
   for (std::int64_t d = d0 + threadIdx.x; d < d1; d += blockDim.x) {
-    const float w = to_f(g_l[d]) - to_f(g_ref[d]);
+    const float w = g_ref ? to_f(g_l[d]) - to_f(g_ref[d]) : to_f(g_l[d]);
     ri[d] = from_f<T>(Q == 2 ? (step ? coef * w : 0.0f) : scale * sign_f(w));
   }
   if (first) { l[i] = cand_i[pos]; dist[i] = best; }
@@ -126,16 +130,17 @@ template <typename T, int Q>
 void launch(std::uintptr_t logits, std::uintptr_t grads, std::uintptr_t cand, std::uintptr_t ref,
             std::uintptr_t active, std::uintptr_t part, std::uintptr_t l, std::uintptr_t dist,
             std::uintptr_t r, std::int64_t B, std::int64_t K, std::int64_t C, std::int64_t D,
-            std::int64_t gs_b, std::int64_t gs_c, float eps, cudaStream_t st) {
+            std::int64_t gs_b, std::int64_t gs_c, float eps, bool diff, cudaStream_t st) {
   const std::int64_t chunk = chunk_len(B, D), S = row_chunks(B, D);
   sb_partial<T, Q><<<dim3(static_cast<unsigned>(B), static_cast<unsigned>(S)), kThreads, 0, st>>>(
       ptr<const T>(grads), ptr<const std::int64_t>(cand), ptr<const std::int64_t>(ref),
-      ptr<const bool>(active), ptr<float>(part), C, D, gs_b, gs_c, chunk, S);
-  const unsigned R = static_cast<unsigned>(cdiv(D, kRSlice));
+      ptr<const bool>(active), ptr<float>(part), C, D, gs_b, gs_c, chunk, S, diff);
+  const std::int64_t slice = slice_len(D, kRSlice);
+  const unsigned R = static_cast<unsigned>(cdiv(D, slice));
   sb_finish<T, Q><<<dim3(static_cast<unsigned>(B), R), kThreads, 0, st>>>(
       ptr<const float>(logits), ptr<const T>(grads), ptr<const std::int64_t>(cand),
       ptr<const std::int64_t>(ref), ptr<const bool>(active), ptr<const float>(part),
-      ptr<std::int64_t>(l), ptr<float>(dist), ptr<T>(r), K, C, D, gs_b, gs_c, S, eps);
+      ptr<std::int64_t>(l), ptr<float>(dist), ptr<T>(r), K, C, D, gs_b, gs_c, S, eps, diff, slice);
 }
 
 }  // namespace
@@ -145,13 +150,13 @@ std::string select_boundary(std::uintptr_t logits, std::uintptr_t grads, std::ui
                             std::uintptr_t l, std::uintptr_t dist, std::uintptr_t r,
                             std::int64_t B, std::int64_t K, std::int64_t C, std::int64_t D,
                             std::int64_t gs_b, std::int64_t gs_c, bool norm_inf, double eps,
-                            int dtype, std::uintptr_t stream) {
+                            bool diff, int dtype, std::uintptr_t stream) {
   if (B == 0 || D == 0) return "";
   const cudaStream_t st = as_stream(stream);
   const float e = static_cast<float>(eps);
   DDFAST_DISPATCH(dtype, norm_inf
-      ? launch<T, 1>(logits, grads, cand, ref, active, part, l, dist, r, B, K, C, D, gs_b, gs_c, e, st)
-      : launch<T, 2>(logits, grads, cand, ref, active, part, l, dist, r, B, K, C, D, gs_b, gs_c, e, st));
+      ? launch<T, 1>(logits, grads, cand, ref, active, part, l, dist, r, B, K, C, D, gs_b, gs_c, e, diff, st)
+      : launch<T, 2>(logits, grads, cand, ref, active, part, l, dist, r, B, K, C, D, gs_b, gs_c, e, diff, st));
   return last_error();
 }
 

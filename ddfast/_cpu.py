@@ -30,10 +30,6 @@ def _c(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return t.contiguous()
 
 
-#: select_boundary takes ``diff=True`` (rows already g_cand - g_ref) natively.
-SELECT_DIFF = True
-
-
 def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
                     norm: float = 2.0, eps: float = 1e-4,
                     diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:

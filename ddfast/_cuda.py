@@ -71,14 +71,15 @@ def _on(t: Tensor, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 
 
 def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
-                    norm: float = 2.0, eps: float = 1e-4) -> Tuple[Tensor, Tensor, Tensor]:
+                    norm: float = 2.0, eps: float = 1e-4,
+                    diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     code = _code(grads, "grads")
     lib = _lib_for(grads)
     B, C, D = grads.shape
     K = logits.shape[1]
     if B == 0 or D == 0:  # nothing for the kernels to do: the reference's rule for empty rows
         return reference.select_boundary(logits, grads, _on(cand, grads, torch.int64), _on(ref, grads, torch.int64),
-                                         _on(active, grads, torch.bool), norm, eps)
+                                         _on(active, grads, torch.bool), norm, eps, diff)
     if grads.stride(2) != 1 and D > 1:  # rows may be strided (a transposed Jacobian), not elements
         grads = grads.contiguous()
     logits32 = _on(logits, grads, torch.float32)
@@ -94,7 +95,7 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
         lib.select_boundary(logits32.data_ptr(), grads.data_ptr(), cand.data_ptr(), ref.data_ptr(),
                             active.data_ptr(), part.data_ptr(), l.data_ptr(), dist.data_ptr(),
                             r.data_ptr(), B, K, C, D, grads.stride(0), grads.stride(1),
-                            math.isinf(norm), float(eps), code, _stream(grads))
+                            math.isinf(norm), float(eps), bool(diff), code, _stream(grads))
     return l, dist.to(logits.dtype), r
 
 

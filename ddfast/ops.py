@@ -29,26 +29,9 @@ def _impl(backend: str, op: str):
 
 # --------------------------------------------------------------------------- select_boundary
 def _select_impl(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
-                 norm: float, eps: float, backend: str, diff: bool = False,
-                 cand_may_hold_ref: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
-    mod = backends.load(backend)
-    if not diff:
-        return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps))
-    if getattr(mod, "SELECT_DIFF", False):
-        return tuple(mod.select_boundary(logits, grads, cand, ref, active, norm, eps, diff=True))
-    # A backend without the difference form gets a zero reference row; it takes the first
-    # candidate equal to ref as the reference row.
-    B, C, D = grads.shape
-    zero, ref_col = grads.new_zeros(B, 1, D), ref[:, None].to(cand.dtype)
-    if not cand_may_hold_ref:  # ddfast's own rows: the reference first, found at once
-        return tuple(mod.select_boundary(logits, torch.cat([zero, grads], 1), torch.cat([ref_col, cand], 1),
-                                         ref, active, norm, eps))
-    # A candidate equal to ref is skipped (distance inf), as the difference form says: with the
-    # zero row last, the first such candidate becomes the (zeroed) reference row, and the rest
-    # keep the first-index tie rule of the candidates' own order.
-    grads = torch.cat([grads, zero], 1)
-    grads[:, :C].masked_fill_((cand == ref[:, None])[:, :, None], 0)
-    return tuple(mod.select_boundary(logits, grads, torch.cat([cand, ref_col], 1), ref, active, norm, eps))
+                 norm: float, eps: float, backend: str, diff: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Every backend takes the difference form (``diff``) natively."""
+    return tuple(backends.load(backend).select_boundary(logits, grads, cand, ref, active, norm, eps, diff=diff))
 
 
 @torch.library.custom_op("ddfast::select_boundary", mutates_args=())
@@ -332,7 +315,7 @@ def select_boundary_unchecked(logits: Tensor, grads: Tensor, cand: Tensor, ref: 
     reference class). Under ``torch.compile``, the op."""
     if torch.compiler.is_compiling():
         return torch.ops.ddfast.select_boundary(logits, grads, cand, ref, active, norm, eps, backend, diff)
-    return _select_impl(logits, grads, cand, ref, active, norm, eps, backend, diff, cand_may_hold_ref=False)
+    return _select_impl(logits, grads, cand, ref, active, norm, eps, backend, diff)
 
 
 def deepfool_update_unchecked(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,

@@ -28,9 +28,6 @@ __all__ = [
     "PENALTY_EXP_CAP",
 ]
 
-#: As a backend, select_boundary takes ``diff=True`` natively.
-SELECT_DIFF = True
-
 #: Exponents of the DeepDefense penalty above this value continue linearly (value and slope
 #: of exp at the cap), so a hopeless misclassified sample cannot overflow float32 (whose exp
 #: overflows above ~88.7) while every exponent below the cap is untouched.

@@ -72,9 +72,10 @@ def _op(name: str):
 
 
 def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
-                    norm: float = 2.0, eps: float = 1e-4, **config) -> Tuple[Tensor, Tensor, Tensor]:
+                    norm: float = 2.0, eps: float = 1e-4, diff: bool = False,
+                    **config) -> Tuple[Tensor, Tensor, Tensor]:
     """See :func:`ddfast.reference.select_boundary`; ``config``: launcher block sizes."""
-    return _op("select_boundary")(logits, grads, cand, ref, active, norm, eps, **config)
+    return _op("select_boundary")(logits, grads, cand, ref, active, norm, eps, diff, **config)
 
 
 def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4,

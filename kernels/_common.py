@@ -18,6 +18,8 @@ from . import DTYPES
 TARGET_PROGRAMS = 1024
 #: Default block of a row: elements one program touches per loop step.
 BLOCK_D = 1024
+#: The grid's limit on its second axis (CUDA's y): elementwise kernels put a row's slices there.
+MAX_GRID_Y = 65535
 #: Options of every launch. Multiply-adds are fused (FMA), as nvcc does for the CUDA kernels
 #: by default; said explicitly because Triton 3.10 turns fusion off by default.
 LAUNCH = {"enable_fp_fusion": True}
@@ -30,6 +32,14 @@ def split_rows(B: int, D: int, block: int) -> tuple[int, int]:
     want = max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, max(B, 1))))
     chunk = triton.cdiv(blocks, want) * block
     return chunk, max(1, triton.cdiv(D, chunk))
+
+
+def row_slices(D: int, block: int) -> tuple[int, int]:
+    """(tiles, R): an elementwise kernel over rows of D elements runs R <= MAX_GRID_Y programs
+    a row, each over ``tiles`` consecutive blocks of ``block`` elements (1 unless D is huge)."""
+    blocks = max(1, triton.cdiv(D, block))
+    tiles = triton.cdiv(blocks, MAX_GRID_Y)
+    return tiles, triton.cdiv(blocks, tiles)
 
 
 def check(t: Tensor, name: str) -> None:

@@ -16,15 +16,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import BLOCK_D, LAUNCH, check, partial_norms, rows, store_dtype
 
 
 @triton.jit
-def _step_kernel(fdiff_ptr, w_ptr, part_ptr, r_ptr, D, stride_b, S, eps,
+def _step_kernel(fdiff_ptr, w_ptr, part_ptr, r_ptr, D, stride_b, S, eps, tiles,
                  Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    dm = offs < D
     npow = tl.zeros([BLOCK_S], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
@@ -36,12 +35,15 @@ def _step_kernel(fdiff_ptr, w_ptr, part_ptr, r_ptr, D, stride_b, S, eps,
     n_safe = tl.where(nz, n, 1.0)
     f = tl.load(fdiff_ptr + i).to(tl.float32)
     scale = tl.where(nz, tl.div_rn(tl.abs(f), n_safe) + eps, 0.0)
-    w = tl.load(w_ptr + i * stride_b + offs, mask=dm, other=0.0).to(tl.float32)
-    if Q == 2:
-        r = tl.where(nz, tl.div_rn(scale, n_safe) * w, 0.0)   # 0, not 0 * NaN, where w holds NaN
-    else:
-        r = scale * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
-    tl.store(r_ptr + i * D + offs, r.to(r_ptr.dtype.element_ty), mask=dm)
+    for t in range(0, tiles):
+        offs = (tl.program_id(1) * tiles + t) * BLOCK + tl.arange(0, BLOCK)
+        dm = offs < D
+        w = tl.load(w_ptr + i * stride_b + offs, mask=dm, other=0.0).to(tl.float32)
+        if Q == 2:
+            r = tl.where(nz, tl.div_rn(scale, n_safe) * w, 0.0)   # 0, not 0 * NaN, where w holds NaN
+        else:
+            r = scale * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+        tl.store(r_ptr + i * D + offs, r.to(r_ptr.dtype.element_ty), mask=dm)
 
 
 def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4, *,
@@ -57,7 +59,8 @@ def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4
     q = 1 if math.isinf(norm) else 2
     part, S = partial_norms(w, q, block_d)
     block = min(block_d, triton.next_power_of_2(D))
-    _step_kernel[(B, triton.cdiv(D, block))](fdiff, w, part, r, D, w.stride(0), S, float(eps), Q=q,
+    tiles, R = _common.row_slices(D, block)
+    _step_kernel[(B, R)](fdiff, w, part, r, D, w.stride(0), S, float(eps), tiles, Q=q,
                                              BLOCK_S=min(triton.next_power_of_2(S), 64),
                                              BLOCK=block, **LAUNCH)
     return r.to(w.dtype)

@@ -13,26 +13,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import LAUNCH, check, store_dtype
 
 
 @triton.jit
-def _update_kernel(x0_ptr, rt_ptr, r_ptr, active_ptr, rt_out_ptr, x_out_ptr, D, k, lo, hi,
+def _update_kernel(x0_ptr, rt_ptr, r_ptr, active_ptr, rt_out_ptr, x_out_ptr, D, k, lo, hi, tiles,
                    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < D
-    base = i * D + offs
-    rt = tl.load(rt_ptr + base, mask=m, other=0.0).to(tl.float32)
-    if tl.load(active_ptr + i) != 0:
-        rt += tl.load(r_ptr + base, mask=m, other=0.0).to(tl.float32)
-    xn = tl.load(x0_ptr + base, mask=m, other=0.0).to(tl.float32) + k * rt
-    if HAS_LO:  # comparisons: a NaN stays NaN, as in torch.clamp (tl.maximum would return the bound)
-        xn = tl.where(xn < lo, lo, xn)
-    if HAS_HI:
-        xn = tl.where(xn > hi, hi, xn)
-    tl.store(rt_out_ptr + base, rt.to(rt_out_ptr.dtype.element_ty), mask=m)
-    tl.store(x_out_ptr + base, xn.to(x_out_ptr.dtype.element_ty), mask=m)
+    act = tl.load(active_ptr + i) != 0
+    for t in range(0, tiles):
+        offs = (tl.program_id(1) * tiles + t) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < D
+        base = i * D + offs
+        rt = tl.load(rt_ptr + base, mask=m, other=0.0).to(tl.float32)
+        if act:
+            rt += tl.load(r_ptr + base, mask=m, other=0.0).to(tl.float32)
+        xn = tl.load(x0_ptr + base, mask=m, other=0.0).to(tl.float32) + k * rt
+        if HAS_LO:  # comparisons: a NaN stays NaN, as in torch.clamp (tl.maximum would return the bound)
+            xn = tl.where(xn < lo, lo, xn)
+        if HAS_HI:
+            xn = tl.where(xn > hi, hi, xn)
+        tl.store(rt_out_ptr + base, rt.to(rt_out_ptr.dtype.element_ty), mask=m)
+        tl.store(x_out_ptr + base, xn.to(x_out_ptr.dtype.element_ty), mask=m)
 
 
 def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,
@@ -50,8 +53,9 @@ def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, oversh
     if B == 0 or D == 0:
         return rt_out.to(x0.dtype), x_out.to(x0.dtype)
     block = min(block_d, triton.next_power_of_2(D))
-    _update_kernel[(B, triton.cdiv(D, block))](
+    tiles, R = _common.row_slices(D, block)
+    _update_kernel[(B, R)](
         x0, r_tot, r, act, rt_out, x_out, D, 1.0 + float(overshoot),
-        0.0 if lo is None else float(lo), 0.0 if hi is None else float(hi),
+        0.0 if lo is None else float(lo), 0.0 if hi is None else float(hi), tiles,
         HAS_LO=lo is not None, HAS_HI=hi is not None, BLOCK=block, **LAUNCH)
     return rt_out.to(x0.dtype), x_out.to(x0.dtype)

@@ -6,8 +6,11 @@
    chunk of ``g_ref`` is loaded once per BLOCK_C candidates.
 2. ``_finish_kernel``, grid (B, R): every program of row i sums the partials, takes the
    exact first-index argmin of ``|f_j - f_ref| / ||w_j||_q`` (cheap: C * S floats), and
-   writes its BLOCK_R slice of ``r`` from the chosen row alone; program (i, 0) writes
-   ``l[i]`` and ``dist[i]``.
+   writes its slice of ``r`` (``tiles`` blocks of BLOCK_R, one unless D is huge) from the
+   chosen row alone; program (i, 0) writes ``l[i]`` and ``dist[i]``.
+
+With ``diff`` (the constexpr ``DIFF``) the rows are already ``w_j = g_j - g_ref``: nothing is
+subtracted, ``ref`` need not be among the candidates, and a candidate equal to it is skipped.
 
 Square roots and divisions are the IEEE ones (``sqrt_rn``, ``div_rn``; triton's defaults
 are approximate on GPUs), so float32 results are as accurate as torch's.
@@ -27,31 +30,34 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _common
 from ._common import BLOCK_D, LAUNCH, check, split_rows, store_dtype
 
 
 @triton.jit
-def _ref_pos(cand_row, ref, C, BLOCK_C: tl.constexpr):
-    """First j with cand_row[j] == ref (0 when absent, as the reference's argmax)."""
+def _ref_pos(cand_row, ref, C, BLOCK_C: tl.constexpr, DIFF: tl.constexpr):
+    """First j with cand_row[j] == ref; when absent 0 (the reference's argmax of an all-false
+    row), or -1 with DIFF (no candidate is skipped)."""
     pos = C
     for c0 in range(0, C, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C)
         cj = tl.load(cand_row + j, mask=j < C, other=-1)
         pos = tl.minimum(pos, tl.min(tl.where((cj == ref) & (j < C), j, C), axis=0))
-    return tl.where(pos == C, 0, pos)
+    return tl.where(pos == C, -1 if DIFF else 0, pos)
 
 
 @triton.jit
 def _partial_kernel(grads_ptr, cand_ptr, ref_ptr, active_ptr, part_ptr,
                     C, D, gs_b, gs_c, chunk, S,
-                    Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                    Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DIFF: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     if tl.load(active_ptr + i) != 0:
-        ref = tl.load(ref_ptr + i)
-        rp = _ref_pos(cand_ptr + i * C, ref, C, BLOCK_C).to(tl.int64)
         g_row = grads_ptr + i * gs_b
-        g_ref = g_row + rp * gs_c
+        if not DIFF:
+            rp = _ref_pos(cand_ptr + i * C, tl.load(ref_ptr + i), C, BLOCK_C, False).to(tl.int64)
+            g_ref = g_row + rp * gs_c
         start = s * chunk
         end = tl.minimum(start + chunk, D)
         for c0 in range(0, C, BLOCK_C):
@@ -61,10 +67,10 @@ def _partial_kernel(grads_ptr, cand_ptr, ref_ptr, active_ptr, part_ptr,
             for d0 in range(start, end, BLOCK_D):
                 offs = d0 + tl.arange(0, BLOCK_D)
                 dm = offs < end
-                gr = tl.load(g_ref + offs, mask=dm, other=0.0).to(tl.float32)
-                g = tl.load(g_row + j[:, None].to(tl.int64) * gs_c + offs[None, :],
+                w = tl.load(g_row + j[:, None].to(tl.int64) * gs_c + offs[None, :],
                             mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                w = g - gr[None, :]
+                if not DIFF:
+                    w -= tl.load(g_ref + offs, mask=dm, other=0.0).to(tl.float32)[None, :]
                 if Q == 2:
                     acc += w * w
                 else:
@@ -75,18 +81,16 @@ def _partial_kernel(grads_ptr, cand_ptr, ref_ptr, active_ptr, part_ptr,
 @triton.jit
 def _finish_kernel(logits_ptr, grads_ptr, cand_ptr, ref_ptr, active_ptr, part_ptr,
                    l_ptr, dist_ptr, r_ptr,
-                   K, C, D, gs_b, gs_c, S, eps,
+                   K, C, D, gs_b, gs_c, S, eps, tiles,
                    Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+                   BLOCK_R: tl.constexpr, DIFF: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    offs = pid_d * BLOCK_R + tl.arange(0, BLOCK_R)
-    dm = offs < D
     first = pid_d == 0
     ref = tl.load(ref_ptr + i)
     if tl.load(active_ptr + i) != 0:
         cand_row = cand_ptr + i * C
-        rp = _ref_pos(cand_row, ref, C, BLOCK_C)
+        rp = _ref_pos(cand_row, ref, C, BLOCK_C, DIFF)
         f_ref = tl.load(logits_ptr + i * K + ref).to(tl.float32)
         best = tl.full([], float("inf"), tl.float32)
         best_pos = tl.full([], 0, tl.int32)
@@ -119,26 +123,31 @@ def _finish_kernel(logits_ptr, grads_ptr, cand_ptr, ref_ptr, active_ptr, part_pt
         finite = best < float("inf")
         scale = tl.where(finite, best + eps, 0.0)
         g_row = grads_ptr + i * gs_b
-        gl = tl.load(g_row + best_pos.to(tl.int64) * gs_c + offs, mask=dm, other=0.0).to(tl.float32)
-        gr = tl.load(g_row + rp.to(tl.int64) * gs_c + offs, mask=dm, other=0.0).to(tl.float32)
-        w = gl - gr
-        if Q == 2:
-            step = finite & (best_n > 0)
-            coef = tl.where(step, tl.div_rn(scale, tl.where(best_n > 0, best_n, 1.0)), 0.0)
-            r = tl.where(step, coef * w, 0.0)           # 0, not 0 * NaN, where w holds NaN
-        else:
-            r = scale * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
-        tl.store(r_ptr + i * D + offs, r.to(r_ptr.dtype.element_ty), mask=dm)
+        step = finite & (best_n > 0)
+        coef = tl.where(step, tl.div_rn(scale, tl.where(best_n > 0, best_n, 1.0)), 0.0)
+        for t in range(0, tiles):
+            offs = (pid_d * tiles + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+            dm = offs < D
+            w = tl.load(g_row + best_pos.to(tl.int64) * gs_c + offs, mask=dm, other=0.0).to(tl.float32)
+            if not DIFF:
+                w -= tl.load(g_row + rp.to(tl.int64) * gs_c + offs, mask=dm, other=0.0).to(tl.float32)
+            if Q == 2:
+                r = tl.where(step, coef * w, 0.0)           # 0, not 0 * NaN, where w holds NaN
+            else:
+                r = scale * tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+            tl.store(r_ptr + i * D + offs, r.to(r_ptr.dtype.element_ty), mask=dm)
         tl.store(l_ptr + i, l_val, mask=first)
         tl.store(dist_ptr + i, best.to(dist_ptr.dtype.element_ty), mask=first)
     else:
-        tl.store(r_ptr + i * D + offs, tl.zeros([BLOCK_R], dtype=r_ptr.dtype.element_ty), mask=dm)
+        for t in range(0, tiles):
+            offs = (pid_d * tiles + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+            tl.store(r_ptr + i * D + offs, tl.zeros([BLOCK_R], dtype=r_ptr.dtype.element_ty), mask=offs < D)
         tl.store(l_ptr + i, ref, mask=first)
         tl.store(dist_ptr + i, tl.zeros([], dtype=dist_ptr.dtype.element_ty), mask=first)
 
 
 def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
-                    norm: float = 2.0, eps: float = 1e-4, *, block_d: int = BLOCK_D,
+                    norm: float = 2.0, eps: float = 1e-4, diff: bool = False, *, block_d: int = BLOCK_D,
                     block_c: int = 0, block_r: int = 1024) -> Tuple[Tensor, Tensor, Tensor]:
     """Launch the two kernels; ``block_*`` (powers of two) only tune or test the split."""
     check(grads, "grads")
@@ -161,7 +170,7 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
     if B == 0 or D == 0:  # nothing for the kernels to do: the reference's rule for empty rows
         from ..reference import select_boundary as reference
 
-        l, dist, r = reference(logits, grads, cand, ref, active.bool(), norm, eps)
+        l, dist, r = reference(logits, grads, cand, ref, active.bool(), norm, eps, diff)
         return l, dist.to(logits_dtype), r
     q = 1 if math.isinf(norm) else 2
     if not block_c:
@@ -170,11 +179,12 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
     chunk, S = split_rows(B, D, block_dc)
     part = torch.empty(B, C, S, dtype=torch.float32, device=dev)
     _partial_kernel[(B, S)](grads, cand, ref, act, part, C, D, grads.stride(0), grads.stride(1),
-                            chunk, S, Q=q, BLOCK_C=block_c, BLOCK_D=block_dc, **LAUNCH)
+                            chunk, S, Q=q, BLOCK_C=block_c, BLOCK_D=block_dc, DIFF=bool(diff), **LAUNCH)
     block_r = min(block_r, triton.next_power_of_2(D))
     block_s = min(triton.next_power_of_2(S), 64)
-    _finish_kernel[(B, triton.cdiv(D, block_r))](
+    tiles, R = _common.row_slices(D, block_r)
+    _finish_kernel[(B, R)](
         logits, grads, cand, ref, act, part, l, dist, r, K, C, D, grads.stride(0),
-        grads.stride(1), S, float(eps), Q=q, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_R=block_r,
-        **LAUNCH)
+        grads.stride(1), S, float(eps), tiles, Q=q, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_R=block_r,
+        DIFF=bool(diff), **LAUNCH)
     return l, dist.to(logits_dtype), r.to(grads.dtype)

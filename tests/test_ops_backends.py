@@ -89,13 +89,13 @@ def assert_rule(out: torch.Tensor, ref_lo: torch.Tensor, ref64: torch.Tensor, wh
                            f"{float((err - bound).max()):.3g} over the bound")
 
 
-def all_dists64(logits, grads, cand, ref, norm):
+def all_dists64(logits, grads, cand, ref, norm, diff=False):
     """[B, C] float64 distances of every candidate (inf for ref and w == 0)."""
     lg, g = logits.double().cpu(), grads.double().cpu()
     cand, ref = cand.cpu(), ref.cpu()
     B = g.shape[0]
     pos = (cand == ref[:, None]).long().argmax(1)
-    w = g - g[torch.arange(B), pos][:, None]
+    w = g if diff else g - g[torch.arange(B), pos][:, None]
     n = reference.dual_norm(w, norm)
     f = (lg.gather(1, cand) - lg.gather(1, ref[:, None])).abs()
     d = torch.where(n > 0, f / torch.where(n > 0, n, torch.ones_like(n)), torch.full_like(n, math.inf))
@@ -131,16 +131,26 @@ def select_case(B, K, C, D, dtype, device, kind="random", seed=0):
 
 
 # ------------------------------------------------------------------------ select_boundary
-def check_select(backend, args, norm):
+def without_ref(args):
+    """The difference form's usual inputs: each row's reference column dropped from cand and
+    grads ([B, C - 1]; the grads rows then stand for g_cand - g_ref)."""
     logits, grads, cand, ref, active = args
-    l, dist, r = ops.select_boundary(logits, grads, cand, ref, active, norm, backend=backend)
+    keep = cand != ref[:, None]
+    B, C, D = grads.shape
+    return logits, grads[keep].view(B, C - 1, D), cand[keep].view(B, C - 1), ref, active
+
+
+def check_select(backend, args, norm, diff=False):
+    logits, grads, cand, ref, active = args
+    l, dist, r = ops.select_boundary(logits, grads, cand, ref, active, norm, diff=diff, backend=backend)
     assert l.dtype == torch.int64 and dist.dtype == logits.dtype and r.dtype == grads.dtype
     assert r.shape == grads.shape[::2] and l.shape == dist.shape == ref.shape
-    l64, dist64, r64 = reference.select_boundary(logits.double(), grads.double(), cand, ref, active, norm)
-    l_lo, dist_lo, r_lo = reference.select_boundary(logits, grads, cand, ref, active, norm)
+    l64, dist64, r64 = reference.select_boundary(logits.double(), grads.double(), cand, ref, active, norm,
+                                                 diff=diff)
+    l_lo, dist_lo, r_lo = reference.select_boundary(logits, grads, cand, ref, active, norm, diff=diff)
     same = l == l64
     if not bool(same.all()):  # allowed only on ties within float32 rounding
-        d = all_dists64(logits, grads, cand, ref, norm)
+        d = all_dists64(logits, grads, cand, ref, norm, diff)
         rows = (~same).nonzero().flatten().cpu()
         for i in rows.tolist():
             pb = int((cand[i] == l[i]).nonzero()[0])
@@ -162,6 +172,19 @@ def test_select_boundary_conforms(backend, device, norm):
         need(backend, device, dtype)
         for s, (B, K, C, D) in enumerate(shapes_of(backend, device)):
             check_select(backend, select_case(B, K, C, D, dtype, device, seed=s), norm)
+
+
+@pytest.mark.parametrize("backend,device", COMBOS)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("ref_in_cand", [False, True], ids=["ref-absent", "ref-present"])
+def test_select_boundary_difference_form_conforms(backend, device, norm, ref_in_cand):
+    """diff=True: the rows are the boundary normals themselves; a candidate equal to ref (when
+    present) is skipped, whatever its row holds."""
+    for dtype in dtypes_of(backend):
+        need(backend, device, dtype)
+        for s, (B, K, C, D) in enumerate(shapes_of(backend, device)):
+            args = select_case(B, K, C, D, dtype, device, seed=s)
+            check_select(backend, args if ref_in_cand else without_ref(args), norm, diff=True)
 
 
 @pytest.mark.parametrize("backend,device", COMBOS)
@@ -255,6 +278,44 @@ def test_deepfool_update_conforms(backend, device, bounds):
             for o, a, b, name in zip(out, lo, hi, ("r_tot", "x_next")):
                 assert o.dtype == dtype
                 assert_rule(o, a, b, name)
+
+
+# ------------------------------------------------------------- rows longer than the grid
+@pytest.mark.parametrize("backend,device", [c for c in COMBOS if c.values[0] != "cpu"])
+def test_rows_longer_than_the_grid(backend, device, monkeypatch):
+    """Past the grid's y limit (65535 slices of a row: D > ~67M) the elementwise kernels give a
+    program several blocks of the row. On a GPU the cuda backend gets such a row; triton gets a
+    limit of 2 programs and small blocks (the interpreter would crawl through 67M elements)."""
+    need(backend, device)
+    if backend == "triton":
+        from ddfast.kernels import _common
+        monkeypatch.setattr(_common, "MAX_GRID_Y", 2)
+        D, config = 16 * 7 + 3, dict(block_d=16)            # 8 blocks: 4 per program, the last partial
+        blocks = dict(block_r=16)
+        from ddfast import kernels as impl
+    else:
+        D, config, blocks = 65535 * 1024 + 3, {}, {}
+        from ddfast import _cuda as impl
+    gen = torch.Generator().manual_seed(7)
+    x0, r_tot, r = (torch.randn(2, D, generator=gen).to(device) for _ in range(3))
+    active = torch.tensor([True, False], device=device)
+    for got, want in zip(impl.deepfool_update(x0, r_tot, r, active, 0.02, -1.0, 1.0, **config),
+                         reference.deepfool_update(x0, r_tot, r, active, 0.02, -1.0, 1.0)):
+        torch.testing.assert_close(got, want)
+    fdiff = torch.tensor([0.5, -2.0], device=device)
+    for norm in NORMS:
+        torch.testing.assert_close(impl.boundary_step(fdiff, r, norm, **config),
+                                   reference.boundary_step(fdiff, r, norm), rtol=1e-4, atol=1e-7)
+    del x0, r_tot
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.1, 1.5, 0.2]], device=device)
+    cand = torch.tensor([[1, 2], [0, 2]], device=device)
+    ref = torch.tensor([0, 1], device=device)
+    g = r.view(2, 1, D).expand(2, 2, D) * torch.tensor([1.0, -0.5], device=device)[:, None]
+    active = torch.ones(2, dtype=torch.bool, device=device)
+    for norm in NORMS:
+        for got, want in zip(impl.select_boundary(logits, g, cand, ref, active, norm, 1e-4, True, **blocks),
+                             reference.select_boundary(logits, g, cand, ref, active, norm, 1e-4, True)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------------- edge cases

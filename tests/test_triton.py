@@ -148,22 +148,26 @@ def _kernel_specs(dtypes, norms):
     specs = []
     for dt in dtypes:
         for q in norms:
+            for diff in (False, True):
+                specs += [
+                    (sb._partial_kernel, dict(grads_ptr=dt, cand_ptr=i64, ref_ptr=i64, active_ptr="*i8",
+                                              part_ptr=f32, C=i32, D=i32, gs_b=i32, gs_c=i32, chunk=i32,
+                                              S=i32, Q="constexpr", BLOCK_C="constexpr",
+                                              BLOCK_D="constexpr", DIFF="constexpr"),
+                     dict(Q=q, BLOCK_C=8, BLOCK_D=128, DIFF=diff)),
+                    (sb._finish_kernel, dict(logits_ptr=dt, grads_ptr=dt, cand_ptr=i64, ref_ptr=i64,
+                                             active_ptr="*i8", part_ptr=f32, l_ptr=i64, dist_ptr=dt,
+                                             r_ptr=dt, K=i32, C=i32, D=i32, gs_b=i32, gs_c=i32, S=i32,
+                                             eps="fp32", tiles=i32, Q="constexpr", BLOCK_C="constexpr",
+                                             BLOCK_S="constexpr", BLOCK_R="constexpr", DIFF="constexpr"),
+                     dict(Q=q, BLOCK_C=8, BLOCK_S=16, BLOCK_R=1024, DIFF=diff)),
+                ]
             specs += [
-                (sb._partial_kernel, dict(grads_ptr=dt, cand_ptr=i64, ref_ptr=i64, active_ptr="*i8",
-                                          part_ptr=f32, C=i32, D=i32, gs_b=i32, gs_c=i32, chunk=i32,
-                                          S=i32, Q="constexpr", BLOCK_C="constexpr", BLOCK_D="constexpr"),
-                 dict(Q=q, BLOCK_C=8, BLOCK_D=128)),
-                (sb._finish_kernel, dict(logits_ptr=dt, grads_ptr=dt, cand_ptr=i64, ref_ptr=i64,
-                                         active_ptr="*i8", part_ptr=f32, l_ptr=i64, dist_ptr=dt,
-                                         r_ptr=dt, K=i32, C=i32, D=i32, gs_b=i32, gs_c=i32, S=i32,
-                                         eps="fp32", Q="constexpr", BLOCK_C="constexpr",
-                                         BLOCK_S="constexpr", BLOCK_R="constexpr"),
-                 dict(Q=q, BLOCK_C=8, BLOCK_S=16, BLOCK_R=1024)),
                 (_common.partial_norm_kernel, dict(x_ptr=dt, out_ptr=f32, D=i32, stride_b=i32,
                                                    chunk=i32, S=i32, Q="constexpr", BLOCK="constexpr"),
                  dict(Q=q, BLOCK=1024)),
                 (bs._step_kernel, dict(fdiff_ptr=dt, w_ptr=dt, part_ptr=f32, r_ptr=dt, D=i32,
-                                       stride_b=i32, S=i32, eps="fp32", Q="constexpr",
+                                       stride_b=i32, S=i32, eps="fp32", tiles=i32, Q="constexpr",
                                        BLOCK_S="constexpr", BLOCK="constexpr"),
                  dict(Q=q, BLOCK_S=16, BLOCK=1024)),
             ]
@@ -173,7 +177,7 @@ def _kernel_specs(dtypes, norms):
                                       BLOCK_B="constexpr", BLOCK_S="constexpr"),
              dict(BLOCK_B=64, BLOCK_S=16)),
             (du._update_kernel, dict(x0_ptr=dt, rt_ptr=dt, r_ptr=dt, active_ptr="*i8", rt_out_ptr=dt,
-                                     x_out_ptr=dt, D=i32, k="fp32", lo="fp32", hi="fp32",
+                                     x_out_ptr=dt, D=i32, k="fp32", lo="fp32", hi="fp32", tiles=i32,
                                      HAS_LO="constexpr", HAS_HI="constexpr", BLOCK="constexpr"),
              dict(HAS_LO=True, HAS_HI=True, BLOCK=1024)),
         ]
