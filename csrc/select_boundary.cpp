@@ -24,11 +24,11 @@ inline std::int64_t ref_position(const std::int64_t* cand, std::int64_t ref, std
 }
 
 // Given npow[j] = ||g_j - g_ref||^q (q = 2 or 1) of one row: the first minimum of the
-// distances (the reference counting as +inf, as torch.argmin), and the step r. g_ref is null
+// distances (a candidate equal to the reference counting as +inf; ties: the first, as torch.argmin), and the step r. g_ref is null
 // when the rows are already differences.
 template <int Q, typename T>
 void finish_row(const T* logits, const T* grads, const T* g_ref, std::int64_t gs_c,
-                const std::int64_t* cand, std::int64_t ref, std::int64_t ref_pos, std::int64_t C,
+                const std::int64_t* cand, std::int64_t ref, std::int64_t C,
                 std::int64_t D, double eps, bool par, const double* npow, std::int64_t* l_out,
                 T* dist_out, T* r) {
   const double inf = std::numeric_limits<double>::infinity();
@@ -37,7 +37,7 @@ void finish_row(const T* logits, const T* grads, const T* g_ref, std::int64_t gs
   std::int64_t best_pos = -1;
   for (std::int64_t j = 0; j < C; ++j) {
     double dist = inf, n = 0.0;
-    if (j != ref_pos) {
+    if (cand[j] != ref) {  // every candidate equal to ref, not only the first at ref_pos
       n = (Q == 2) ? std::sqrt(npow[j]) : npow[j];
       if (n > 0.0) dist = std::fabs(static_cast<double>(logits[cand[j]]) - f_ref) / n;
     }
@@ -96,7 +96,7 @@ void select_boundary_impl(const SelectArgs& a) {
       const T* g_ref = a.diff ? nullptr : g + p * gs_c;
       for (std::int64_t j = 0; j < C; ++j)
         npow[j] = j == p ? 0.0 : diff_norm_pow<Q>(g + j * gs_c, g_ref, D, true);
-      finish_row<Q, T>(logits + i * K, g, g_ref, gs_c, cand + i * C, ref[i], p, C, D, a.eps,
+      finish_row<Q, T>(logits + i * K, g, g_ref, gs_c, cand + i * C, ref[i], C, D, a.eps,
                        true, npow.data(), l + i, dist + i, r + i * D);
     }
     return;
@@ -124,7 +124,7 @@ void select_boundary_impl(const SelectArgs& a) {
       if (!active[i]) { inactive_row(ref[i], l + i, dist + i, r + i * D, D); continue; }
       const T* g = grads + i * gs_b;
       finish_row<Q, T>(logits + i * K, g, a.diff ? nullptr : g + pos[i] * gs_c, gs_c,
-                       cand + i * C, ref[i], pos[i], C, D, a.eps, false, npow.data() + i * C,
+                       cand + i * C, ref[i], C, D, a.eps, false, npow.data() + i * C,
                        l + i, dist + i, r + i * D);
     }
   }

@@ -17,13 +17,13 @@ namespace {
 constexpr int kCT = 8;         // candidates per pass of sb_partial
 constexpr int kRSlice = 1024;  // r elements per sb_finish block (more where D is huge: slice_len)
 
-// Position of ref in cand; when absent 0 (the reference's argmax of an all-false row), or -1
-// with diff (no candidate is skipped).
+// Position of ref's row in cand (without diff): 0 when absent, as the reference's argmax of an
+// all-false row.
 __device__ __forceinline__ std::int64_t ref_position(const std::int64_t* cand, std::int64_t ref,
-                                                     std::int64_t C, bool diff) {
+                                                     std::int64_t C) {
   for (std::int64_t j = 0; j < C; ++j)
     if (cand[j] == ref) return j;
-  return diff ? -1 : 0;
+  return 0;
 }
 
 template <typename T, int Q>
@@ -35,7 +35,7 @@ __global__ void sb_partial(const T* __restrict__ grads, const std::int64_t* __re
   const std::int64_t i = blockIdx.x, s = blockIdx.y;
   if (!active[i]) return;  // uniform over the block: no barrier is skipped by half of it
   const T* row = grads + i * gs_b;
-  const T* g_ref = diff ? nullptr : row + ref_position(cand + i * C, ref[i], C, false) * gs_c;
+  const T* g_ref = diff ? nullptr : row + ref_position(cand + i * C, ref[i], C) * gs_c;
   const std::int64_t start = s * chunk;
   const std::int64_t end = start + chunk < D ? start + chunk : D;
   for (std::int64_t c0 = 0; c0 < C; c0 += kCT) {
@@ -85,7 +85,6 @@ __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict_
   const std::int64_t* cand_i = cand + i * C;
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
-    const std::int64_t rp = ref_position(cand_i, ref[i], C, diff);
     const float f_ref = logits[i * K + ref[i]];
     const float inf = INFINITY;
     float best = inf, best_n = 0.0f;
@@ -94,7 +93,8 @@ __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict_
       float npow = 0.0f;
       for (std::int64_t s = 0; s < S; ++s) npow += part[(i * C + j) * S + s];
       const float n = Q == 2 ? sqrtf(npow) : npow;
-      const float dj = (j != rp && n > 0.0f) ? fabsf(logits[i * K + cand_i[j]] - f_ref) / n : inf;
+      // every candidate equal to ref is skipped, not only the first (its row may hold anything)
+      const float dj = (cand_i[j] != ref[i] && n > 0.0f) ? fabsf(logits[i * K + cand_i[j]] - f_ref) / n : inf;
       if (better(dj, j, best, pos)) { best = dj; pos = j; best_n = n; }
     }
     for (int o = 16; o > 0; o >>= 1) {
@@ -105,7 +105,7 @@ __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict_
     }
     if (lane == 0) {
       s_pos = pos == INT64_MAX ? 0 : pos;
-      s_rp = rp;
+      s_rp = diff ? 0 : ref_position(cand_i, ref[i], C);
       s_best = best;
       s_norm = best_n;
     }

@@ -224,8 +224,8 @@ def _check_select(logits, grads, cand, ref, active, diff: bool = False) -> None:
         _need(int(lo) >= 0 and int(hi) < K, f"cand holds classes outside [0, {K})")
         if not diff:
             _need(bool((cand == ref[:, None]).any(1).all()), "every ref[i] must appear in cand[i]")
-    elif B and not diff:
-        raise ValueError("cand must hold at least one class per row (the reference)")
+    elif B:
+        raise ValueError("cand must hold at least one class per row" + ("" if diff else " (the reference)"))
 
 
 def _check_rows(named, B: Optional[int] = None, D: Optional[int] = None) -> None:

@@ -70,7 +70,7 @@ def partial_norm_kernel(x_ptr, out_ptr, D, stride_b, chunk, S,
     accumulated in out's dtype (float32 or float64). Grid (B, S)."""
     acc_t = out_ptr.dtype.element_ty
     i = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)   # s * chunk and the offsets may pass 2**31
     start = s * chunk
     end = tl.minimum(start + chunk, D)
     acc = tl.zeros([BLOCK], dtype=acc_t)

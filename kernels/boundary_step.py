@@ -36,7 +36,7 @@ def _step_kernel(fdiff_ptr, w_ptr, part_ptr, r_ptr, D, stride_b, S, eps, tiles,
     f = tl.load(fdiff_ptr + i).to(tl.float32)
     scale = tl.where(nz, tl.div_rn(tl.abs(f), n_safe) + eps, 0.0)
     for t in range(0, tiles):
-        offs = (tl.program_id(1) * tiles + t) * BLOCK + tl.arange(0, BLOCK)
+        offs = (tl.program_id(1).to(tl.int64) * tiles + t) * BLOCK + tl.arange(0, BLOCK)
         dm = offs < D
         w = tl.load(w_ptr + i * stride_b + offs, mask=dm, other=0.0).to(tl.float32)
         if Q == 2:

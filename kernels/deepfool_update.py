@@ -23,7 +23,7 @@ def _update_kernel(x0_ptr, rt_ptr, r_ptr, active_ptr, rt_out_ptr, x_out_ptr, D, 
     i = tl.program_id(0).to(tl.int64)
     act = tl.load(active_ptr + i) != 0
     for t in range(0, tiles):
-        offs = (tl.program_id(1) * tiles + t) * BLOCK + tl.arange(0, BLOCK)
+        offs = (tl.program_id(1).to(tl.int64) * tiles + t) * BLOCK + tl.arange(0, BLOCK)
         m = offs < D
         base = i * D + offs
         rt = tl.load(rt_ptr + base, mask=m, other=0.0).to(tl.float32)

@@ -35,15 +35,15 @@ from ._common import BLOCK_D, LAUNCH, check, split_rows, store_dtype
 
 
 @triton.jit
-def _ref_pos(cand_row, ref, C, BLOCK_C: tl.constexpr, DIFF: tl.constexpr):
-    """First j with cand_row[j] == ref; when absent 0 (the reference's argmax of an all-false
-    row), or -1 with DIFF (no candidate is skipped)."""
+def _ref_pos(cand_row, ref, C, BLOCK_C: tl.constexpr):
+    """First j with cand_row[j] == ref, the row subtracted without DIFF (0 when absent, as the
+    reference's argmax)."""
     pos = C
     for c0 in range(0, C, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C)
         cj = tl.load(cand_row + j, mask=j < C, other=-1)
         pos = tl.minimum(pos, tl.min(tl.where((cj == ref) & (j < C), j, C), axis=0))
-    return tl.where(pos == C, -1 if DIFF else 0, pos)
+    return tl.where(pos == C, 0, pos)
 
 
 @triton.jit
@@ -52,11 +52,11 @@ def _partial_kernel(grads_ptr, cand_ptr, ref_ptr, active_ptr, part_ptr,
                     Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                     DIFF: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)   # s * chunk and the offsets may pass 2**31
     if tl.load(active_ptr + i) != 0:
         g_row = grads_ptr + i * gs_b
         if not DIFF:
-            rp = _ref_pos(cand_ptr + i * C, tl.load(ref_ptr + i), C, BLOCK_C, False).to(tl.int64)
+            rp = _ref_pos(cand_ptr + i * C, tl.load(ref_ptr + i), C, BLOCK_C).to(tl.int64)
             g_ref = g_row + rp * gs_c
         start = s * chunk
         end = tl.minimum(start + chunk, D)
@@ -85,12 +85,13 @@ def _finish_kernel(logits_ptr, grads_ptr, cand_ptr, ref_ptr, active_ptr, part_pt
                    Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_R: tl.constexpr, DIFF: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
+    pid_d = tl.program_id(1).to(tl.int64)   # offsets may pass 2**31
     first = pid_d == 0
     ref = tl.load(ref_ptr + i)
     if tl.load(active_ptr + i) != 0:
         cand_row = cand_ptr + i * C
-        rp = _ref_pos(cand_row, ref, C, BLOCK_C, DIFF)
+        if not DIFF:
+            rp = _ref_pos(cand_row, ref, C, BLOCK_C).to(tl.int64)
         f_ref = tl.load(logits_ptr + i * K + ref).to(tl.float32)
         best = tl.full([], float("inf"), tl.float32)
         best_pos = tl.full([], 0, tl.int32)
@@ -110,7 +111,7 @@ def _finish_kernel(logits_ptr, grads_ptr, cand_ptr, ref_ptr, active_ptr, part_pt
                 n = npow
             cj = tl.load(cand_row + j, mask=jm, other=0)
             f = tl.load(logits_ptr + i * K + cj, mask=jm, other=0.0).to(tl.float32)
-            ok = jm & (j != rp) & (n > 0)
+            ok = jm & (cj != ref) & (n > 0)          # every candidate equal to ref is skipped
             dist = tl.where(ok, tl.div_rn(tl.abs(f - f_ref), tl.where(ok, n, 1.0)), float("inf"))
             blk_min = tl.min(dist, axis=0)
             blk_pos = tl.argmin(dist, axis=0)       # first index of the block's minimum
@@ -130,7 +131,7 @@ def _finish_kernel(logits_ptr, grads_ptr, cand_ptr, ref_ptr, active_ptr, part_pt
             dm = offs < D
             w = tl.load(g_row + best_pos.to(tl.int64) * gs_c + offs, mask=dm, other=0.0).to(tl.float32)
             if not DIFF:
-                w -= tl.load(g_row + rp.to(tl.int64) * gs_c + offs, mask=dm, other=0.0).to(tl.float32)
+                w -= tl.load(g_row + rp * gs_c + offs, mask=dm, other=0.0).to(tl.float32)
             if Q == 2:
                 r = tl.where(step, coef * w, 0.0)           # 0, not 0 * NaN, where w holds NaN
             else:

@@ -51,3 +51,11 @@ def test_class_form_still_requires_the_reference_among_candidates():
     logits, grads, ref, others, w, active = _case(3, 4, 5, torch.float64)
     with pytest.raises(ValueError, match="every ref"):
         ops.select_boundary(logits, w, others, ref, active)
+
+
+@pytest.mark.parametrize("diff", [False, True])
+def test_rows_without_candidates_are_refused(diff):
+    """C == 0: nothing to choose from (the kernels would read past the empty rows)."""
+    logits, grads, ref, others, w, active = _case(3, 4, 5, torch.float64)
+    with pytest.raises(ValueError, match="at least one class"):
+        ops.select_boundary(logits, w[:, :0], others[:, :0], ref, active, diff=diff)
