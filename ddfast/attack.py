@@ -5,6 +5,13 @@ sample linearises the model at its iterate, steps to the closest candidate bound
 (``select_boundary``), and the iterate ``x0 + (1 + overshoot) * r_tot`` (clipped to
 ``bounds``) is checked. Samples that are done leave the batch (compaction): later Jacobians
 are computed for the remaining samples only.
+
+For a piecewise-linear model (ReLU, max-pool, linear and convolution layers: see
+:mod:`ddfast.regions`) a sample whose activation pattern has not changed since its last
+Jacobian reuses those rows, exactly equal to what a backward would give, instead of a new
+backward: with clipping most later steps are such. Without bounds it never happens (a step that
+stays in its region crosses the boundary: the sample is done), so the attack does not look.
+``REUSE_JACOBIANS = False`` turns this off (for comparisons).
 """
 from __future__ import annotations
 
@@ -16,13 +23,16 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import backends, jacobian, ops
+from . import backends, jacobian, ops, regions
 from .reference import STEP_EPS
 from ._validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates,
                         check_graph_logits, check_input, check_logits, check_max_iter, check_model_device,
                         check_nonneg, explain_model_errors, frozen_model, warn_tf32)
 
 __all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
+
+#: Reuse a sample's Jacobian rows while its activation pattern is unchanged (see the top).
+REUSE_JACOBIANS = True
 
 
 @dataclass
@@ -65,6 +75,26 @@ def _competing_classes(logits: Tensor, ref: Tensor, k: Optional[int]) -> Tensor:
         return others + (others >= ref[:, None]).long()
     masked = logits.scatter(1, ref[:, None], -math.inf)
     return masked.topk(k - 1, dim=1).indices
+
+
+def _fresh_rows(model: Callable, xg: Tensor, logits_g: Tensor, go: Tensor, g_rows: Optional[Tensor],
+                need: Optional[Tensor], shape: torch.Size) -> Tensor:
+    """Jacobian rows [m, C, D] (directions ``go`` [C, n, K]) of the active samples ``need``
+    (None: all n). The graph batch ``(xg, logits_g)`` holds them at its rows ``g_rows`` (None:
+    rows 0..n-1, the whole batch). Where few of its rows are wanted, a fresh forward on them
+    costs less than a backward over all of them."""
+    if need is None and g_rows is None:
+        return jacobian.direction_grads(model, xg, logits_g, go, None, shape=shape)
+    n_graph, K = logits_g.shape
+    want = need if g_rows is None else (g_rows if need is None else g_rows.index_select(0, need))
+    go_m = go if need is None else go.index_select(1, need)
+    m = want.numel()
+    if (n_graph - m) * K > m:
+        xs, ls = jacobian.forward_with_graph(model, xg.detach().index_select(0, want), shape)
+        return jacobian.direction_grads(model, xs, ls, go_m, None, shape=shape)
+    go_graph = go.new_zeros(go.shape[0], n_graph, K)
+    go_graph.index_copy_(1, want, go_m)        # the graph's other rows get no direction
+    return jacobian.direction_grads(model, xg, logits_g, go_graph, want, shape=shape)
 
 
 def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int,
@@ -110,35 +140,50 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     if keep is not None:
         success |= ~keep
         n_keep = int(keep.sum())
+    # Jacobian reuse: the rows [n, C, D] of the active samples and the activation pattern of the
+    # iterates they were computed at (None before the first, or for a model without patterns).
+    jac_a = pattern_a = None
+    reuse = REUSE_JACOBIANS and (lo is not None or hi is not None)
     for t in range(max_iter):
+        g_rows = None                          # rows of the graph batch holding the active samples
         if keep is not None and n_keep < n:
-            rows = keep.nonzero().squeeze(1)
+            g_rows = keep.nonzero().squeeze(1)
             idx, x0_a, r_tot_a, ref_a, cand, logits = (
-                t_.index_select(0, rows) for t_ in (idx, x0_a, r_tot_a, ref_a, cand, logits))
-            go_graph, go = go, go.index_select(1, rows)
-        else:
-            rows = None
-            go_graph = go
+                t_.index_select(0, g_rows) for t_ in (idx, x0_a, r_tot_a, ref_a, cand, logits))
+            go = go.index_select(1, g_rows)
+            if jac_a is not None:
+                jac_a = jac_a.index_select(0, g_rows)
+                pattern_a = [p.index_select(0, g_rows) for p in pattern_a]
         n = idx.numel()
         if n == 0:
             break
-        n_graph = logits_g.shape[0]
-        if rows is not None and (n_graph - n) * K > n:
-            # Few rows survive: a fresh forward on them costs less than a Jacobian of the
-            # whole graph batch.
-            xg, logits_g = jacobian.forward_with_graph(model, x_cur.index_select(0, rows), shape)
-            rows, go_graph = None, go
-        elif rows is not None:
-            go_graph = go_graph * keep[None, :, None]     # the graph's dropped rows get no direction
         if t == 0:  # the first Jacobian: the logits must carry a graph back to x
             check_graph_logits(logits_g, logits_g.shape[0])
-        # One backward row per competing class: w_k = g_k - g_ref directly.
-        grads = jacobian.direction_grads(model, xg, logits_g, go_graph, rows, shape=shape)
-        del xg, logits_g, go_graph
+        need = None                            # active samples that need a backward (None: all)
+        if reuse:
+            pattern = regions.activation_pattern(logits_g, xg)
+            if pattern is None:                # not certified piecewise-linear: no reuse in this call
+                reuse = False
+            else:
+                if g_rows is not None:
+                    pattern = [p.index_select(0, g_rows) for p in pattern]
+                if jac_a is not None:
+                    need = (~regions.same_pattern(pattern, pattern_a, n, dev)).nonzero().squeeze(1)
+                pattern_a = pattern            # equal to the old one on every reused row
+        if need is None or need.numel():
+            # One backward row per competing class: w_k = g_k - g_ref directly.
+            grads = _fresh_rows(model, xg, logits_g, go, g_rows, need, shape)
+            if need is None:
+                jac_a = grads
+            else:
+                jac_a.index_copy_(0, need, grads)
+            del grads
+        del xg, logits_g
         ones = all_active[:n]
-        _, _, r = ops.select_boundary_unchecked(logits, grads.to(dtype), cand, ref_a, ones, norm, STEP_EPS, backend,
+        _, _, r = ops.select_boundary_unchecked(logits, jac_a.to(dtype), cand, ref_a, ones, norm, STEP_EPS, backend,
                                                 diff=True)
-        del grads
+        if not reuse:
+            jac_a = None
         r_tot_a, x_cur = ops.deepfool_update_unchecked(x0_a, r_tot_a, r, ones, overshoot, lo, hi, backend)
         if t + 1 < max_iter:
             xg, logits_g = jacobian.forward_with_graph(model, x_cur, shape)

@@ -1,0 +1,196 @@
+"""ddfast.regions: activation patterns certify equal Jacobians; models that are not
+piecewise-linear get None; the attack reuses Jacobian rows only where that changes nothing."""
+import pytest
+import torch
+from torch import nn
+
+import ddfast
+from ddfast import attack, jacobian, regions
+from slow_deepfool import slow_deepfool
+
+
+class Residual(nn.Module):
+    """conv -> BN (eval) -> leaky ReLU, a skip connection (two x-dependent branches added),
+    threshold, max-pool, average pool, flatten, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 2 * 2, 5)
+
+    def forward(self, x):
+        h = nn.functional.leaky_relu(self.bn(self.conv1(x)), 0.1)
+        h = nn.functional.threshold(self.conv2(h) + 0.5 * x, 0.05, 0.0)
+        h = nn.functional.avg_pool2d(nn.functional.max_pool2d(h, 2), 2)
+        return self.fc(h.flatten(1))
+
+
+class Relu(nn.Module):
+    def forward(self, x):
+        return torch.relu(x)
+
+
+def relu_mlp(inplace=False):
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU(inplace=inplace), nn.Linear(10, 8), Relu(),
+                         nn.Linear(8, 4))
+
+
+PIECEWISE_LINEAR = {
+    "relu-mlp": (relu_mlp, (12,)),
+    "relu-inplace": (lambda: relu_mlp(inplace=True), (12,)),
+    "residual-cnn": (Residual, (2, 8, 8)),
+    "affine": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4)), (12,)),
+}
+
+
+def _build(name, frozen=True):
+    torch.manual_seed(0)
+    make, shape = PIECEWISE_LINEAR[name]
+    model = make().double().eval()
+    for m in model.modules():        # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    return model, shape
+
+
+def _pattern_and_jacobian(model, x):
+    xg, logits = jacobian.forward_with_graph(model, x.flatten(1), x.shape[1:])
+    pattern = regions.activation_pattern(logits, xg)
+    J = torch.stack([torch.autograd.grad(logits[:, k].sum(), xg, retain_graph=True)[0]
+                     for k in range(logits.shape[1])], 1)
+    return pattern, J
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "params-require-grad"])
+@pytest.mark.parametrize("name", sorted(PIECEWISE_LINEAR))
+def test_equal_patterns_mean_equal_jacobians(name, frozen):
+    """Soundness: wherever two inputs' patterns agree, so do their Jacobians, over pairs that
+    are near (mostly one region) and far (mostly not)."""
+    model, shape = _build(name, frozen)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, *shape, generator=gen, dtype=torch.float64)
+    scale = torch.logspace(-6, 0, 64, dtype=torch.float64).view(64, *[1] * len(shape))
+    x2 = x + scale * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    p1, J1 = _pattern_and_jacobian(model, x)
+    p2, J2 = _pattern_and_jacobian(model, x2)
+    assert p1 is not None and p2 is not None
+    same = regions.same_pattern(p1, p2, 64, x.device)
+    J_equal = torch.isclose(J1, J2, rtol=1e-12, atol=1e-14).flatten(1).all(1)
+    assert not (same & ~J_equal).any(), "equal patterns with different Jacobians"
+    if name != "affine":   # the test sees both kinds of pairs
+        assert same.any() and (~same).any()
+    else:
+        assert same.all() and p1 == []
+
+
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+class Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+NOT_CERTIFIED = {
+    "tanh": lambda: nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4)),
+    "sigmoid": lambda: nn.Sequential(nn.Linear(12, 6), nn.Sigmoid(), nn.Linear(6, 4)),
+    "gelu": lambda: nn.Sequential(nn.Linear(12, 6), nn.GELU(), nn.Linear(6, 4)),
+    "hardtanh": lambda: nn.Sequential(nn.Linear(12, 6), nn.Hardtanh(), nn.Linear(6, 4)),
+    "x*x": lambda: nn.Sequential(nn.Linear(12, 6), Square(), nn.Linear(6, 4)),
+    "softmax": lambda: nn.Sequential(nn.Linear(12, 4), nn.Softmax(dim=1)),
+    "layernorm": lambda: nn.Sequential(nn.Linear(12, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 4)),
+    "custom-function": lambda: nn.Sequential(nn.Linear(12, 4), type("F", (nn.Module,), {
+        "forward": lambda self, x: Scale.apply(x)})()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CERTIFIED))
+def test_models_that_are_not_piecewise_linear_get_none(name):
+    torch.manual_seed(0)
+    model = NOT_CERTIFIED[name]().double().eval()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    xg, logits = jacobian.forward_with_graph(model, x, x.shape[1:])
+    assert regions.activation_pattern(logits, xg) is None
+
+
+def test_batchnorm_in_training_mode_gets_none():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double()
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    xg, logits = jacobian.forward_with_graph(model.train(), x.flatten(1), x.shape[1:])
+    assert regions.activation_pattern(logits, xg) is None
+    xg, logits = jacobian.forward_with_graph(model.eval(), x.flatten(1), x.shape[1:])
+    assert regions.activation_pattern(logits, xg) is not None
+
+
+def _counting_rows(monkeypatch):
+    """Counts the Jacobian rows the attack computes."""
+    count = {"rows": 0}
+    fresh = attack._fresh_rows
+
+    def counted(*args):
+        g = fresh(*args)
+        count["rows"] += g.shape[0]
+        return g
+    monkeypatch.setattr(attack, "_fresh_rows", counted)
+    return count
+
+
+@pytest.mark.parametrize("norm", [2.0, float("inf")])
+@pytest.mark.parametrize("name", ["relu-mlp", "residual-cnn", "affine"])
+def test_attack_reuses_rows_and_matches_the_slow_deepfool(name, norm, monkeypatch):
+    """With bounds most later steps keep their region: fewer Jacobian rows than sample-steps,
+    and the result of the per-sample DeepFool that computes every Jacobian."""
+    model, shape = _build(name)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(24, *shape, generator=gen, dtype=torch.float64)
+    count = _counting_rows(monkeypatch)
+    res = ddfast.deepfool(model, x, bounds=(0.0, 1.0), norm=norm, max_iter=30)
+    sd, si, ss, _, _ = slow_deepfool(model, x, bounds=(0.0, 1.0), norm=norm, max_iter=30)
+    torch.testing.assert_close(res.delta, sd, rtol=1e-9, atol=1e-10)
+    assert torch.equal(res.iterations, si) and torch.equal(res.success, ss)
+    steps = int(res.iterations.sum())
+    assert res.iterations.max() > 1 and count["rows"] < steps, (count, steps)
+
+
+def test_attack_without_reuse_is_the_same(monkeypatch):
+    model, shape = _build("relu-mlp")
+    x = torch.rand(40, *shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    on = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
+    monkeypatch.setattr(attack, "REUSE_JACOBIANS", False)
+    count = _counting_rows(monkeypatch)
+    off = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
+    assert count["rows"] == int(off.iterations.sum())
+    torch.testing.assert_close(on.delta, off.delta, rtol=1e-12, atol=1e-14)
+    assert torch.equal(on.iterations, off.iterations)
+
+
+def test_a_model_that_is_not_piecewise_linear_computes_every_row(monkeypatch):
+    torch.manual_seed(0)
+    model = NOT_CERTIFIED["tanh"]().double().eval()
+    x = torch.rand(16, 12, dtype=torch.float64)
+    count = _counting_rows(monkeypatch)
+    res = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
+    assert count["rows"] == int(res.iterations.sum())
+
+
+def test_without_bounds_the_attack_does_not_look(monkeypatch):
+    """A step that stays in its region crosses the boundary: nothing to reuse without a clip."""
+    model, shape = _build("relu-mlp")
+    x = torch.rand(40, *shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(regions, "activation_pattern", lambda *a: calls.append(1))
+    res = ddfast.deepfool(model, x)
+    assert not calls and res.iterations.max() > 1
