@@ -14,6 +14,11 @@ inside the model). Three timings, side by side in one run, medians of R interlea
 * ``naive``: :func:`bench.naive.naive_deepfool`, per-class ``autograd.grad`` with a
   masked exit.
 
+With ``--clip`` ddfast reuses the Jacobian rows of samples whose activation pattern did not
+change (:mod:`ddfast.regions`), so it computes fewer rows than the floor assumes and may run
+below it; ``ddfast_no_reuse`` times it with that turned off (``jacobian_rows`` against
+``sample_steps`` says how many rows it computed).
+
 ``--clip`` keeps the iterates in [0, 1] (as the peer comparison does; the naive DeepFool
 cannot clip and is left out) and ``--batch-size B`` attacks in batches of B, both to measure
 the setting of ``deepfool_throughput.py``.
@@ -34,6 +39,7 @@ import common  # noqa: E402
 from naive import naive_deepfool  # noqa: E402
 
 import ddfast  # noqa: E402
+from ddfast import attack as attack_module  # noqa: E402
 from ddfast import jacobian  # noqa: E402
 from ddfast.attack import _competing_classes  # noqa: E402
 
@@ -94,7 +100,24 @@ def main(argv=None):
         return ddfast.DeepFoolResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
                                        ("delta", "x_adv", "iterations", "success", "label", "adv_label")))
 
-    res = attack()
+    def attack_no_reuse():
+        attack_module.REUSE_JACOBIANS = False
+        try:
+            return attack()
+        finally:
+            attack_module.REUSE_JACOBIANS = True
+
+    fresh, computed = attack_module._fresh_rows, [0]
+
+    def counted(*a):
+        g = fresh(*a)
+        computed[0] += g.shape[0]
+        return g
+    attack_module._fresh_rows = counted
+    try:
+        res = attack()
+    finally:
+        attack_module._fresh_rows = fresh
     chunks = []
     for i, xb in enumerate(xs):
         with torch.no_grad():
@@ -109,7 +132,9 @@ def main(argv=None):
         "floor": floor_time(model, chunks),
         "floor_check": floor_time(model, chunks, with_final_check=True),
     }
-    if not args.clip:
+    if args.clip:
+        fns["ddfast_no_reuse"] = attack_no_reuse
+    else:
         fns["naive"] = lambda: naive_deepfool(model, x)
     times = {k: [] for k in fns}
     outs = {}
@@ -128,9 +153,15 @@ def main(argv=None):
         "ddfast_over_floor_check": best["ddfast"] / best["floor_check"],
         "rho2_ddfast": rho2(res.delta, x, res.success), "fooled_ddfast": float(res.success.float().mean()),
         "mean_iterations": float(res.iterations.float().mean()), "active_sizes": sizes,
+        "sample_steps": int(res.iterations.sum()), "jacobian_rows": computed[0],
         "min_s": fastest,
         "min_ratio_ddfast_over_floor": fastest["ddfast"] / fastest["floor"],
     }
+    if "ddfast_no_reuse" in outs:
+        rows.update({"ddfast_no_reuse_s": best["ddfast_no_reuse"],
+                     "ddfast_no_reuse_over_floor": best["ddfast_no_reuse"] / best["floor"],
+                     "no_reuse_over_ddfast": best["ddfast_no_reuse"] / best["ddfast"],
+                     "same_result_without_reuse": bool(torch.equal(outs["ddfast_no_reuse"].delta, res.delta))})
     if "naive" in outs:
         x_adv, n_it, fooled = outs["naive"]
         rows.update({"naive_s": best["naive"], "naive_over_ddfast": best["naive"] / best["ddfast"],
@@ -140,7 +171,8 @@ def main(argv=None):
                "repeat": args.repeat, "threads": torch.get_num_threads(), "timing": "median of repeat runs, interleaved (min_s: the fastest run of each)", **rows}
     path = common.write_json(args.json, payload)
     for k in ("ddfast_s", "floor_s", "floor_check_s", "naive_s", "ddfast_over_floor",
-              "ddfast_over_floor_check", "naive_over_ddfast",
+              "ddfast_over_floor_check", "naive_over_ddfast", "ddfast_no_reuse_s", "ddfast_no_reuse_over_floor",
+              "no_reuse_over_ddfast", "sample_steps", "jacobian_rows",
               "rho2_ddfast", "rho2_naive", "fooled_ddfast", "fooled_naive", "mean_iterations"):
         if k in rows:
             print(f"{k:>20}: {rows[k]:.4f}")
