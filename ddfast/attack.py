@@ -144,6 +144,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     # iterates they were computed at (None before the first, or for a model without patterns).
     jac_a = pattern_a = None
     reuse = REUSE_JACOBIANS and (lo is not None or hi is not None)
+    constants = regions.model_constants(model) if reuse else None
     for t in range(max_iter):
         g_rows = None                          # rows of the graph batch holding the active samples
         if keep is not None and n_keep < n:
@@ -153,7 +154,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             go = go.index_select(1, g_rows)
             if jac_a is not None:
                 jac_a = jac_a.index_select(0, g_rows)
-                pattern_a = [p.index_select(0, g_rows) for p in pattern_a]
+                pattern_a = (pattern_a[0], [p.index_select(0, g_rows) for p in pattern_a[1]])
         n = idx.numel()
         if n == 0:
             break
@@ -161,12 +162,12 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
             check_graph_logits(logits_g, logits_g.shape[0])
         need = None                            # active samples that need a backward (None: all)
         if reuse:
-            pattern = regions.activation_pattern(logits_g, xg)
+            pattern = regions.activation_pattern(logits_g, xg, constants)
             if pattern is None:                # not certified piecewise-linear: no reuse in this call
                 reuse = False
             else:
                 if g_rows is not None:
-                    pattern = [p.index_select(0, g_rows) for p in pattern]
+                    pattern = (pattern[0], [p.index_select(0, g_rows) for p in pattern[1]])
                 if jac_a is not None:
                     need = (~regions.same_pattern(pattern, pattern_a, n, dev)).nonzero().squeeze(1)
                 pattern_a = pattern            # equal to the old one on every reused row
@@ -257,6 +258,9 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     Returns:
         :class:`DeepFoolResult`. Gradients are taken with ``torch.autograd.grad``: no
         ``.grad`` attribute is written.
+
+    With ``bounds``, a piecewise-linear model's Jacobian rows are reused while a sample's
+    activation pattern is unchanged (exact; see the module docstring and :mod:`ddfast.regions`).
 
     On a GPU with TF32 enabled for float32 convolutions (PyTorch's default for cuDNN) or
     matmuls, a UserWarning says that ``success`` may not survive a re-evaluation: the final

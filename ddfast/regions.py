@@ -10,39 +10,110 @@ DeepFool's iterates often stay in their region: a step that the clip to the inpu
 short leaves most units as they were. :func:`activation_pattern` reads the pattern from the
 graph that the attack's forward builds anyway (the tensors ReLU and max-pool save for their
 backward), so the attack reuses a sample's Jacobian rows while its pattern does not change.
-It returns None, and the attack computes every Jacobian, wherever the graph between the input
-and the logits holds an op whose Jacobian could depend on the input in another way (tanh,
-softmax, ``x * x``, a custom autograd Function, an op this module does not know).
+
+What is certified, node by node on the path from the input to the logits (anything else, and
+the attack computes every Jacobian):
+
+* every op is affine in its input-dependent operands or one of the piecewise-linear ops above;
+* a product (``*``, ``/``, matmul, convolution) has one input-dependent operand; the other is
+  a parameter or buffer of the model, or a scalar whose value is part of the region's
+  signature (a mask, a detached tensor or an index computed from the input is refused: the
+  graph cannot see how it depends on the input);
+* every input-dependent tensor has the batch as its first dim, and no op mixes samples
+  (reductions, concatenation, selection, transposition or flips over dim 0 are refused);
+* the signature -- the ops in graph order, the parameters they use and their non-tensor
+  settings -- is the same at both points (Python control flow that reads the input shows
+  there).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["activation_pattern", "same_pattern"]
+__all__ = ["Pattern", "activation_pattern", "same_pattern", "model_constants"]
 
-#: Backward nodes of ops that are linear in all their inputs together (sums, reshapes, pooling
-#: by averages, copies): any of their inputs may depend on x.
+#: (signature, masks): the signature (hashable) holds for the whole batch, each mask [n, ...]
+#: per sample (bool active units, int64 max-pool choices).
+Pattern = Tuple[tuple, List[Tensor]]
+
+#: Ops linear in all their input-dependent operands together, acting on each sample alone
+#: (given the batch-first and per-op dim checks below).
 _LINEAR = frozenset({
     "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1",
     "NegBackward0", "MulBackward1", "DivBackward1", "ViewBackward0", "UnsafeViewBackward0",
-    "ReshapeAliasBackward0", "AliasBackward0", "TBackward0", "TransposeBackward0", "TransposeBackward1",
+    "ReshapeAliasBackward0", "AliasBackward0", "TransposeBackward0", "TransposeBackward1",
     "PermuteBackward0", "ExpandBackward0", "CloneBackward0", "SqueezeBackward0", "SqueezeBackward1",
     "SqueezeBackward2", "SqueezeBackward3", "UnsqueezeBackward0", "CatBackward0", "StackBackward0",
     "SliceBackward0", "SelectBackward0", "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
-    "IndexSelectBackward0", "FlipBackward0", "RepeatBackward0", "ConstantPadNdBackward0",
-    "SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1", "AvgPool2DBackward0",
-    "AvgPool3DBackward0", "AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0", "ToCopyBackward0",
+    "FlipBackward0", "SumBackward1", "MeanBackward1", "AvgPool2DBackward0", "AvgPool3DBackward0",
+    "AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0", "ToCopyBackward0",
 })
 
-#: Backward nodes of products: linear in x when at most one of the listed inputs (positions in
-#: next_functions) depends on x; the other positions (a bias) may depend on it freely.
-_PRODUCTS = {
-    "MulBackward0": (0, 1), "MmBackward0": (0, 1), "BmmBackward0": (0, 1),
-    "AddmmBackward0": (1, 2), "ConvolutionBackward0": (0, 1),
+#: Saved settings naming the dims an op works along: none of them may be the batch dim
+#: (a permutation must keep it first).
+_DIM_ATTRS = ("_saved_dim", "_saved_dims", "_saved_dim0", "_saved_dim1")
+
+#: Products: {node: {slot the input may enter through: saved constants of the other operands}}.
+_PRODUCTS: Dict[str, Dict[int, Tuple[str, ...]]] = {
+    "MulBackward0": {0: ("_saved_other",), 1: ("_saved_self",)},
+    "DivBackward0": {0: ("_saved_other",)},
+    "MmBackward0": {0: ("_saved_mat2",)},
+    "AddmmBackward0": {1: ("_saved_mat2",)},
+    "ConvolutionBackward0": {0: ("_saved_weight",)},
+    "NativeBatchNormBackward0": {0: ("_saved_weight", "_saved_running_mean", "_saved_running_var")},
 }
+#: Slots of a product that are added (a bias): the input may enter there too.
+_ADDED = {"AddmmBackward0": {0}, "ConvolutionBackward0": {2}}
+
+_saved_names: Dict[type, Tuple[str, ...]] = {}
+
+
+def model_constants(model) -> Optional[FrozenSet[int]]:
+    """Storage addresses of an ``nn.Module``'s parameters and buffers (None for another
+    callable: nothing can be certified constant then)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    return frozenset(t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers()))
+
+
+def _dims(v, ndim: int) -> Tuple[int, ...]:
+    """A saved dim setting as non-negative dims (autograd stores negative dims as unsigned)."""
+    vals = v if isinstance(v, (tuple, list)) else (v,)
+    out = []
+    for d in vals:
+        d = int(d)
+        if d >= 2 ** 63:
+            d -= 2 ** 64
+        out.append(d % ndim if ndim else d)
+    return tuple(out)
+
+
+def _settings(node) -> Tuple[list, list]:
+    """(non-tensor saved settings as (name, value) pairs, saved tensors as (name, tensor))."""
+    names = _saved_names.get(type(node))
+    if names is None:
+        names = tuple(a for a in dir(node) if a.startswith("_saved_") and "_sym_" not in a)
+        _saved_names[type(node)] = names
+    settings, tensors = [], []
+    for a in names:
+        v = getattr(node, a)
+        (tensors if isinstance(v, Tensor) else settings).append((a, v))
+    return settings, tensors
+
+
+def _constant(t: Optional[Tensor], constants: FrozenSet[int], sig: list) -> bool:
+    """Whether a non-input operand is a constant of the model (or a scalar, whose value then
+    joins the signature)."""
+    if t is None:
+        return True
+    if t.numel() == 1:
+        sig.append(float(t))
+        return True
+    ptr = t.untyped_storage().data_ptr()
+    sig.append(ptr)
+    return ptr in constants
 
 
 def _pattern_of(node, name: str) -> Optional[Tensor]:
@@ -59,36 +130,8 @@ def _pattern_of(node, name: str) -> Optional[Tensor]:
     return None
 
 
-def _affine_given_pattern(node, name: str, x_dep: Sequence[bool]) -> bool:
-    """Whether the node's Jacobian w.r.t. its x-dependent inputs is constant (given nothing, or
-    given the pattern that :func:`_pattern_of` records)."""
-    if name in _LINEAR:
-        return True
-    if name in _PRODUCTS:
-        return sum(x_dep[i] for i in _PRODUCTS[name] if i < len(x_dep)) <= 1
-    if name == "DivBackward0":           # a / b: linear in a while b does not depend on x
-        return len(x_dep) < 2 or not x_dep[1]
-    if name == "NativeBatchNormBackward0":   # eval mode: an affine map with the running statistics
-        return not node._saved_training and not any(x_dep[1:])
-    return False
-
-
-def activation_pattern(logits: Tensor, x: Tensor) -> Optional[List[Tensor]]:
-    """The activation pattern of every sample of a batch, from the graph of ``logits`` [n, K]
-    back to the leaf ``x`` [n, ...] they were computed from.
-
-    Returns a list of tensors, each [n, ...] (bool masks of active units, int64 max-pool
-    indices), such that two samples with equal entries lie in one linear region of the model:
-    their Jacobians ``d logits / d x`` are equal. None when the model is not certified
-    piecewise-linear between x and the logits (see the module docstring), or when a recorded
-    tensor does not have the batch as its first dim.
-    """
-    root = logits.grad_fn
-    if root is None or not x.requires_grad:
-        return None
-    n = logits.shape[0]
-    # Post-order over the graph (iterative: deep models), then, children first, which nodes
-    # depend on x: only those need to be affine given the pattern.
+def _post_order(root) -> list:
+    """The graph's nodes, children before parents (iterative: deep models)."""
     order, seen, stack = [], set(), [(root, False)]
     while stack:
         node, expanded = stack.pop()
@@ -100,33 +143,76 @@ def activation_pattern(logits: Tensor, x: Tensor) -> Optional[List[Tensor]]:
         seen.add(node)
         stack.append((node, True))
         stack.extend((child, False) for child, _ in node.next_functions if child is not None and child not in seen)
-    depends = {}
-    patterns = []
-    for node in order:
-        if type(node).__name__ == "AccumulateGrad":
-            depends[node] = node.variable is x
-            continue
-        x_dep = [child is not None and depends.get(child, False) for child, _ in node.next_functions]
-        depends[node] = any(x_dep)
-        if not depends[node]:
-            continue
-        name = type(node).__name__
-        pattern = _pattern_of(node, name)
-        if pattern is not None:
-            if pattern.dim() == 0 or pattern.shape[0] != n:
+    return order
+
+
+def activation_pattern(logits: Tensor, x: Tensor, constants: Optional[FrozenSet[int]]) -> Optional[Pattern]:
+    """The activation pattern of every sample of a batch, from the graph of ``logits`` [n, K]
+    back to the leaf ``x`` [n, ...] they were computed from; ``constants`` from
+    :func:`model_constants`.
+
+    Returns ``(signature, masks)``: samples of two calls with equal signatures and equal mask
+    rows lie in one linear region of the model (their Jacobians ``d logits / d x`` are equal).
+    None when that cannot be certified (see the module docstring).
+    """
+    root = logits.grad_fn
+    if root is None or constants is None or not x.requires_grad or logits.dim() != 2:
+        return None
+    n = logits.shape[0]
+    depends: dict = {}
+    signature: list = []
+    masks: List[Tensor] = []
+    try:
+        for node in _post_order(root):
+            if type(node).__name__ == "AccumulateGrad":
+                depends[node] = node.variable is x
+                continue
+            x_dep = [child is not None and depends.get(child, False) for child, _ in node.next_functions]
+            depends[node] = any(x_dep)
+            if not depends[node]:
+                continue
+            name = type(node).__name__
+            shapes = [m.shape for m in node._input_metadata]           # the op's outputs
+            ins = [child._input_metadata[nr].shape for (child, nr), dep in zip(node.next_functions, x_dep) if dep]
+            if any(len(s) == 0 or s[0] != n for s in (*shapes, *ins)):
+                return None                                               # not batch-first
+            settings, tensors = _settings(node)
+            signature.append((name, [v for _, v in settings]))
+            ndim = len(ins[0])
+            for a, v in settings:
+                if a in _DIM_ATTRS and v is not None:
+                    dims = _dims(v, ndim)
+                    if (dims[0] != 0) if name == "PermuteBackward0" else (0 in dims):
+                        return None                                       # works along the batch
+            pattern = _pattern_of(node, name)
+            if pattern is not None:
+                masks.append(pattern.reshape(n, -1))
+            elif name in _PRODUCTS:
+                if name == "NativeBatchNormBackward0" and node._saved_training:
+                    return None                                           # batch statistics
+                entered = {i for i, d in enumerate(x_dep) if d} - _ADDED.get(name, set())
+                if len(entered) > 1 or not entered <= set(_PRODUCTS[name]):
+                    return None
+                saved = dict(tensors)
+                for slot in entered:
+                    if not all(_constant(saved.get(c), constants, signature) for c in _PRODUCTS[name][slot]):
+                        return None
+            elif name not in _LINEAR:
                 return None
-            patterns.append(pattern.reshape(n, -1))
-        elif not _affine_given_pattern(node, name, x_dep):
-            return None
+    except (AttributeError, RuntimeError, TypeError):   # another torch's nodes: certify nothing
+        return None
     if not depends.get(root, False):
         return None
-    return patterns
+    return tuple(signature), masks
 
 
-def same_pattern(a: Sequence[Tensor], b: Sequence[Tensor], n: int, device: torch.device) -> Tensor:
-    """[n] bool: the samples whose entries agree in two patterns from :func:`activation_pattern`
-    (one model, n samples each; an affine model has no entries: one region)."""
+def same_pattern(a: Pattern, b: Pattern, n: int, device: torch.device) -> Tensor:
+    """[n] bool: the samples that lie in one region in two patterns from
+    :func:`activation_pattern` (n samples each)."""
+    (sig_a, masks_a), (sig_b, masks_b) = a, b
+    if sig_a != sig_b or len(masks_a) != len(masks_b) or any(p.shape != q.shape for p, q in zip(masks_a, masks_b)):
+        return torch.zeros(n, dtype=torch.bool, device=device)
     same = torch.ones(n, dtype=torch.bool, device=device)
-    for p, q in zip(a, b):
+    for p, q in zip(masks_a, masks_b):
         same &= (p == q).all(1)
     return same

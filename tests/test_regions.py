@@ -22,7 +22,7 @@ class Residual(nn.Module):
 
     def forward(self, x):
         h = nn.functional.leaky_relu(self.bn(self.conv1(x)), 0.1)
-        h = nn.functional.threshold(self.conv2(h) + 0.5 * x, 0.05, 0.0)
+        h = nn.functional.threshold(self.conv2(h) + 0.5 * x, 0.5, 0.0)   # (0, 0.5] is a region boundary
         h = nn.functional.avg_pool2d(nn.functional.max_pool2d(h, 2), 2)
         return self.fc(h.flatten(1))
 
@@ -58,9 +58,13 @@ def _build(name, frozen=True):
     return model, shape
 
 
-def _pattern_and_jacobian(model, x):
+def _pattern(model, x):
     xg, logits = jacobian.forward_with_graph(model, x.flatten(1), x.shape[1:])
-    pattern = regions.activation_pattern(logits, xg)
+    return regions.activation_pattern(logits, xg, regions.model_constants(model)), xg, logits
+
+
+def _pattern_and_jacobian(model, x):
+    pattern, xg, logits = _pattern(model, x)
     J = torch.stack([torch.autograd.grad(logits[:, k].sum(), xg, retain_graph=True)[0]
                      for k in range(logits.shape[1])], 1)
     return pattern, J
@@ -85,7 +89,7 @@ def test_equal_patterns_mean_equal_jacobians(name, frozen):
     if name != "affine":   # the test sees both kinds of pairs
         assert same.any() and (~same).any()
     else:
-        assert same.all() and p1 == []
+        assert same.all() and p1[1] == []
 
 
 class Square(nn.Module):
@@ -103,6 +107,29 @@ class Scale(torch.autograd.Function):
         return 2 * g
 
 
+class Hidden(nn.Module):
+    """Linear -> f(h) -> Linear, with f depending on the input off the autograd graph."""
+
+    def __init__(self, f, d_in=12, width=6):
+        super().__init__()
+        self.l1, self.l2, self.f = nn.Linear(d_in, width), nn.Linear(width, 4), f
+
+    def forward(self, x):
+        return self.l2(self.f(self.l1(x)))
+
+
+class BatchLast(nn.Module):
+    """Hidden units x batch: a ReLU pattern whose first dim is not the batch (12 units, and the
+    test's batch is 12 too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.V = nn.Parameter(torch.randn(12, 12)), nn.Parameter(torch.randn(4, 12))
+
+    def forward(self, x):
+        return (self.V @ torch.relu(self.W @ x.t())).t()
+
+
 NOT_CERTIFIED = {
     "tanh": lambda: nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4)),
     "sigmoid": lambda: nn.Sequential(nn.Linear(12, 6), nn.Sigmoid(), nn.Linear(6, 4)),
@@ -113,26 +140,56 @@ NOT_CERTIFIED = {
     "layernorm": lambda: nn.Sequential(nn.Linear(12, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 4)),
     "custom-function": lambda: nn.Sequential(nn.Linear(12, 4), type("F", (nn.Module,), {
         "forward": lambda self, x: Scale.apply(x)})()),
+    # the input reaches the Jacobian through tensors the graph does not connect to it
+    "relu-as-mask": lambda: Hidden(lambda h: h * (h > 0).to(h.dtype)),
+    "times-detached": lambda: Hidden(lambda h: h * torch.sigmoid(h).detach()),
+    "over-detached-norm": lambda: Hidden(lambda h: h / h.detach().norm(dim=1, keepdim=True)),
+    "sorted-features": lambda: Hidden(lambda h: h.index_select(1, h.detach().sum(0).argsort())),
+    "dropout-left-on": lambda: Hidden(lambda h: nn.functional.dropout(h, 0.5)),
+    # samples that are not the first dim, or that mix
+    "batch-last": BatchLast,
+    "minus-batch-mean": lambda: Hidden(lambda h: torch.relu(h - h.mean(0, keepdim=True))),
+    "batch-flip": lambda: Hidden(lambda h: torch.relu(h).flip(0)),
+    "batch-transpose": lambda: Hidden(lambda h: torch.relu(h.t() @ h.detach()[:, :6]).t(), width=12),
+    "batch-reshaped": lambda: Hidden(lambda h: torch.relu(h.reshape(h.shape[1], -1)).reshape(h.shape)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(NOT_CERTIFIED))
-def test_models_that_are_not_piecewise_linear_get_none(name):
+def test_models_that_are_not_certified_get_none(name):
     torch.manual_seed(0)
     model = NOT_CERTIFIED[name]().double().eval()
-    x = torch.randn(5, 12, dtype=torch.float64)
-    xg, logits = jacobian.forward_with_graph(model, x, x.shape[1:])
-    assert regions.activation_pattern(logits, xg) is None
+    x = torch.randn(12, 12, dtype=torch.float64)
+    assert _pattern(model, x)[0] is None
 
 
-def test_batchnorm_in_training_mode_gets_none():
+def test_batchnorm_in_training_mode_and_plain_callables_get_none():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double()
     x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
-    xg, logits = jacobian.forward_with_graph(model.train(), x.flatten(1), x.shape[1:])
-    assert regions.activation_pattern(logits, xg) is None
-    xg, logits = jacobian.forward_with_graph(model.eval(), x.flatten(1), x.shape[1:])
-    assert regions.activation_pattern(logits, xg) is not None
+    assert _pattern(model.train(), x)[0] is None
+    assert _pattern(model.eval(), x)[0] is not None
+    assert _pattern(lambda v: model(v), x)[0] is None          # no parameters to certify constant
+
+
+def test_the_signature_sees_python_control_flow_and_scalars():
+    """Branches that read the input's values give different signatures, so rows computed on
+    one branch are not reused on the other."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(12, 4).double(), nn.Linear(12, 4).double()
+    branch = nn.ModuleDict({"a": a, "b": b})
+    x = torch.rand(5, 12, dtype=torch.float64)
+
+    def pat(f):
+        xg, logits = jacobian.forward_with_graph(f, x, x.shape[1:])
+        return regions.activation_pattern(logits, xg, regions.model_constants(branch))
+
+    p_a, p_b = pat(lambda v: a(torch.relu(v))), pat(lambda v: b(torch.relu(v)))
+    p_2, p_3 = pat(lambda v: a(torch.relu(v)) * 2.0), pat(lambda v: a(torch.relu(v)) * 3.0)
+    n = x.shape[0]
+    assert regions.same_pattern(p_a, pat(lambda v: a(torch.relu(v))), n, x.device).all()
+    assert not regions.same_pattern(p_a, p_b, n, x.device).any()
+    assert not regions.same_pattern(p_2, p_3, n, x.device).any()
 
 
 def _counting_rows(monkeypatch):
@@ -163,6 +220,40 @@ def test_attack_reuses_rows_and_matches_the_slow_deepfool(name, norm, monkeypatc
     assert torch.equal(res.iterations, si) and torch.equal(res.success, ss)
     steps = int(res.iterations.sum())
     assert res.iterations.max() > 1 and count["rows"] < steps, (count, steps)
+
+
+def test_a_new_signature_makes_the_attack_recompute_every_row(monkeypatch):
+    """Masks equal, signatures not (e.g. control flow took another branch): nothing is reused."""
+    model, shape = _build("relu-mlp")
+    x = torch.rand(24, *shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    calls = []
+    real = regions.activation_pattern
+
+    def relabelled(*a):
+        sig, masks = real(*a)
+        calls.append(1)
+        return (sig, len(calls)), masks
+    monkeypatch.setattr(regions, "activation_pattern", relabelled)
+    count = _counting_rows(monkeypatch)
+    res = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
+    assert len(calls) > 1 and count["rows"] == int(res.iterations.sum())
+
+
+@pytest.mark.parametrize("norm", [2.0, float("inf")])
+def test_attack_with_labels_candidates_and_chunks_matches_the_slow_deepfool(norm, monkeypatch):
+    """Reference classes that differ between samples (labels; some misclassified at the start),
+    top-3 candidates and chunks: the rows reused are each sample's own."""
+    model, shape = _build("residual-cnn")
+    gen = torch.Generator().manual_seed(8)
+    x = torch.rand(30, *shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (30,), generator=gen)
+    count = _counting_rows(monkeypatch)
+    kw = dict(bounds=(0.0, 1.0), norm=norm, max_iter=30, candidates=3)
+    res = ddfast.deepfool(model, x, y, batch_size=7, **kw)
+    sd, si, ss, _, _ = slow_deepfool(model, x, y, **kw)
+    torch.testing.assert_close(res.delta, sd, rtol=1e-9, atol=1e-10)
+    assert torch.equal(res.iterations, si) and torch.equal(res.success, ss)
+    assert count["rows"] < int(res.iterations.sum()) and len(set(y.tolist())) > 2
 
 
 def test_attack_without_reuse_is_the_same(monkeypatch):
