@@ -1,7 +1,8 @@
 """Linear regions of piecewise-linear models, read off the autograd graph of a forward.
 
 A model built from affine ops (linear and convolution layers, sums, reshapes, average pooling,
-batch norm in eval mode) and piecewise-linear ones (ReLU, leaky ReLU, threshold, max pooling)
+padding, upsampling, batch norm in eval mode) and piecewise-linear ones (ReLU, leaky ReLU,
+threshold, hardtanh / ReLU6, clamp, max pooling)
 is affine around every input, and its input Jacobian depends on the input only through the
 *activation pattern*: which units are active, which input each max-pool window picks. Two
 inputs with the same pattern have the same Jacobian, exactly.
@@ -16,14 +17,19 @@ the attack computes every Jacobian):
 
 * every op is affine in its input-dependent operands or one of the piecewise-linear ops above;
 * a product (``*``, ``/``, matmul, convolution) has one input-dependent operand; the other is
-  a parameter or buffer of the model, or a scalar whose value is part of the region's
-  signature (a mask, a detached tensor or an index computed from the input is refused: the
-  graph cannot see how it depends on the input);
+  a parameter or buffer of the model (the view of it and its version counter go into the
+  region's signature), or a small tensor (<= 4096 elements) whose bytes go into the signature;
+  a large tensor computed from the input (a mask, a detached copy, an index) is refused: the
+  graph cannot see how it depends on the input;
 * every input-dependent tensor has the batch as its first dim, and no op mixes samples
   (reductions, concatenation, selection, transposition or flips over dim 0 are refused);
-* the signature -- the ops in graph order, the parameters they use and their non-tensor
-  settings -- is the same at both points (Python control flow that reads the input shows
-  there).
+* the signature -- the ops in graph order, their output sizes past the batch dim, the
+  constants they use and their non-tensor settings -- is the same at both points (Python
+  control flow that reads the input shows there).
+
+Not seen, so not supported while reuse is on: gradient hooks that depend on the input, and
+parameters edited in place through ``.data`` during the forward (edits that bump a tensor's
+version counter are seen).
 """
 from __future__ import annotations
 
@@ -49,7 +55,15 @@ _LINEAR = frozenset({
     "SliceBackward0", "SelectBackward0", "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0",
     "FlipBackward0", "SumBackward1", "MeanBackward1", "AvgPool2DBackward0", "AvgPool3DBackward0",
     "AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0", "ToCopyBackward0",
+    "ConstantPadNdBackward0", "ReflectionPad1DBackward0", "ReflectionPad2DBackward0",
+    "ReflectionPad3DBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0",
+    "ReplicationPad3DBackward0", "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0",
+    "UpsampleNearest3DBackward0", "UpsampleBilinear2DBackward0", "PixelShuffleBackward0",
+    "PixelUnshuffleBackward0",
 })
+#: Largest tensor operand of a product that is compared by value (bytes) when it is not one of
+#: the model's parameters or buffers.
+SMALL_CONSTANT = 4096
 
 #: Saved settings naming the dims an op works along: none of them may be the batch dim
 #: (a permutation must keep it first).
@@ -104,16 +118,29 @@ def _settings(node) -> Tuple[list, list]:
 
 
 def _constant(t: Optional[Tensor], constants: FrozenSet[int], sig: list) -> bool:
-    """Whether a non-input operand is a constant of the model (or a scalar, whose value then
-    joins the signature)."""
+    """Whether a non-input operand can be certified: a view of one of the model's parameters or
+    buffers (which view, and its version, join the signature) or a small tensor (its bytes
+    join the signature)."""
     if t is None:
         return True
-    if t.numel() == 1:
-        sig.append(float(t))
+    if t.untyped_storage().data_ptr() in constants:
+        sig.append((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t._version))
         return True
-    ptr = t.untyped_storage().data_ptr()
-    sig.append(ptr)
-    return ptr in constants
+    if t.numel() <= SMALL_CONSTANT:
+        flat = t.detach().contiguous().view(-1)
+        sig.append((tuple(t.shape), t.dtype, flat.view(torch.uint8).cpu().numpy().tobytes()))
+        return True
+    return False
+
+
+def _bands(v: Tensor, lo, hi) -> Tensor:
+    """Where each element of v lies against the bounds lo <= hi (either may be None): below,
+    at lo, between, at hi, above. Finer than any tie rule of a clamp's derivative."""
+    code = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+    for b in (lo, hi):
+        if b is not None:
+            code += (v >= b).to(torch.uint8) + (v > b).to(torch.uint8)
+    return code
 
 
 def _pattern_of(node, name: str) -> Optional[Tensor]:
@@ -127,6 +154,10 @@ def _pattern_of(node, name: str) -> Optional[Tensor]:
         return node._saved_self > 0
     if name in ("MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0"):
         return node._saved_result1
+    if name == "HardtanhBackward0":
+        return _bands(node._saved_self, node._saved_min_val, node._saved_max_val)
+    if name == "ClampBackward1":
+        return _bands(node._saved_self, node._saved_min, node._saved_max)
     return None
 
 
@@ -177,7 +208,7 @@ def activation_pattern(logits: Tensor, x: Tensor, constants: Optional[FrozenSet[
             if any(len(s) == 0 or s[0] != n for s in (*shapes, *ins)):
                 return None                                               # not batch-first
             settings, tensors = _settings(node)
-            signature.append((name, [v for _, v in settings]))
+            signature.append((name, [v for _, v in settings], [tuple(s[1:]) for s in shapes]))
             ndim = len(ins[0])
             for a, v in settings:
                 if a in _DIM_ATTRS and v is not None:

@@ -37,7 +37,24 @@ def relu_mlp(inplace=False):
                          nn.Linear(8, 4))
 
 
+class Clamped(nn.Module):
+    """ReLU6, clamp, reflection padding, nearest upsampling, pixel shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(1 * 6 * 6, 5)
+
+    def forward(self, x):
+        h = nn.functional.relu6(3 * self.conv(x))                                  # [n, 4, 6, 6]
+        h = nn.functional.pad(h, (1, 1, 1, 1), mode="reflect")                       # [n, 4, 8, 8]
+        h = nn.functional.pixel_shuffle(nn.functional.interpolate(h, scale_factor=0.5), 2)  # [n, 1, 8, 8]
+        h = nn.functional.avg_pool2d(h.clamp(min=-0.2, max=1.0), 2, ceil_mode=True)  # [n, 1, 4, 4]
+        return self.fc(nn.functional.pad(h, (1, 1, 1, 1)).flatten(1))
+
+
 PIECEWISE_LINEAR = {
+    "clamped-cnn": (Clamped, (2, 8, 8)),
     "relu-mlp": (relu_mlp, (12,)),
     "relu-inplace": (lambda: relu_mlp(inplace=True), (12,)),
     "residual-cnn": (Residual, (2, 8, 8)),
@@ -134,18 +151,15 @@ NOT_CERTIFIED = {
     "tanh": lambda: nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4)),
     "sigmoid": lambda: nn.Sequential(nn.Linear(12, 6), nn.Sigmoid(), nn.Linear(6, 4)),
     "gelu": lambda: nn.Sequential(nn.Linear(12, 6), nn.GELU(), nn.Linear(6, 4)),
-    "hardtanh": lambda: nn.Sequential(nn.Linear(12, 6), nn.Hardtanh(), nn.Linear(6, 4)),
+    "elu": lambda: nn.Sequential(nn.Linear(12, 6), nn.ELU(), nn.Linear(6, 4)),
     "x*x": lambda: nn.Sequential(nn.Linear(12, 6), Square(), nn.Linear(6, 4)),
     "softmax": lambda: nn.Sequential(nn.Linear(12, 4), nn.Softmax(dim=1)),
     "layernorm": lambda: nn.Sequential(nn.Linear(12, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 4)),
     "custom-function": lambda: nn.Sequential(nn.Linear(12, 4), type("F", (nn.Module,), {
         "forward": lambda self, x: Scale.apply(x)})()),
-    # the input reaches the Jacobian through tensors the graph does not connect to it
-    "relu-as-mask": lambda: Hidden(lambda h: h * (h > 0).to(h.dtype)),
-    "times-detached": lambda: Hidden(lambda h: h * torch.sigmoid(h).detach()),
-    "over-detached-norm": lambda: Hidden(lambda h: h / h.detach().norm(dim=1, keepdim=True)),
     "sorted-features": lambda: Hidden(lambda h: h.index_select(1, h.detach().sum(0).argsort())),
-    "dropout-left-on": lambda: Hidden(lambda h: nn.functional.dropout(h, 0.5)),
+    "dropout-left-on": lambda: Hidden(lambda h: nn.functional.dropout(h, 0.5), width=400),
+    "large-detached-factor": lambda: Hidden(lambda h: h * torch.sigmoid(h).detach(), width=400),
     # samples that are not the first dim, or that mix
     "batch-last": BatchLast,
     "minus-batch-mean": lambda: Hidden(lambda h: torch.relu(h - h.mean(0, keepdim=True))),
@@ -153,6 +167,31 @@ NOT_CERTIFIED = {
     "batch-transpose": lambda: Hidden(lambda h: torch.relu(h.t() @ h.detach()[:, :6]).t(), width=12),
     "batch-reshaped": lambda: Hidden(lambda h: torch.relu(h.reshape(h.shape[1], -1)).reshape(h.shape)),
 }
+
+#: Models whose Jacobian depends on the input through small tensors the graph does not connect
+#: to it: certified, with those tensors' bytes in the signature.
+HIDDEN_SMALL = {
+    "relu-as-mask": lambda: Hidden(lambda h: h * (h > 0).to(h.dtype)),
+    "times-detached": lambda: Hidden(lambda h: h * torch.sigmoid(h).detach()),
+    "over-detached-norm": lambda: Hidden(lambda h: h / h.detach().norm(dim=1, keepdim=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HIDDEN_SMALL))
+def test_small_tensors_computed_from_the_input_are_compared_by_value(name):
+    """Soundness for hidden dependence: equal signatures and masks mean equal Jacobians."""
+    torch.manual_seed(0)
+    model = HIDDEN_SMALL[name]().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    p1, J1 = _pattern_and_jacobian(model, x)
+    p2, J2 = _pattern_and_jacobian(model, x + 1e-3 * torch.randn(12, 12, generator=gen, dtype=torch.float64))
+    p3, J3 = _pattern_and_jacobian(model, x.clone())
+    assert p1 is not None
+    assert regions.same_pattern(p1, p3, 12, x.device).all() and torch.equal(J1, J3)
+    same = regions.same_pattern(p1, p2, 12, x.device)
+    J_equal = torch.isclose(J1, J2, rtol=1e-12, atol=1e-14).flatten(1).all(1)
+    assert not (same & ~J_equal).any()
 
 
 @pytest.mark.parametrize("name", sorted(NOT_CERTIFIED))
@@ -206,7 +245,7 @@ def _counting_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("norm", [2.0, float("inf")])
-@pytest.mark.parametrize("name", ["relu-mlp", "residual-cnn", "affine"])
+@pytest.mark.parametrize("name", ["relu-mlp", "residual-cnn", "clamped-cnn", "affine"])
 def test_attack_reuses_rows_and_matches_the_slow_deepfool(name, norm, monkeypatch):
     """With bounds most later steps keep their region: fewer Jacobian rows than sample-steps,
     and the result of the per-sample DeepFool that computes every Jacobian."""
@@ -254,6 +293,97 @@ def test_attack_with_labels_candidates_and_chunks_matches_the_slow_deepfool(norm
     torch.testing.assert_close(res.delta, sd, rtol=1e-9, atol=1e-10)
     assert torch.equal(res.iterations, si) and torch.equal(res.success, ss)
     assert count["rows"] < int(res.iterations.sum()) and len(set(y.tolist())) > 2
+
+
+class Stable(nn.Module):
+    """A ReLU layer that stays active everywhere on [0, 1] (its pattern never changes, so rows
+    are reused at every step) and a head that depends on x off the graph, by ``head``."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(20, 32), nn.Linear(32, 4)
+        with torch.no_grad():
+            self.l1.bias.fill_(5.0)
+        self.W = nn.Parameter(torch.randn(2, 4, 32))
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self, torch.relu(self.l1(x.flatten(1))), x.detach())
+
+
+def _view_of_a_parameter(m, h, x):      # a different view of one parameter per branch
+    return h @ m.W[int(x.mean() > 0.5)].t()
+
+
+def _size_only(m, h, x):                # control flow that changes a size only
+    reps = 1 + int(x.sum() * 1000) % 3
+    return m.l2(h.unsqueeze(1).expand(-1, reps, -1).sum(1))
+
+
+def _edited_weight(m, h, x):            # a weight edited in place from x (its version changes)
+    with torch.no_grad():
+        m.l2.weight.mul_(1 + 0.1 * (x.mean() - 0.5))
+    return m.l2(h)
+
+
+class Normalised(nn.Module):
+    """Mean / std as plain tensor attributes (not buffers), as many wrappers hold them."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.mean, self.std = net, torch.full((20,), 0.4, dtype=torch.float64), torch.full((20,), 0.3, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+def _near_the_box(B, seed):
+    """Inputs with half their coordinates a hair inside [0, 1]: most steps get clipped."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 20, generator=g, dtype=torch.float64)
+    edge = torch.rand(B, 20, generator=g) > 0.5
+    return torch.where(edge, (x > 0.5).double() * 0.999 + 0.0005, x)
+
+
+def test_the_signature_sees_views_sizes_and_edits():
+    """Masks equal (the ReLU layer is active everywhere), signatures not: another view of a
+    parameter, another size, a weight edited in place since."""
+    torch.manual_seed(0)
+    lo, hi = torch.full((3, 20), 0.2, dtype=torch.float64), torch.full((3, 20), 0.8, dtype=torch.float64)
+    for head, a, b in ((_view_of_a_parameter, lo, hi), (_size_only, lo, lo + 1e-3), (_edited_weight, lo, lo)):
+        model = Stable(head).double()
+        pa, pb, pa2 = _pattern(model, a)[0], _pattern(model, b)[0], _pattern(model, a)[0]
+        assert pa is not None and all(torch.equal(p, q) for p, q in zip(pa[1], pb[1]))
+        assert not regions.same_pattern(pa, pb, 3, a.device).any(), head.__name__
+        if head is not _edited_weight:
+            assert regions.same_pattern(pa, pa2, 3, a.device).all(), head.__name__
+
+
+@pytest.mark.parametrize("head", [_view_of_a_parameter, _size_only, _edited_weight], ids=lambda f: f.__name__)
+def test_dependence_off_the_graph_is_seen(head, monkeypatch):
+    """Which view of a parameter, a size, an in-place edit: the signature changes, so the
+    attack gives what it gives computing every Jacobian."""
+    for B, seed in ((1, 1), (1, 2), (8, 4)):
+        x = _near_the_box(B, seed)
+        out = []
+        for reuse in (True, False):
+            torch.manual_seed(0)
+            model = Stable(head).double()
+            monkeypatch.setattr(attack, "REUSE_JACOBIANS", reuse)
+            out.append(ddfast.deepfool(model, x, bounds=(0.0, 1.0)))
+        torch.testing.assert_close(out[0].delta, out[1].delta, rtol=1e-12, atol=1e-14)
+        assert torch.equal(out[0].iterations, out[1].iterations)
+
+
+def test_small_plain_tensor_constants_keep_the_reuse(monkeypatch):
+    torch.manual_seed(0)
+    model = Normalised(nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))).double()
+    x = _near_the_box(24, 5)
+    count = _counting_rows(monkeypatch)
+    res = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
+    sd, si, _, _, _ = slow_deepfool(model, x, bounds=(0.0, 1.0))
+    torch.testing.assert_close(res.delta, sd, rtol=1e-9, atol=1e-10)
+    assert torch.equal(res.iterations, si) and count["rows"] < int(res.iterations.sum())
 
 
 def test_attack_without_reuse_is_the_same(monkeypatch):
