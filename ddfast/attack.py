@@ -99,7 +99,8 @@ def _fresh_rows(model: Callable, xg: Tensor, logits_g: Tensor, go: Tensor, g_row
 
 def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int,
                   overshoot: float, norm: float, k: Optional[int],
-                  lo: Optional[float], hi: Optional[float]) -> Tuple[DeepFoolResult, Tensor]:
+                  lo: Optional[float], hi: Optional[float],
+                  reuse_jacobians: bool = True) -> Tuple[DeepFoolResult, Tensor]:
     """DeepFool on one chunk; also returns how many of its samples stopped at an iterate where
     the model's logits were not finite (a 0-d tensor: read once, after every chunk)."""
     B = x.shape[0]
@@ -143,7 +144,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int
     # Jacobian reuse: the rows [n, C, D] of the active samples and the activation pattern of the
     # iterates they were computed at (None before the first, or for a model without patterns).
     jac_a = pattern_a = None
-    reuse = REUSE_JACOBIANS and (lo is not None or hi is not None)
+    reuse = reuse_jacobians and (lo is not None or hi is not None)
     constants = regions.model_constants(model) if reuse else None
     for t in range(max_iter):
         g_rows = None                          # rows of the graph batch holding the active samples
@@ -235,7 +236,7 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
              max_iter: int = 50, overshoot: float = 0.02, norm: Union[int, float, str] = 2,
              candidates: Optional[int] = None,
              bounds: Optional[Tuple[Optional[float], Optional[float]]] = None,
-             batch_size: Optional[int] = None) -> DeepFoolResult:
+             batch_size: Optional[int] = None, reuse_jacobians: Optional[bool] = None) -> DeepFoolResult:
     """Batched multi-class DeepFool.
 
     Args:
@@ -254,6 +255,9 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
         bounds: ``(lo, hi)`` clip of every iterate (either may be None); x must lie within
             them (a ValueError says where it does not).
         batch_size: process at most this many samples at once (bounds memory).
+        reuse_jacobians: with ``bounds``, reuse a sample's Jacobian rows while its activation
+            pattern is unchanged (piecewise-linear models; exact, see :mod:`ddfast.regions`);
+            None: ``ddfast.attack.REUSE_JACOBIANS`` (True).
 
     Returns:
         :class:`DeepFoolResult`. Gradients are taken with ``torch.autograd.grad``: no
@@ -273,6 +277,7 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     max_iter = check_max_iter(max_iter)
     k = check_candidates(candidates)
     batch_size = check_batch_size(batch_size)
+    reuse_jacobians = REUSE_JACOBIANS if reuse_jacobians is None else bool(reuse_jacobians)
     B = x.shape[0]
     if y is not None:
         y = as_labels(y, B, None, x.device)
@@ -286,7 +291,7 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
             torch.enable_grad():
         for s in range(0, B, step):
             part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step],
-                                      max_iter, overshoot, norm_v, k, lo, hi)
+                                      max_iter, overshoot, norm_v, k, lo, hi, reuse_jacobians)
             parts.append(part)
             n_nonfinite += int(bad)
     if n_nonfinite:

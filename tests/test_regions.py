@@ -390,12 +390,15 @@ def test_attack_without_reuse_is_the_same(monkeypatch):
     model, shape = _build("relu-mlp")
     x = torch.rand(40, *shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     on = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
-    monkeypatch.setattr(attack, "REUSE_JACOBIANS", False)
     count = _counting_rows(monkeypatch)
-    off = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
+    off = ddfast.deepfool(model, x, bounds=(0.0, 1.0), reuse_jacobians=False)
     assert count["rows"] == int(off.iterations.sum())
     torch.testing.assert_close(on.delta, off.delta, rtol=1e-12, atol=1e-14)
     assert torch.equal(on.iterations, off.iterations)
+    monkeypatch.setattr(attack, "REUSE_JACOBIANS", False)          # the default of the argument
+    count["rows"] = 0
+    ddfast.deepfool(model, x, bounds=(0.0, 1.0))
+    assert count["rows"] == int(off.iterations.sum())
 
 
 def test_a_model_that_is_not_piecewise_linear_computes_every_row(monkeypatch):
