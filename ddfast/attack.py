@@ -11,7 +11,7 @@ For a piecewise-linear model (ReLU, max-pool, linear and convolution layers: see
 Jacobian reuses those rows, exactly equal to what a backward would give, instead of a new
 backward: with clipping most later steps are such. Without bounds it never happens (a step that
 stays in its region crosses the boundary: the sample is done), so the attack does not look.
-``REUSE_JACOBIANS = False`` turns this off (for comparisons).
+``deepfool(..., reuse_jacobians=False)`` or ``REUSE_JACOBIANS = False`` turns this off.
 """
 from __future__ import annotations
 
@@ -262,9 +262,6 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     Returns:
         :class:`DeepFoolResult`. Gradients are taken with ``torch.autograd.grad``: no
         ``.grad`` attribute is written.
-
-    With ``bounds``, a piecewise-linear model's Jacobian rows are reused while a sample's
-    activation pattern is unchanged (exact; see the module docstring and :mod:`ddfast.regions`).
 
     On a GPU with TF32 enabled for float32 convolutions (PyTorch's default for cuDNN) or
     matmuls, a UserWarning says that ``success`` may not survive a re-evaluation: the final
