@@ -100,7 +100,7 @@ def _fresh_rows(model: Callable, xg: Tensor, logits_g: Tensor, go: Tensor, g_row
 def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int,
                   overshoot: float, norm: float, k: Optional[int],
                   lo: Optional[float], hi: Optional[float],
-                  reuse_jacobians: bool = True) -> Tuple[DeepFoolResult, Tensor]:
+                  reuse_jacobians: bool) -> Tuple[DeepFoolResult, Tensor]:
     """DeepFool on one chunk; also returns how many of its samples stopped at an iterate where
     the model's logits were not finite (a 0-d tensor: read once, after every chunk)."""
     B = x.shape[0]

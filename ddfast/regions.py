@@ -1,7 +1,7 @@
 """Linear regions of piecewise-linear models, read off the autograd graph of a forward.
 
 A model built from affine ops (linear and convolution layers, sums, reshapes, average pooling,
-padding, upsampling, batch norm in eval mode) and piecewise-linear ones (ReLU, leaky ReLU,
+padding, upsampling, batch norm in eval mode on CPU: cuDNN's node is not certified) and piecewise-linear ones (ReLU, leaky ReLU,
 threshold, hardtanh / ReLU6, clamp, max pooling)
 is affine around every input, and its input Jacobian depends on the input only through the
 *activation pattern*: which units are active, which input each max-pool window picks. Two
@@ -33,14 +33,14 @@ version counter are seen).
 """
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["Pattern", "activation_pattern", "same_pattern", "model_constants"]
 
-#: (signature, masks): the signature (hashable) holds for the whole batch, each mask [n, ...]
+#: (signature, masks): the signature (compared with ==) holds for the whole batch, each mask [n, ...]
 #: per sample (bool active units, int64 max-pool choices).
 Pattern = Tuple[tuple, List[Tensor]]
 
