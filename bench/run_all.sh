@@ -78,6 +78,9 @@ else
     # the same comparison with the parameters requiring grad, as a model comes (MLP, 1000 images)
     run "$PY" bench/deepfool_throughput.py --quick --no-candidates --keep-param-grad --device "$DEVICE" \
         --json "$OUT/deepfool_throughput${SUF}_param_grad.json"
+    # and the full MLP run that way (the setting of the targets before freezing was added)
+    run "$PY" bench/deepfool_throughput.py --models mlp --no-candidates --keep-param-grad --device "$DEVICE" \
+        --json "$OUT/deepfool_throughput${SUF}_param_grad_full.json"
 fi
 
 if [ "$QUICK" = 0 ]; then
