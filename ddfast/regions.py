@@ -41,7 +41,7 @@ from torch import Tensor
 __all__ = ["Pattern", "activation_pattern", "same_pattern", "model_constants"]
 
 #: (signature, masks): the signature (compared with ==) holds for the whole batch, each mask [n, ...]
-#: per sample (bool active units, int64 max-pool choices).
+#: per sample (bool active units, uint8 clamp bands, int64 max-pool choices).
 Pattern = Tuple[tuple, List[Tensor]]
 
 #: Ops linear in all their input-dependent operands together, acting on each sample alone
@@ -195,14 +195,14 @@ def activation_pattern(logits: Tensor, x: Tensor, constants: Optional[FrozenSet[
     masks: List[Tensor] = []
     try:
         for node in _post_order(root):
-            if type(node).__name__ == "AccumulateGrad":
+            name = type(node).__name__
+            if name == "AccumulateGrad":
                 depends[node] = node.variable is x
                 continue
             x_dep = [child is not None and depends.get(child, False) for child, _ in node.next_functions]
             depends[node] = any(x_dep)
             if not depends[node]:
                 continue
-            name = type(node).__name__
             shapes = [m.shape for m in node._input_metadata]           # the op's outputs
             ins = [child._input_metadata[nr].shape for (child, nr), dep in zip(node.next_functions, x_dep) if dep]
             if any(len(s) == 0 or s[0] != n for s in (*shapes, *ins)):
