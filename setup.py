@@ -58,6 +58,22 @@ class BuildExt(build_ext):
             if ext.name == "ddfast._C_cuda" and not self._prepare_cuda(ext):
                 self.extensions.remove(ext)
         super().build_extensions()
+        if not self.inplace:
+            self._copy_beside_sources()
+
+    def _copy_beside_sources(self):
+        """Also put each built module beside the sources (ddfast/_C*.so), so that code run from
+        the checkout (`python -m pytest`, `python bench/x.py`) imports the same compiled
+        backends as the installed package."""
+        here = os.path.dirname(os.path.abspath(__file__))
+        for ext in self.extensions:
+            built = self.get_ext_fullpath(ext.name)
+            target = os.path.join(here, *ext.name.split(".")[:-1], os.path.basename(built))
+            try:
+                shutil.copyfile(built, target)
+                print(f"ddfast: copied {ext.name} beside the sources ({target})")
+            except OSError as exc:  # a read-only checkout: the installed package still has it
+                print(f"ddfast: could not copy {ext.name} beside the sources: {exc}")
 
     def _prepare_cuda(self, ext):
         if os.environ.get("DDFAST_NO_CUDA") == "1":

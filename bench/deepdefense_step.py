@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import common  # noqa: E402  (bench/common.py; puts the checkout on sys.path)
-from ddfast._validate import frozen_model  # noqa: E402
+from ddfast.validate import frozen_model  # noqa: E402
 from ddfast.regularizer import deepdefense_loss  # noqa: E402
 
 LAM, C, D, MAX_ITER, OVERSHOOT = 15.0, 25.0, 5.0, 5, 0.02

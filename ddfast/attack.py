@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import backends, jacobian, ops, regions
 from .reference import STEP_EPS
-from ._validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates,
+from .validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates,
                         check_graph_logits, check_input, check_logits, check_max_iter, check_model_device,
                         check_nonneg, explain_model_errors, frozen_model, warn_tf32)
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._validate import check_batch_size, check_bounds, check_candidates, check_max_iter, check_nonneg
+from .validate import check_batch_size, check_bounds, check_candidates, check_max_iter, check_nonneg
 from .attack import DeepFoolResult, deepfool
 
 __all__ = ["DeepFool"]

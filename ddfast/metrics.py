@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import (as_labels, check_batch_size, check_candidates, check_input, check_logits, check_max_iter,
+from .validate import (as_labels, check_batch_size, check_candidates, check_input, check_logits, check_max_iter,
                         check_model_device, check_nonneg, explain_model_errors)
 
 __all__ = [

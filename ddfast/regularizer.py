@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, jacobian, ops
-from ._validate import (as_labels, check_candidates, check_graph_logits, check_input, check_logits,
+from .validate import (as_labels, check_candidates, check_graph_logits, check_input, check_logits,
                         check_max_iter, check_model_device, check_nonneg, explain_model_errors, frozen_model)
 from .attack import _competing_classes
 from .reference import STEP_EPS

@@ -33,7 +33,7 @@ import torch
 
 from . import data as ddata
 from . import metrics, models, plots
-from ._validate import check_max_iter, check_nonneg
+from .validate import check_max_iter, check_nonneg
 from .train import TrainConfig, atomic_save, fit, load_state, read_tensor_file, weights_fingerprint
 
 __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]

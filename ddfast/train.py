@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._validate import NonFiniteLogitsError, check_max_iter, check_nonneg
+from .validate import NonFiniteLogitsError, check_max_iter, check_nonneg
 from .metrics import accuracy, check_data, rho2
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",

@@ -293,7 +293,7 @@ def tf32_flags():
 
 
 def test_tf32_warning_names_what_runs_in_tf32(tf32_flags):
-    from ddfast._validate import tf32_in_use, warn_tf32
+    from ddfast.validate import tf32_in_use, warn_tf32
 
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
