@@ -1,5 +1,7 @@
-"""The ``cpu`` backend: thin wrappers that check tensors and call the C++/OpenMP kernels of
-``ddfast._C`` with raw addresses. Semantics: :mod:`ddfast.reference`."""
+"""The ``cpu`` backend: thin wrappers that lay tensors out for the C++/OpenMP kernels of
+``ddfast._C`` and pass their raw addresses. The op's public entry point checked the
+arguments; :mod:`ddfast.backends` sends only CPU float32/float64 here.
+Semantics: :mod:`ddfast.reference`."""
 from __future__ import annotations
 
 import math
@@ -19,8 +21,6 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _code(t: Tensor) -> int:
-    if t.device.type != "cpu" or t.dtype not in _DTYPES:
-        raise ValueError(f"the cpu backend takes CPU float32/float64 tensors, got {t.device} {t.dtype}")
     return _DTYPES[t.dtype]
 
 

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import backends, jacobian, ops, regions
+from . import backends, jacobian, regions
+from . import ops  # noqa: F401  (registers torch.ops.ddfast.*)
+from .jacobian import competing_classes
 from .reference import STEP_EPS
-from .validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_candidates,
-                        check_graph_logits, check_input, check_logits, check_max_iter, check_model_device,
-                        check_nonneg, explain_model_errors, frozen_model, warn_tf32)
+from .validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_callable,
+                       check_candidates, check_graph_logits, check_input, check_logits, check_max_iter,
+                       check_model_device, check_nonneg, explain_model_errors, frozen_model, norm_value,
+                       warn_tf32)
 
 __all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
 
@@ -66,17 +69,6 @@ class DeepFoolResult:
         return torch.linalg.vector_norm(self.delta.flatten(1), ord=p, dim=1)
 
 
-def _competing_classes(logits: Tensor, ref: Tensor, k: Optional[int]) -> Tensor:
-    """[B, C] classes competing with ``ref``: every other class (C = K - 1), or with ``k``
-    candidates the top k-1 other classes by logit at x (C = k - 1)."""
-    B, K = logits.shape
-    if k is None or k >= K:
-        others = torch.arange(K - 1, device=logits.device).expand(B, K - 1)
-        return others + (others >= ref[:, None]).long()
-    masked = logits.scatter(1, ref[:, None], -math.inf)
-    return masked.topk(k - 1, dim=1).indices
-
-
 def _fresh_rows(model: Callable, xg: Tensor, logits_g: Tensor, go: Tensor, g_rows: Optional[Tensor],
                 need: Optional[Tensor], shape: torch.Size) -> Tensor:
     """Jacobian rows [m, C, D] (directions ``go`` [C, n, K]) of the active samples ``need``
@@ -97,133 +89,195 @@ def _fresh_rows(model: Callable, xg: Tensor, logits_g: Tensor, go: Tensor, g_row
     return jacobian.direction_grads(model, xg, logits_g, go_graph, want, shape=shape)
 
 
-def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], max_iter: int,
-                  overshoot: float, norm: float, k: Optional[int],
-                  lo: Optional[float], hi: Optional[float],
-                  reuse_jacobians: bool) -> Tuple[DeepFoolResult, Tensor]:
-    """DeepFool on one chunk; also returns how many of its samples stopped at an iterate where
-    the model's logits were not finite (a 0-d tensor: read once, after every chunk)."""
-    B = x.shape[0]
-    shape = x.shape[1:]
-    dtype, dev = x.dtype, x.device
-    x0 = x.detach().reshape(B, -1)
-    if x0.is_inference():                      # a tensor made under torch.inference_mode()
-        x0 = x0.clone()
+@dataclass
+class _Active:
+    """The samples still attacked, compacted: their rows ``idx`` [n] of the chunk and working
+    tensors (x0, r_tot [n, D]; ref [n]; cand [n, C]; logits [n, K]; go [C, n, K]), the Jacobian
+    rows ``jac`` [n, C, D] kept for reuse and the activation pattern they belong to."""
+
+    idx: Tensor
+    x0: Tensor
+    r_tot: Tensor
+    ref: Tensor
+    cand: Tensor
+    logits: Tensor
+    go: Tensor
+    jac: Optional[Tensor] = None
+    pattern: Optional[regions.Pattern] = None
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only the active samples at ``rows`` [m]."""
+        for name in ("idx", "x0", "r_tot", "ref", "cand", "logits"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+        self.go = self.go.index_select(1, rows)
+        if self.jac is not None:
+            self.jac = self.jac.index_select(0, rows)
+        if self.pattern is not None:
+            self.pattern = select_pattern(self.pattern, rows)
+
+
+def select_pattern(pattern: regions.Pattern, rows: Optional[Tensor]) -> regions.Pattern:
+    """The pattern of the samples at ``rows`` (None: all)."""
+    if rows is None:
+        return pattern
+    return pattern[0], [p.index_select(0, rows) for p in pattern[1]]
+
+
+@dataclass
+class _Outcome:
+    """Per-sample results of a chunk of B samples, written as samples stop."""
+
+    x_final: Tensor
+    iterations: Tensor
+    success: Tensor
+    adv_label: Tensor
+    n_nonfinite: Tensor
+
+    @classmethod
+    def start(cls, x0: Tensor, pred: Tensor) -> "_Outcome":
+        B, dev = x0.shape[0], x0.device
+        return cls(x0.clone(), torch.zeros(B, dtype=torch.int64, device=dev),
+                   torch.zeros(B, dtype=torch.bool, device=dev), pred.clone(),
+                   torch.zeros((), dtype=torch.int64, device=dev))
+
+    def stop(self, idx: Tensor, x_cur: Tensor, new_pred: Tensor, rows: Tensor, t: int,
+             finite: Optional[Tensor]) -> None:
+        """The active samples at ``rows`` stopped at step ``t + 1`` (``finite``: their logits'
+        finiteness, None when all are finite)."""
+        stop = idx.index_select(0, rows)
+        self.x_final.index_copy_(0, stop, x_cur.index_select(0, rows))
+        self.adv_label.index_copy_(0, stop, new_pred.index_select(0, rows))
+        self.iterations.index_fill_(0, stop, t + 1)
+        if finite is None:
+            self.success.index_fill_(0, stop, True)
+        else:
+            self.success.index_copy_(0, stop, finite.index_select(0, rows))
+            self.n_nonfinite += (~finite.index_select(0, rows)).sum()
+
+
+def _clean_logits(model: Callable, x0: Tensor, shape: torch.Size) -> Tuple[Tensor, Tensor, Tensor]:
+    """(xg, graph logits, detached logits in x's dtype) at the clean inputs; non-finite logits
+    raise :class:`NonFiniteLogitsError`."""
+    B = x0.shape[0]
     xg, logits_g = jacobian.forward_with_graph(model, x0, shape)
-    logits = check_logits(logits_g, B).detach().to(dtype)
-    K = logits.shape[1]
+    logits = check_logits(logits_g, B).detach().to(x0.dtype)
     nonfinite = ~torch.isfinite(logits).all(1)
     if bool(nonfinite.any()):
         bad = nonfinite.nonzero().squeeze(1)
         raise NonFiniteLogitsError(f"model returned NaN or Inf logits at x for {bad.numel()} of {B} samples "
                                    f"(rows {bad[:5].tolist()}{' ...' if bad.numel() > 5 else ''}): "
                                    "nothing to attack there")
+    return xg, logits_g, logits
+
+
+def _step_rows(model: Callable, act: _Active, xg: Tensor, logits_g: Tensor, g_rows: Optional[Tensor],
+               shape: torch.Size, constants) -> Tuple[Tensor, object]:
+    """The Jacobian rows [n, C, D] of the active samples at their iterates, reusing ``act.jac``
+    where a sample's activation pattern is unchanged (``constants`` not None: reuse is on).
+    Returns them and the reuse setting for later steps (None once the model is not certified)."""
+    need = None                                # active samples that need a backward (None: all)
+    if constants is not None:
+        pattern = regions.activation_pattern(logits_g, xg, constants)
+        if pattern is None:                    # not certified piecewise-linear: no reuse in this chunk
+            constants = None
+        else:
+            pattern = select_pattern(pattern, g_rows)
+            if act.jac is not None and act.pattern is not None:
+                need = (~regions.same_pattern(pattern, act.pattern, act.idx.numel(), xg.device)).nonzero().squeeze(1)
+            act.pattern = pattern              # equal to the old one on every reused row
+    if need is None:
+        act.jac = _fresh_rows(model, xg, logits_g, act.go, g_rows, None, shape)
+    elif need.numel():
+        assert act.jac is not None
+        act.jac.index_copy_(0, need, _fresh_rows(model, xg, logits_g, act.go, g_rows, need, shape))
+    assert act.jac is not None
+    return act.jac, constants
+
+
+def _forward(model: Callable, x_cur: Tensor, shape: torch.Size, graph: bool):
+    """(xg, graph logits) at the iterates, or (None, logits) without a graph."""
+    if graph:
+        return jacobian.forward_with_graph(model, x_cur, shape)
+    with torch.no_grad():
+        return None, model(x_cur.view(x_cur.shape[0], *shape))
+
+
+def _judge(logits: Tensor, ref: Tensor) -> Tuple[Tensor, Tensor, int, Optional[Tensor]]:
+    """(prediction, keep, number kept, finite or None): a sample stops when its prediction
+    leaves ``ref`` or its logits are not finite (argmax of NaN means nothing). One sum finds out
+    whether any is non-finite, read with the count kept (one host read)."""
+    new_pred = logits.argmax(1)
+    keep = new_pred == ref
+    total, n_keep = torch.stack((logits.float().sum(), keep.sum().float())).tolist()
+    if math.isfinite(total):
+        return new_pred, keep, int(n_keep), None
+    finite = torch.isfinite(logits).all(1)
+    new_pred = torch.where(finite, new_pred, ref)
+    keep = (new_pred == ref) & finite
+    return new_pred, keep, int(keep.sum()), finite
+
+
+def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: "_Settings") -> Tuple[DeepFoolResult, Tensor]:
+    """DeepFool on one chunk; also returns how many of its samples stopped at an iterate where
+    the model's logits were not finite (a 0-d tensor: read once, after every chunk)."""
+    B, shape = x.shape[0], x.shape[1:]
+    x0 = x.detach().reshape(B, -1)
+    if x0.is_inference():                      # a tensor made under torch.inference_mode()
+        x0 = x0.clone()
+    xg, logits_g, logits = _clean_logits(model, x0, shape)
     pred = logits.argmax(1)
+    ref = pred if y is None else as_labels(y, B, logits.shape[1], x.device)
+    cand = competing_classes(logits, ref, cfg.k)
+    act = _Active(torch.arange(B, device=x.device), x0, torch.zeros_like(x0), ref, cand, logits,
+                  jacobian.directions(B, logits.shape[1], cand, logits_g, ref))
+    out = _Outcome.start(x0, pred)
+    keep, n, n_keep = None, B, B
     if y is not None:
-        y = as_labels(y, B, K, dev)
-    ref = pred if y is None else y
-    cand = _competing_classes(logits, ref, k)
-    go = jacobian.directions(B, K, cand, logits_g, ref)   # [C, B, K] output directions e_cand - e_ref
-
-    backend = backends.resolve(None, dev, dtype)   # once: the loop's op calls skip checks and dispatch
-    all_active = torch.ones(B, dtype=torch.bool, device=dev)
-    x_final = x0.clone()                       # rows are overwritten when a sample stops
-    iterations = torch.zeros(B, dtype=torch.int64, device=dev)
-    success = torch.zeros(B, dtype=torch.bool, device=dev)
-    adv_label = pred.clone()
-    n_nonfinite = torch.zeros((), dtype=torch.int64, device=dev)
-
-    # The active set, compacted: idx (its rows of the batch) and its working tensors.
-    idx = torch.arange(B, device=dev)
-    x0_a, r_tot_a, ref_a, x_cur = x0, torch.zeros_like(x0), ref, x0
-    keep = None if y is None else pred == y
-    n = n_keep = B
-    if keep is not None:
-        success |= ~keep
+        keep = pred == ref
+        out.success |= ~keep
         n_keep = int(keep.sum())
-    # Jacobian reuse: the rows [n, C, D] of the active samples and the activation pattern of the
-    # iterates they were computed at (None before the first, or for a model without patterns).
-    jac_a = pattern_a = None
-    reuse = reuse_jacobians and (lo is not None or hi is not None)
-    constants = regions.model_constants(model) if reuse else None
-    for t in range(max_iter):
+    constants = regions.model_constants(model) if cfg.reuse else None
+    ones = torch.ones(B, dtype=torch.bool, device=x.device)
+    for t in range(cfg.max_iter):
         g_rows = None                          # rows of the graph batch holding the active samples
         if keep is not None and n_keep < n:
             g_rows = keep.nonzero().squeeze(1)
-            idx, x0_a, r_tot_a, ref_a, cand, logits = (
-                t_.index_select(0, g_rows) for t_ in (idx, x0_a, r_tot_a, ref_a, cand, logits))
-            go = go.index_select(1, g_rows)
-            if jac_a is not None:
-                jac_a = jac_a.index_select(0, g_rows)
-                pattern_a = (pattern_a[0], [p.index_select(0, g_rows) for p in pattern_a[1]])
-        n = idx.numel()
+            act.keep(g_rows)
+        n = act.idx.numel()
         if n == 0:
             break
-        if t == 0:  # the first Jacobian: the logits must carry a graph back to x
+        if t == 0:                             # the first Jacobian: the logits must carry a graph to x
             check_graph_logits(logits_g, logits_g.shape[0])
-        need = None                            # active samples that need a backward (None: all)
-        if reuse:
-            pattern = regions.activation_pattern(logits_g, xg, constants)
-            if pattern is None:                # not certified piecewise-linear: no reuse in this call
-                reuse = False
-            else:
-                if g_rows is not None:
-                    pattern = (pattern[0], [p.index_select(0, g_rows) for p in pattern[1]])
-                if jac_a is not None:
-                    need = (~regions.same_pattern(pattern, pattern_a, n, dev)).nonzero().squeeze(1)
-                pattern_a = pattern            # equal to the old one on every reused row
-        if need is None or need.numel():
-            # One backward row per competing class: w_k = g_k - g_ref directly.
-            grads = _fresh_rows(model, xg, logits_g, go, g_rows, need, shape)
-            if need is None:
-                jac_a = grads
-            else:
-                jac_a.index_copy_(0, need, grads)
-            del grads
+        jac, constants = _step_rows(model, act, xg, logits_g, g_rows, shape, constants)
         del xg, logits_g
-        ones = all_active[:n]
-        _, _, r = ops.select_boundary_unchecked(logits, jac_a.to(dtype), cand, ref_a, ones, norm, STEP_EPS, backend,
-                                                diff=True)
-        if not reuse:
-            jac_a = None
-        r_tot_a, x_cur = ops.deepfool_update_unchecked(x0_a, r_tot_a, r, ones, overshoot, lo, hi, backend)
-        if t + 1 < max_iter:
-            xg, logits_g = jacobian.forward_with_graph(model, x_cur, shape)
-            out = logits_g
-        else:
-            with torch.no_grad():
-                out = model(x_cur.view(n, *shape))
-        logits = check_logits(out, n).detach().to(dtype)
-        new_pred = logits.argmax(1)
-        keep = new_pred == ref_a
-        # A sample whose logits are not finite stops (argmax of NaN means nothing). One sum
-        # finds out whether any is (an Inf or NaN anywhere makes it non-finite; a sum that
-        # merely overflows costs the exact per-row test), read with the count of samples kept.
-        total, n_keep = torch.stack((logits.float().sum(), keep.sum().float())).tolist()
-        finite = None
-        if not math.isfinite(total):
-            finite = torch.isfinite(logits).all(1)
-            new_pred = torch.where(finite, new_pred, ref_a)
-            keep = (new_pred == ref_a) & finite
-            n_keep = int(keep.sum())
+        _, _, r = torch.ops.ddfast.select_boundary(act.logits, jac.to(x0.dtype), act.cand, act.ref, ones[:n],
+                                                   cfg.norm, STEP_EPS, True)
+        if constants is None:
+            act.jac = None
+        act.r_tot, x_cur = torch.ops.ddfast.deepfool_update(act.x0, act.r_tot, r, ones[:n], cfg.overshoot,
+                                                            cfg.lo, cfg.hi)
+        xg, logits_g = _forward(model, x_cur, shape, graph=t + 1 < cfg.max_iter)
+        act.logits = check_logits(logits_g, n).detach().to(x0.dtype)
+        new_pred, keep, n_keep, finite = _judge(act.logits, act.ref)
         if n_keep < n:
-            done = (~keep).nonzero().squeeze(1)
-            stop = idx.index_select(0, done)
-            x_final.index_copy_(0, stop, x_cur.index_select(0, done))
-            adv_label.index_copy_(0, stop, new_pred.index_select(0, done))
-            iterations.index_fill_(0, stop, t + 1)
-            if finite is None:
-                success.index_fill_(0, stop, True)
-            else:
-                success.index_copy_(0, stop, finite.index_select(0, done))
-                n_nonfinite += (~finite).sum()
-        if t + 1 == max_iter:
-            x_final[idx[keep]] = x_cur[keep]
-            iterations[idx[keep]] = max_iter
+            out.stop(act.idx, x_cur, new_pred, (~keep).nonzero().squeeze(1), t, finite)
+        if t + 1 == cfg.max_iter:
+            out.x_final[act.idx[keep]] = x_cur[keep]
+            out.iterations[act.idx[keep]] = cfg.max_iter
+    result = DeepFoolResult(delta=(out.x_final - x0).view(B, *shape), x_adv=out.x_final.view(B, *shape),
+                            iterations=out.iterations, success=out.success, label=ref, adv_label=out.adv_label)
+    return result, out.n_nonfinite
 
-    delta = (x_final - x0).view(B, *shape)
-    return DeepFoolResult(delta=delta, x_adv=x_final.view(B, *shape), iterations=iterations,
-                          success=success, label=ref, adv_label=adv_label), n_nonfinite
+
+@dataclass(frozen=True)
+class _Settings:
+    max_iter: int
+    overshoot: float
+    norm: float
+    k: Optional[int]
+    lo: Optional[float]
+    hi: Optional[float]
+    reuse: bool
 
 
 def _empty_result(x: Tensor) -> DeepFoolResult:
@@ -260,42 +314,37 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
             None: ``ddfast.attack.REUSE_JACOBIANS`` (True).
 
     Returns:
-        :class:`DeepFoolResult`. Gradients are taken with ``torch.autograd.grad``: no
-        ``.grad`` attribute is written.
-
-    On a GPU with TF32 enabled for float32 convolutions (PyTorch's default for cuDNN) or
-    matmuls, a UserWarning says that ``success`` may not survive a re-evaluation: the final
-    iterate lies closer to the boundary than TF32's rounding of the logits.
+        :class:`DeepFoolResult`. No ``.grad`` is written. Warns where TF32 rounds the logits
+        more coarsely than DeepFool's margin (docs/api.md).
     """
     lo, hi = check_bounds(bounds)
     x = check_input(x, bounds=(lo, hi))
-    norm_v = ops._norm_value(norm)
-    overshoot = check_nonneg(overshoot, "overshoot")
-    max_iter = check_max_iter(max_iter)
-    k = check_candidates(candidates)
-    batch_size = check_batch_size(batch_size)
-    reuse_jacobians = REUSE_JACOBIANS if reuse_jacobians is None else bool(reuse_jacobians)
-    B = x.shape[0]
+    reuse = REUSE_JACOBIANS if reuse_jacobians is None else bool(reuse_jacobians)
+    cfg = _Settings(check_max_iter(max_iter), check_nonneg(overshoot, "overshoot"), norm_value(norm),
+                    check_candidates(candidates), lo, hi, reuse and (lo is not None or hi is not None))
+    step = check_batch_size(batch_size) or max(x.shape[0], 1)
     if y is not None:
-        y = as_labels(y, B, None, x.device)
-    if B == 0:
+        y = as_labels(y, x.shape[0], None, x.device)
+    if x.shape[0] == 0:
         return _empty_result(x)
+    check_callable(model)
     check_model_device(model, x)
+    backends.resolve(None, x.device, x.dtype)          # the chosen backend can run here
     warn_tf32(model, x, "ddfast.deepfool")
-    step = B if batch_size is None else batch_size
     parts, n_nonfinite = [], 0
     with explain_model_errors(model, x, "ddfast.deepfool"), frozen_model(model), torch.inference_mode(False), \
             torch.enable_grad():
-        for s in range(0, B, step):
-            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step],
-                                      max_iter, overshoot, norm_v, k, lo, hi, reuse_jacobians)
+        for s in range(0, x.shape[0], step):
+            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg)
             parts.append(part)
             n_nonfinite += int(bad)
     if n_nonfinite:
         warnings.warn(f"ddfast.deepfool: the model returned NaN or Inf logits at the iterate of {n_nonfinite} "
                       f"sample(s); they stop there with success=False (e.g. a float16 model that overflows)",
                       RuntimeWarning, stacklevel=2)
-    if len(parts) == 1:
-        return parts[0]
-    return DeepFoolResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                            ("delta", "x_adv", "iterations", "success", "label", "adv_label")))
+    return parts[0] if len(parts) == 1 else concat_results(parts)
+
+
+def concat_results(parts: Sequence[DeepFoolResult]) -> DeepFoolResult:
+    """The results of consecutive chunks as one."""
+    return DeepFoolResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(DeepFoolResult)))

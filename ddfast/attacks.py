@@ -10,8 +10,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import ops
-from .validate import check_batch_size, check_bounds, check_candidates, check_max_iter, check_nonneg
+
+from .validate import check_batch_size, check_bounds, check_candidates, check_max_iter, check_nonneg, norm_value
 from .attack import DeepFoolResult, deepfool
 
 __all__ = ["DeepFool"]
@@ -44,7 +44,7 @@ class DeepFool:
         self.model = model
         self.steps = check_max_iter(steps, "steps")
         self.overshoot = check_nonneg(overshoot, "overshoot")
-        ops._norm_value(norm)
+        norm_value(norm)
         self.norm = norm
         self.candidates = check_candidates(candidates)
         check_bounds(bounds)

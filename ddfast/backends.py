@@ -8,21 +8,25 @@ A backend is a module that exposes the four ops with the signatures of
 * ``triton`` -- :mod:`ddfast.kernels`, CUDA tensors (CPU too under ``TRITON_INTERPRET=1``);
 * ``cuda``   -- ``ddfast._C_cuda``, CUDA tensors.
 
-The backend is chosen per call: an explicit ``backend=`` argument, else
+torch's dispatcher picks the device (each op registers one kernel per device type in
+:mod:`ddfast.ops`); this registry picks the backend of that device: an explicit ``backend=``
+argument of a public entry point (which sets :func:`set_backend` for the call), else
 :func:`set_backend`, else the ``DDFAST_BACKEND`` environment variable, else the fastest
 backend available for the tensor's device and dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
 from types import ModuleType
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "set_backend", "get_backend", "resolve", "load"]
+__all__ = ["BACKENDS", "available_backends", "set_backend", "get_backend", "using", "resolve", "load",
+           "check_name", "implementation"]
 
 #: Every backend name.
 BACKENDS = ("cuda", "triton", "cpu", "torch")
@@ -74,6 +78,13 @@ def _preference(device: torch.device):
     return _PREFERENCE.get(device.type, BACKENDS)
 
 
+def check_name(name: Optional[str], what: str = "backend") -> Optional[str]:
+    """``name`` is None or a backend name; else a ValueError naming ``what``."""
+    if name is not None and name not in _MODULES:
+        raise ValueError(f"{what} must be one of {sorted(_MODULES)} or None, got {name!r}")
+    return name
+
+
 class set_backend:
     """Choose the backend for later calls (``None`` restores the default choice).
 
@@ -85,8 +96,7 @@ class set_backend:
     """
 
     def __init__(self, name: Optional[str]):
-        if name is not None and name not in _MODULES:
-            raise ValueError(f"backend must be one of {sorted(_MODULES)} or None, got {name!r}")
+        check_name(name)
         self._previous = getattr(_state, "name", None)
         _state.name = name
 
@@ -105,6 +115,21 @@ def get_backend() -> Optional[str]:
     return name
 
 
+@contextlib.contextmanager
+def using(name: Optional[str]) -> Iterator[None]:
+    """:func:`set_backend` for a block when ``name`` is given; nothing when it is None."""
+    if name is None:
+        yield
+        return
+    with set_backend(name):
+        yield
+
+
+def implementation(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
+    """The function of the backend that runs ``op`` for tensors of ``device`` and ``dtype``."""
+    return getattr(load(resolve(None, device, dtype)), op)
+
+
 def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs a call on ``device``/``dtype``; an explicit choice that cannot
     run there raises a ValueError that says why."""
@@ -115,8 +140,7 @@ def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype) -> st
             if _supports(b, device, dtype):
                 return b
         raise ValueError(f"no ddfast backend supports {device} tensors of dtype {dtype}")
-    if name not in _MODULES:
-        raise ValueError(f"backend must be one of {sorted(_MODULES)}, got {name!r}")
+    check_name(name)
     if not _supports(name, device, dtype):
         why = _load_errors.get(name, f"it does not take {device} tensors of dtype {dtype}")
         raise ValueError(f"backend {name!r} cannot run here: {why}")

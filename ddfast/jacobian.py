@@ -23,13 +23,17 @@ subclasses, it takes the public call.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["forward_with_graph", "class_grads", "direction_grads", "directions", "one_row_with_graph"]
+__all__ = ["competing_classes", "forward_with_graph", "class_grads", "direction_grads", "directions", "one_row_with_graph"]
+
+#: The routes of :func:`class_grads`.
+METHODS = ("auto", "batched", "replicate", "loop")
 
 _vmap_fails: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -39,6 +43,17 @@ try:  # the private pieces autograd.grad(is_grads_batched=True) is made of (torc
          torch._add_batch_dim, torch._remove_batch_dim)
 except (ImportError, AttributeError):  # pragma: no cover - another torch: the public path
     _engine_run_backward = None
+
+
+def competing_classes(logits: Tensor, ref: Tensor, k: Optional[int]) -> Tensor:
+    """[B, C] classes competing with ``ref`` [B]: every other class (C = K - 1), or with ``k``
+    candidates the top k-1 other classes by ``logits`` [B, K] (C = k - 1)."""
+    B, K = logits.shape
+    if k is None or k >= K:
+        others = torch.arange(K - 1, device=logits.device).expand(B, K - 1)
+        return others + (others >= ref[:, None]).long()
+    masked = logits.scatter(1, ref[:, None], -math.inf)
+    return masked.topk(k - 1, dim=1).indices
 
 
 def forward_with_graph(model: Callable, x_flat: Tensor, shape: torch.Size) -> Tuple[Tensor, Tensor]:

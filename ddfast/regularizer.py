@@ -32,11 +32,12 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import backends, jacobian, ops
-from .validate import (as_labels, check_candidates, check_graph_logits, check_input, check_logits,
-                        check_max_iter, check_model_device, check_nonneg, explain_model_errors, frozen_model)
-from .attack import _competing_classes
+from . import backends, jacobian
+from . import ops  # noqa: F401  (registers torch.ops.ddfast.*)
+from .jacobian import competing_classes
 from .reference import STEP_EPS
+from .validate import (as_labels, check_callable, check_candidates, check_choice, check_graph_logits, check_input, check_logits,
+                       check_max_iter, check_model_device, check_nonneg, explain_model_errors, frozen_model)
 
 __all__ = ["DeepDefense", "DeepDefenseInfo", "deepdefense_loss"]
 
@@ -101,106 +102,118 @@ def _reforward(n_graph: int, n: int, C: int) -> bool:
     return (n_graph - n) * (C + 1) > n
 
 
-def _iterate(x0: Tensor, r_tot: Tensor, idx: Tensor, overshoot: float) -> Tensor:
-    """``x0 + (1 + overshoot) * r_tot`` on the rows ``idx`` ([n, D], graph-carrying)."""
-    if idx.numel() == x0.shape[0]:
-        return x0 + (1.0 + overshoot) * r_tot
-    return x0[idx] + (1.0 + overshoot) * r_tot[idx]
+class _Unroll:
+    """The state of one differentiable DeepFool unroll of a batch of B samples.
+
+    x0 [B, D] flat inputs; y, pred [B]; correct [B] bool; cand [B, C] classes competing with
+    the prediction; gidx [n] the batch rows of the current graph (x_in [n, D], logits [n, K]);
+    r_tot [B, D] graph-carrying once a step was taken; iterations [B]; finite 0-d bool."""
+
+    def __init__(self, net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, k: Optional[int],
+                 overshoot: float, method: str, steps: int):
+        B = x0.shape[0]
+        self.net, self.x0, self.shape, self.overshoot, self.method = net, x0, shape, overshoot, method
+        self.x_in = _graph_input(x0)
+        # a graph back to x is needed only if a step is taken
+        self.logits = (check_graph_logits if steps > 0 else check_logits)(net(self.x_in.view(B, *shape)), B)
+        K = self.logits.shape[1]
+        self.y = as_labels(y, B, K, x0.device)
+        self.finite = torch.isfinite(self.logits.detach()).all()
+        self.pred = self.logits.detach().argmax(1)
+        self.correct = self.pred == self.y
+        self.cand = competing_classes(self.logits.detach(), self.pred, k)
+        self.r_tot: Optional[Tensor] = None
+        self.iterations = torch.zeros(B, dtype=torch.int64, device=x0.device)
+        self.gidx = torch.arange(B, device=x0.device)
+        # the step math runs in x's dtype, or the logits' when wider (autocast upcasts here)
+        self.work = torch.promote_types(self.logits.dtype, x0.dtype)
+        self.eye = torch.eye(K, dtype=self.work, device=x0.device)
+
+    def forward(self, rows: Tensor) -> None:
+        """A graph-carrying forward at the iterates of the batch rows ``rows``."""
+        self.gidx = rows
+        x = self.x0[rows] if rows.numel() < self.x0.shape[0] else self.x0
+        if self.r_tot is not None:
+            r = self.r_tot[rows] if rows.numel() < self.x0.shape[0] else self.r_tot
+            x = x + (1.0 + self.overshoot) * r
+        self.x_in = _graph_input(x)
+        n = rows.numel()
+        self.logits = check_logits(self.net(self.x_in.view(n, *self.shape)), n)
+        self.finite = self.finite & torch.isfinite(self.logits.detach()).all()
+
+    def active_rows(self, cur: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        """Drop the rows that are done (correct rows left the prediction, wrong rows reached
+        y). Returns the active rows of the current graph (None: all of them) and their
+        predictions ``cur``; sets ``gidx`` (empty: every sample is done)."""
+        g = self.gidx
+        keep = torch.where(self.correct[g], cur == self.pred[g], cur != self.y[g])
+        act = keep.nonzero().squeeze(1)
+        if act.numel() == g.numel():
+            return None, cur
+        if act.numel() and _reforward(g.numel(), act.numel(), self.cand.shape[1]):
+            self.forward(g[act])                                  # a fresh graph of the active rows
+            return None, cur[act]
+        self.gidx = g[act]
+        return act, cur
+
+    def targets(self, cur_a: Tensor, rows: Optional[Tensor]) -> Tensor:
+        """[n] the boundary class of every active row: y where misclassified, else the closest
+        linearised boundary among the candidates (a choice without a graph)."""
+        target = self.y[self.gidx].clone()
+        sel = self.correct[self.gidx].nonzero().squeeze(1)        # active correct rows, in [0, n)
+        if not sel.numel():
+            return target
+        srows = sel if rows is None else rows[sel]                # their rows in the graph
+        whole = srows.numel() == self.logits.shape[0]
+        g = jacobian.class_grads(self.net, self.x_in, self.logits, self.cand[self.gidx[sel]],
+                                 None if whole else srows, method=self.method, create_graph=False,
+                                 retain_graph=True, shape=self.shape, minus=cur_a[sel])
+        logits_d = self.logits.detach().to(self.work)
+        ones = torch.ones(sel.numel(), dtype=torch.bool, device=target.device)
+        l_sel, _, _ = torch.ops.ddfast.select_boundary(logits_d if whole else logits_d[srows], g.to(self.work),
+                                                       self.cand[self.gidx[sel]], cur_a[sel], ones, 2.0,
+                                                       STEP_EPS, True)
+        target[sel] = l_sel
+        return target
+
+    def step(self, t: int, cur: Tensor, rows: Optional[Tensor]) -> None:
+        """One differentiable step of the active rows towards their boundaries."""
+        cur_a = cur if rows is None else cur[rows]
+        direction = self.eye[self.targets(cur_a, rows)] - self.eye[cur_a]              # [n, K]
+        if rows is not None:
+            direction = direction.new_zeros(self.logits.shape).index_copy(0, rows, direction)
+        w = jacobian.one_row_with_graph(self.logits, self.x_in, direction.to(self.logits.dtype))
+        fdiff = (self.logits.to(self.work) * direction).sum(1)
+        if rows is not None:
+            w, fdiff = w[rows], fdiff[rows]
+        r = torch.ops.ddfast.boundary_step(fdiff, w.to(self.x0.dtype), 2.0, STEP_EPS)  # [n, D]
+        B = self.x0.shape[0]
+        if self.r_tot is None and self.gidx.numel() == B:
+            self.r_tot = r
+        else:
+            base = r.new_zeros(B, r.shape[1]) if self.r_tot is None else self.r_tot
+            self.r_tot = base.index_add(0, self.gidx, r)
+        self.iterations[self.gidx] = t + 1
 
 
 def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: int,
-            overshoot: float, k: Optional[int], backend: Optional[str],
-            method: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The differentiable DeepFool unroll of a batch.
+            overshoot: float, k: Optional[int], method: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The differentiable DeepFool unroll of x0 [B, D] (``net`` already in eval mode).
 
-    Args:
-        net: the model (already in eval mode); x0: [B, D] flat inputs; shape: ``x.shape[1:]``;
-        y: [B] int64 labels (checked for shape, not yet for range).
-
-    Returns:
-        ``(D, correct, iterations, finite)``: D [B, D] graph-carrying ``(1 + overshoot) * r_tot``;
-        correct [B] bool; iterations [B] int64; finite: 0-d bool, every logit the unroll
-        evaluated (at x and at each iterate) was finite.
-    """
-    B = x0.shape[0]
-    x_in = _graph_input(x0)
-    # a graph back to x is needed only if a step is taken
-    logits = (check_graph_logits if max_iter > 0 else check_logits)(net(x_in.view(B, *shape)), B)
-    K = logits.shape[1]
-    y = as_labels(y, B, K, x0.device)
-    finite = torch.isfinite(logits.detach()).all()
-    pred = logits.detach().argmax(1)
-    correct = pred == y
-    cand_all = _competing_classes(logits.detach(), pred, k)       # [B, C] classes competing with yhat
-    r_tot = None                                                  # [B, D] once a step was taken
-    iterations = torch.zeros(B, dtype=torch.int64, device=x0.device)
-    C = cand_all.shape[1]                                         # selection rows per sample
-    gidx = torch.arange(B, device=x0.device)                      # batch rows of the graph
-    # The step math (boundary choice, logit differences) runs in x's dtype, or the logits' when
-    # wider: under autocast the logits come in bfloat16/float16 and are upcast here.
-    work = torch.promote_types(logits.dtype, x0.dtype)
-    eye = torch.eye(K, dtype=work, device=logits.device)
-    select_backend = backends.resolve(backend, x0.device, work)   # once, not per step
+    Returns ``(D, correct, iterations, finite)``: D [B, D] graph-carrying ``(1 + overshoot) *
+    r_tot``; correct [B] bool; iterations [B] int64; finite: 0-d bool, every logit the unroll
+    evaluated was finite."""
+    u = _Unroll(net, x0, shape, y, k, overshoot, method, max_iter)
     for t in range(max_iter):
-        cur = logits.detach().argmax(1)                           # ref of every active row
-        n_graph = gidx.numel()
-        rows = None                                               # active rows of the graph (None: all)
-        if t > 0:  # done: correct rows left yhat, misclassified rows reached y
-            keep = torch.where(correct[gidx], cur == pred[gidx], cur != y[gidx])
-            act = keep.nonzero().squeeze(1)
-            n = act.numel()
-            if n == 0:
-                break
-            if n < n_graph:
-                gidx = gidx[act]
-                if _reforward(n_graph, n, C):
-                    x_in = _graph_input(_iterate(x0, r_tot, gidx, overshoot))
-                    logits = check_logits(net(x_in.view(n, *shape)), n)
-                    cur = cur[act]
-                else:
-                    rows = act
-        logits_d = logits.detach().to(work)
-        cur_a = cur if rows is None else cur[rows]                # [n] ref = current prediction
-        target = y[gidx].clone()                                  # [n] l: y where misclassified
-        sel = correct[gidx].nonzero().squeeze(1)                  # active correct rows, in [0, n)
-        if sel.numel():
-            cand = cand_all[gidx[sel]]
-            ref_sel = cur_a[sel]                                  # == yhat on active correct rows
-            srows = sel if rows is None else rows[sel]            # their rows in the graph
-            whole = srows.numel() == logits.shape[0]
-            # one backward row per competing class: w_k = g_k - g_yhat directly
-            g = jacobian.class_grads(net, x_in, logits, cand, None if whole else srows,
-                                     method=method, create_graph=False, retain_graph=True,
-                                     shape=shape, minus=ref_sel)
-            ones = torch.ones(sel.numel(), dtype=torch.bool, device=x0.device)
-            # ddfast's own inputs: no per-step argument checks or op dispatch (no graph needed)
-            l_sel, _, _ = ops.select_boundary_unchecked(
-                logits_d if whole else logits_d[srows], g.to(work), cand, ref_sel, ones, 2.0,
-                STEP_EPS, select_backend, diff=True)
-            del g
-            target[sel] = l_sel
-        direction = eye[target] - eye[cur_a]                      # [n, K]
-        if rows is not None:
-            direction = direction.new_zeros(logits.shape).index_copy(0, rows, direction)
-        w = jacobian.one_row_with_graph(logits, x_in, direction.to(logits.dtype))  # [graph rows, D]
-        fdiff = (logits.to(work) * direction).sum(1)
-        if rows is not None:
-            w, fdiff = w[rows], fdiff[rows]
-        r = ops.boundary_step(fdiff, w.to(x0.dtype), 2, STEP_EPS, backend)          # [n, D]
-        if r_tot is None and gidx.numel() == B:
-            r_tot = r
-        else:
-            r_tot = (r.new_zeros(B, r.shape[1]) if r_tot is None else r_tot).index_add(0, gidx, r)
-        iterations[gidx] = t + 1
+        cur = u.logits.detach().argmax(1)                         # ref of every row of the graph
+        rows, cur = u.active_rows(cur) if t > 0 else (None, cur)
+        if not u.gidx.numel():
+            break
+        u.step(t, cur, rows)
         if t + 1 < max_iter:
-            x_in = _graph_input(_iterate(x0, r_tot, gidx, overshoot))
-            logits = check_logits(net(x_in.view(gidx.numel(), *shape)), gidx.numel())
-            finite = finite & torch.isfinite(logits.detach()).all()
-    if r_tot is None:
-        delta = torch.zeros_like(x0)
-    else:
-        delta = (1.0 + overshoot) * r_tot
-    return delta, correct, iterations, finite
+            u.forward(u.gidx)
+    delta = torch.zeros_like(x0) if u.r_tot is None else (1.0 + overshoot) * u.r_tot
+    return delta, u.correct, u.iterations, u.finite
 
 
 def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
@@ -258,6 +271,7 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
     overshoot = check_nonneg(overshoot, "overshoot")
     max_iter = check_max_iter(max_iter)
     k = check_candidates(candidates)
+    check_choice(method, "method", jacobian.METHODS)
     B = x.shape[0]
     y = as_labels(y, B, None, x.device)
     net = _inner_model(model)
@@ -267,21 +281,19 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
             return zero
         empty = torch.zeros(0, dtype=torch.int64, device=x.device)
         return zero, DeepDefenseInfo(zero.new_zeros(0), empty.bool(), empty)
+    check_callable(model)
     check_model_device(net, x)
-    shape = x.shape[1:]
+    backends.resolve(backend, x.device, x.dtype)       # the chosen backend can run here
     x0 = x.reshape(B, -1)
     with explain_model_errors(net, x, "ddfast.deepdefense_loss"), frozen_model(model), \
-            torch.inference_mode(False), torch.enable_grad():
+            torch.inference_mode(False), torch.enable_grad(), backends.using(backend):
         if x0.is_inference():  # made under inference_mode: a normal copy can carry a graph
             x0 = x0.clone()
-        delta, correct, iterations, finite = _unroll(net, x0, shape, y, max_iter, overshoot, k,
-                                                     backend, method)
-    # float32 at least: exp overflows float16 above 11 (and bfloat16's 8-bit mantissa blurs it)
-    pen_dtype = torch.promote_types(delta.dtype, torch.float32)
-    delta = delta.to(pen_dtype)
-    x_pen = x0.to(pen_dtype)
-    penalty = ops.deepdefense_penalty(delta, x_pen.contiguous(), correct, c, d, backend)
-    reg = penalty.sum() * (lam / B)
+        delta, correct, iterations, finite = _unroll(net, x0, x.shape[1:], y, max_iter, overshoot, k, method)
+        # float32 at least: exp overflows float16 above 11 (and bfloat16's 8-bit mantissa blurs it)
+        pen_dtype = torch.promote_types(delta.dtype, torch.float32)
+        delta, x_pen = delta.to(pen_dtype), x0.to(pen_dtype).contiguous()
+        reg = torch.ops.ddfast.deepdefense_penalty(delta, x_pen, correct, c, d).sum() * (lam / B)
     # Non-finite logits make R NaN, as they make a cross-entropy NaN: the step op reads a NaN
     # normal as a zero step, which would otherwise give a finite R with NaN gradients.
     reg = torch.where(finite, reg, torch.full_like(reg, math.nan))
@@ -314,7 +326,7 @@ class DeepDefense(nn.Module):
         self.max_iter = check_max_iter(max_iter)
         self.overshoot = check_nonneg(overshoot, "overshoot")
         self.candidates = check_candidates(candidates)
-        self.backend = backend
+        self.backend = backends.check_name(backend)
 
     def forward(self, x: Tensor, y: Tensor, return_info: bool = False) -> Union[Tensor, Tuple[Tensor, DeepDefenseInfo]]:
         return deepdefense_loss(self.model, x, y, lam=self.lam, c=self.c, d=self.d,

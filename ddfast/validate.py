@@ -6,6 +6,7 @@ any work is done.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import math
 import warnings
 from typing import Callable, Iterator, Optional, Tuple
@@ -152,6 +153,18 @@ def _bound(value, bounds) -> Optional[float]:
     return v
 
 
+def check_choice(value, name: str, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_callable(model, name: str = "model") -> None:
+    if not callable(model):
+        raise TypeError(f"{name} must be a callable returning logits [B, K] (an nn.Module, say), "
+                        f"got {type(model).__name__}")
+
+
 def check_model_device(model: Callable, x: Tensor) -> None:
     """x and the model's parameters must live on the same device."""
     if isinstance(model, torch.nn.Module):
@@ -246,3 +259,93 @@ def warn_tf32(model: Callable, x: Tensor, what: str) -> None:
             "adversarials on an H100). For exact float32 results set "
             "torch.backends.cudnn.allow_tf32 = False and torch.backends.cuda.matmul.allow_tf32 = False.",
             UserWarning, stacklevel=3)
+
+
+# ------------------------------------------------------------------------ the ops' arguments
+def need(cond: bool, msg: str) -> None:
+    """Raise ``ValueError(msg)`` unless ``cond``."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_tensor(t, name: str, ndim: int, kind: str) -> Tensor:
+    """``t`` is a ``kind`` ("float", "int", "bool") tensor of ``ndim`` dims with values."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    need(t.device.type != "meta", f"{name} is on the meta device: it holds no values")
+    need(t.dim() == ndim, f"{name} must be {ndim}-d, got shape {list(t.shape)}")
+    ok = {"float": t.is_floating_point(), "int": not t.is_floating_point() and not t.is_complex()
+          and t.dtype != torch.bool, "bool": t.dtype == torch.bool}[kind]
+    if not ok:
+        raise TypeError(f"{name} must be a {kind} tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_same_device(*named: Tuple[str, Tensor]) -> None:
+    dev = named[0][1].device
+    for name, t in named[1:]:
+        need(t.device == dev, f"{name} is on {t.device} but {named[0][0]} is on {dev}")
+
+
+def check_rows(named, B: Optional[int] = None, D: Optional[int] = None) -> None:
+    """Each (name, tensor, ndim, kind) has B rows (and D columns when 2-d), on one device."""
+    first = named[0][0]
+    for name, t, ndim, kind in named:
+        check_tensor(t, name, ndim, kind)
+        B = t.shape[0] if B is None else B
+        need(t.shape[0] == B, f"{name} must have {B} rows like {first} (one per sample), got shape {list(t.shape)}")
+        if ndim == 2:
+            D = t.shape[1] if D is None else D
+            need(t.shape[1] == D, f"{name} must have shape [{B}, {D}], got {list(t.shape)}")
+    check_same_device(*[(n, t) for n, t, _, _ in named])
+
+
+def check_classes(t: Tensor, name: str, K: int) -> None:
+    """Every entry of the int tensor ``t`` is a class in ``[0, K)`` (read before any kernel)."""
+    if t.numel():
+        lo, hi = torch.aminmax(t)
+        need(int(lo) >= 0 and int(hi) < K,
+             f"{name} holds classes outside [0, {K}): min {int(lo)}, max {int(hi)}")
+
+
+def check_select(logits, grads, cand, ref, active, diff: bool) -> None:
+    """The arguments of ``select_boundary`` (see :func:`ddfast.reference.select_boundary`)."""
+    check_rows([("grads", grads, 3, "float"), ("ref", ref, 1, "int"), ("active", active, 1, "bool")])
+    check_rows([("grads", grads, 3, "float"), ("logits", logits, 2, "float")])
+    check_rows([("grads", grads, 3, "float"), ("cand", cand, 2, "int")])
+    B, C, _ = grads.shape
+    K = logits.shape[1]
+    need(tuple(cand.shape) == (B, C), f"cand must have shape [{B}, {C}] like grads' first dims, "
+                                      f"got {list(cand.shape)}")
+    if B and not C:
+        raise ValueError("cand must hold at least one class per row" + ("" if diff else " (the reference)"))
+    check_classes(cand, "cand", K)
+    check_classes(ref, "ref", K)
+    if B and not diff:
+        need(bool((cand == ref[:, None]).any(1).all()), "every ref[i] must appear in cand[i]")
+
+
+def norm_value(norm) -> float:
+    """``norm`` as 2.0 or inf (from 2, inf, "l2", "linf", numpy scalars included)."""
+    if isinstance(norm, str):
+        key = norm.lower()
+        if key in ("l2", "2"):
+            return 2.0
+        if key in ("linf", "inf"):
+            return math.inf
+        raise ValueError(f"norm must be 2, inf, 'l2' or 'linf', got {norm!r}")
+    if isinstance(norm, bool) or not isinstance(norm, numbers.Real):
+        raise TypeError(f"norm must be 2, inf, 'l2' or 'linf', got {type(norm).__name__}")
+    value = float(norm)
+    if value not in (2.0, math.inf):
+        raise ValueError(f"norm must be 2 or inf, got {norm!r}")
+    return value
+
+
+def check_finite(value, name: str) -> float:
+    """A real number that is not NaN or Inf."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)

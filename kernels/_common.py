@@ -42,13 +42,6 @@ def row_slices(D: int, block: int) -> tuple[int, int]:
     return tiles, triton.cdiv(blocks, tiles)
 
 
-def check(t: Tensor, name: str) -> None:
-    """The kernels take float32/float16/bfloat16 tensors on one device (CUDA, or CPU under
-    TRITON_INTERPRET=1); anything else is a caller error."""
-    if t.dtype not in DTYPES:
-        raise ValueError(f"the triton backend takes float32/float16/bfloat16 {name}, got {t.dtype}")
-
-
 def store_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a kernel writes an output of ``dtype`` in. Triton's interpreter (3.9)
     converts float32 to bfloat16 by truncation, where GPUs round to nearest even, so under

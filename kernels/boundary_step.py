@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import BLOCK_D, LAUNCH, check, partial_norms, rows, store_dtype
+from ._common import BLOCK_D, LAUNCH, partial_norms, rows, store_dtype
 
 
 @triton.jit
@@ -49,7 +49,6 @@ def _step_kernel(fdiff_ptr, w_ptr, part_ptr, r_ptr, D, stride_b, S, eps, tiles,
 def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4, *,
                   block_d: int = BLOCK_D) -> Tensor:
     """Launch the partial-norm and step kernels; ``block_d`` only tunes or tests the split."""
-    check(w, "w")
     B, D = w.shape
     w = rows(w.detach())
     fdiff = fdiff.detach().to(w.device).contiguous()

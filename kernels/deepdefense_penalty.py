@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import PENALTY_EXP_CAP
-from ._common import BLOCK_D, LAUNCH, check, partial_norms, rows, store_dtype
+from ._common import BLOCK_D, LAUNCH, partial_norms, rows, store_dtype
 
 
 @triton.jit
@@ -47,7 +47,6 @@ def _penalty_kernel(dpart_ptr, xpart_ptr, correct_ptr, out_ptr, B, S, c, d, cap,
 def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: float, *,
                         block_d: int = BLOCK_D) -> Tensor:
     """Launch the partial-norm kernel on delta and x, then the penalty kernel."""
-    check(delta, "delta")
     B, D = delta.shape
     delta = rows(delta.detach())
     x = rows(x.detach().to(delta.dtype))

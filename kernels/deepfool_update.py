@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import LAUNCH, check, store_dtype
+from ._common import LAUNCH, store_dtype
 
 
 @triton.jit
@@ -42,7 +42,6 @@ def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, oversh
                     lo: Optional[float] = None, hi: Optional[float] = None, *,
                     block_d: int = 1024) -> Tuple[Tensor, Tensor]:
     """Launch the elementwise update kernel over a (B, D-blocks) grid."""
-    check(x0, "x0")
     B, D = x0.shape
     x0 = x0.contiguous()
     r_tot = r_tot.to(x0.dtype).contiguous()

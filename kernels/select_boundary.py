@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common
-from ._common import BLOCK_D, LAUNCH, check, split_rows, store_dtype
+from ._common import BLOCK_D, LAUNCH, split_rows, store_dtype
 
 
 @triton.jit
@@ -151,11 +151,9 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
                     norm: float = 2.0, eps: float = 1e-4, diff: bool = False, *, block_d: int = BLOCK_D,
                     block_c: int = 0, block_r: int = 1024) -> Tuple[Tensor, Tensor, Tensor]:
     """Launch the two kernels; ``block_*`` (powers of two) only tune or test the split."""
-    check(grads, "grads")
     logits_dtype = logits.dtype          # the backend is chosen by grads' dtype: logits may be wider
     if logits_dtype == torch.float64:
         logits = logits.to(torch.float32)
-    check(logits, "logits")
     B, C, D = grads.shape
     K = logits.shape[1]
     dev = grads.device

@@ -1,6 +1,20 @@
-"""Shared fixtures: small seeded models in float64 and float32."""
+"""Shared fixtures: small seeded models in float64 and float32; the environment of child
+processes."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+import ddfast
+
+
+def child_env(**extra):
+    """os.environ for a child Python that imports the same ddfast as this process (the
+    checkout's or the installed one, whichever the tests run), plus ``extra``."""
+    root = str(Path(ddfast.__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=root if not path else root + os.pathsep + path, **extra)
 
 
 def make_mlp(d_in=20, hidden=16, k=5, seed=0, dtype=torch.float64):

@@ -30,28 +30,28 @@ def test_regularizer_under_cpu_autocast_bf16_backpropagates():
 
 
 def test_regularizer_step_math_runs_in_float32_under_bf16_autocast(monkeypatch):
-    from ddfast import regularizer
+    from ddfast import backends
 
     seen = []
-    select, step = ops.select_boundary_unchecked, ops.boundary_step
+    real = backends.implementation
 
-    def spy_select(logits, grads, *args, **kwargs):
-        seen.append(("select", logits.dtype, grads.dtype))
-        return select(logits, grads, *args, **kwargs)
+    def spy(op, device, dtype):
+        fn = real(op, device, dtype)
 
-    def spy_step(fdiff, w, *args, **kwargs):
-        seen.append(("step", fdiff.dtype, w.dtype))
-        return step(fdiff, w, *args, **kwargs)
+        def wrapped(*args):
+            if op in ("select_boundary", "boundary_step"):
+                seen.append((op, args[0].dtype, args[1].dtype))
+            return fn(*args)
+        return wrapped
 
-    monkeypatch.setattr(regularizer.ops, "select_boundary_unchecked", spy_select)
-    monkeypatch.setattr(regularizer.ops, "boundary_step", spy_step)
+    monkeypatch.setattr(backends, "implementation", spy)
     torch.manual_seed(0)
     model = make_cnn(dtype=torch.float32)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x).dtype == torch.bfloat16            # the logits do come in bf16
         ddfast.deepdefense_loss(model, x, y, max_iter=3)
-    assert {name for name, *_ in seen} == {"select", "step"}
+    assert {name for name, *_ in seen} == {"select_boundary", "boundary_step"}
     assert all(a == b == torch.float32 for _, a, b in seen), seen
 
 

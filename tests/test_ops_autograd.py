@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import ddfast
+
 from ddfast import ops, reference
 from ddfast.backends import available_backends
 from ddfast.reference import PENALTY_EXP_CAP
@@ -76,10 +78,11 @@ def test_penalty_gradcheck_past_the_cap(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     fdiff, w = _step_inputs()
-    for norm in NORMS:
-        torch.library.opcheck(torch.ops.ddfast.boundary_step.default, (fdiff, w, norm, 1e-4, backend))
     delta, x, correct = _penalty_inputs()
-    torch.library.opcheck(torch.ops.ddfast.deepdefense_penalty.default, (delta, x, correct, 3.0, 2.0, backend))
+    with ddfast.set_backend(backend):
+        for norm in NORMS:
+            torch.library.opcheck(torch.ops.ddfast.boundary_step.default, (fdiff, w, norm, 1e-4))
+        torch.library.opcheck(torch.ops.ddfast.deepdefense_penalty.default, (delta, x, correct, 3.0, 2.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

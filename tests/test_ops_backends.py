@@ -431,16 +431,17 @@ def test_opcheck(backend, device):
     x = torch.randn(3, 9, generator=gen).to(device, dtype)
     x0, rt, r = (torch.randn(3, 9, generator=gen).to(device, dtype) for _ in range(3))
     cases = [
-        (torch.ops.ddfast.select_boundary.default, (logits, grads, cand, ref, active, 2.0, 1e-4, backend)),
-        (torch.ops.ddfast.select_boundary.default, (logits, grads, cand, ref, active, math.inf, 1e-4, backend)),
-        (torch.ops.ddfast.boundary_step.default, (fdiff, w, 2.0, 1e-4, backend)),
-        (torch.ops.ddfast.boundary_step.default, (fdiff, w, math.inf, 1e-4, backend)),
-        (torch.ops.ddfast.deepdefense_penalty.default, (delta, x, active, 25.0, 5.0, backend)),
-        (torch.ops.ddfast.deepfool_update.default, (x0, rt, r, active, 0.02, -1.0, 1.0, backend)),
-        (torch.ops.ddfast.deepfool_update.default, (x0, rt, r, active, 0.02, None, None, backend)),
+        (torch.ops.ddfast.select_boundary.default, (logits, grads, cand, ref, active, 2.0, 1e-4, False)),
+        (torch.ops.ddfast.select_boundary.default, (logits, grads, cand, ref, active, math.inf, 1e-4, True)),
+        (torch.ops.ddfast.boundary_step.default, (fdiff, w, 2.0, 1e-4)),
+        (torch.ops.ddfast.boundary_step.default, (fdiff, w, math.inf, 1e-4)),
+        (torch.ops.ddfast.deepdefense_penalty.default, (delta, x, active, 25.0, 5.0)),
+        (torch.ops.ddfast.deepfool_update.default, (x0, rt, r, active, 0.02, -1.0, 1.0)),
+        (torch.ops.ddfast.deepfool_update.default, (x0, rt, r, active, 0.02, None, None)),
     ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
+    with ddfast.set_backend(backend):
+        for op, args in cases:
+            torch.library.opcheck(op, args)
 
 
 # --------------------------------------------------------------------------- backend choice

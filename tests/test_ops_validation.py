@@ -23,7 +23,7 @@ def _select_args(B=3, K=5, C=3, D=4):
     (dict(cand=torch.full((3, 3), -1)), "cand holds classes outside"),
     (dict(cand=torch.zeros(3, 3)), "cand must be a int"),
     (dict(ref=torch.tensor([4, 4, 4]), cand=torch.zeros(3, 3, dtype=torch.int64)), "every ref"),
-    (dict(ref=torch.zeros(2, dtype=torch.int64)), "ref and active must have shape"),
+    (dict(ref=torch.zeros(2, dtype=torch.int64)), "ref must have 3 rows like grads"),
     (dict(active=torch.ones(3)), "active must be a bool"),
     (dict(norm=1), "norm must be 2 or inf"),
 ])

@@ -25,14 +25,13 @@ import torch
 import ddfast
 from ddfast import reference
 
+from conftest import child_env
 from test_ops_backends import assert_rule, check_select, select_case
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_GPU = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ROOT = Path(__file__).resolve().parents[1]
-# Children run from tests/: from the repository root, ``python -m`` would put the source tree
-# (which has no compiled module and no ddfast.kernels) before the installed package.
 CHILD_CWD = ROOT / "tests"
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
@@ -43,7 +42,7 @@ here = pytest.mark.skipif(not HAS_TRITON or not (INTERPRET or HAS_GPU),
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(INTERPRET or HAS_GPU, reason="the triton cases run in this process")
 def test_triton_cases_in_interpreter_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = child_env(TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            str(ROOT / "tests" / "test_triton.py"), str(ROOT / "tests" / "test_ops_backends.py"),
            "-k", "triton"]
