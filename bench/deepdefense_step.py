@@ -33,50 +33,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import common  # noqa: E402  (bench/common.py; puts the checkout on sys.path)
-from ddfast.validate import frozen_model  # noqa: E402
+from ddfast.reference import deepdefense_ref  # noqa: E402
 from ddfast.regularizer import deepdefense_loss  # noqa: E402
 
 LAM, C, D, MAX_ITER, OVERSHOOT = 15.0, 25.0, 5.0, 5, 0.02
 
 
-def naive_deepdefense(model: nn.Module, x: Tensor, y: Tensor, lam: float = LAM, c: float = C,
-                      d: float = D, max_iter: int = MAX_ITER, overshoot: float = OVERSHOOT) -> Tensor:
-    """The regularizer written the straightforward way (same math as DESIGN.md): every step
-    a forward at ``x + (1 + overshoot) r_tot`` and all K class gradients with
-    ``create_graph=True``; selection on the differentiable stacked Jacobian; masks, no
-    compaction. Returns the scalar R."""
-    B = x.shape[0]
-    shape = x.shape[1:]
-    x0 = x.reshape(B, -1)
-    rows = torch.arange(B)
-    r_tot = torch.zeros_like(x0)
-    with frozen_model(model):
-        active = torch.ones(B, dtype=torch.bool)
-        for t in range(max_iter):
-            xt = x0.clone().requires_grad_(True) if t == 0 else x0 + (1 + overshoot) * r_tot
-            logits = model(xt.view(B, *shape))
-            cur = logits.argmax(1)
-            if t == 0:
-                pred = cur
-                correct = pred == y
-            else:
-                active = active & torch.where(correct, cur == pred, cur != y)
-            if not active.any():
-                break
-            K = logits.shape[1]
-            J = torch.stack([torch.autograd.grad(logits[:, k].sum(), xt, create_graph=True)[0]
-                             for k in range(K)], 1)                                  # [B, K, D]
-            w_all = J - J[rows, cur][:, None]
-            f_all = logits - logits[rows, cur][:, None]
-            wn_all = w_all.norm(dim=2)
-            dist = (f_all.abs() / wn_all).detach()
-            dist[rows, cur] = float("inf")
-            l = torch.where(correct, dist.argmin(1), y)
-            w, fd, wn = w_all[rows, l], f_all[rows, l], wn_all[rows, l]
-            r = ((fd.abs() / wn + 1e-4) / wn)[:, None] * w
-            r_tot = r_tot + torch.where(active[:, None], r, torch.zeros_like(r))
-    ratio = ((1 + overshoot) * r_tot).norm(dim=1) / x0.norm(dim=1)
-    return lam / B * torch.where(correct, torch.exp(-c * ratio), torch.exp(d * ratio)).sum()
+def naive_deepdefense(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """R by :func:`ddfast.reference.deepdefense_ref`: every class gradient with
+    ``create_graph`` by its own autograd call, done samples masked, no compaction."""
+    return deepdefense_ref(model, x, y, lam=LAM, c=C, d=D, max_iter=MAX_ITER, overshoot=OVERSHOOT)[0]
 
 
 def _losses() -> Dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]]:

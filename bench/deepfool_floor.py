@@ -11,7 +11,7 @@ inside the model). Three timings, side by side in one run, medians of R interlea
 * ``floor_check``: ``floor`` plus the one forward per sample at its last iterate that
   tells that it is done (also unavoidable: the floor alone never evaluates the model at
   the adversarial point of a sample that stops);
-* ``naive``: :func:`bench.naive.naive_deepfool`, per-class ``autograd.grad`` with a
+* ``naive``: :func:`ddfast.reference.deepfool_ref` (the spec), per-class ``autograd.grad`` with a
   masked exit.
 
 With ``--clip`` ddfast reuses the Jacobian rows of samples whose activation pattern did not
@@ -38,12 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from naive import naive_deepfool  # noqa: E402
 
 import ddfast  # noqa: E402
 from ddfast import attack as attack_module  # noqa: E402
 from ddfast import jacobian  # noqa: E402
-from ddfast.attack import _competing_classes  # noqa: E402
+from ddfast.attack import concat_results  # noqa: E402
+from ddfast.jacobian import competing_classes  # noqa: E402
+from ddfast.reference import deepfool_ref  # noqa: E402
 
 
 def active_sizes(res) -> list:
@@ -98,9 +99,7 @@ def main(argv=None):
     xs = [x[i:i + step] for i in range(0, len(x), step)]
 
     def attack(reuse=True):
-        parts = [ddfast.deepfool(model, xb, bounds=bounds, reuse_jacobians=reuse) for xb in xs]
-        return ddfast.DeepFoolResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                                       ("delta", "x_adv", "iterations", "success", "label", "adv_label")))
+        return concat_results([ddfast.deepfool(model, xb, bounds=bounds, reuse_jacobians=reuse) for xb in xs])
 
     def attack_no_reuse():
         return attack(reuse=False)
@@ -123,7 +122,7 @@ def main(argv=None):
         ref = logits.argmax(1)
         part = ddfast.DeepFoolResult(*(t[i * step:(i + 1) * step] for t in (
             res.delta, res.x_adv, res.iterations, res.success, res.label, res.adv_label)))
-        chunks.append((xb, active_sizes(part), _competing_classes(logits, ref, None), ref))
+        chunks.append((xb, active_sizes(part), competing_classes(logits, ref, None), ref))
     sizes = [s for c in chunks for s in c[1]]
     fns = {
         "ddfast": attack,
@@ -133,7 +132,7 @@ def main(argv=None):
     if args.clip:
         fns["ddfast_no_reuse"] = attack_no_reuse
     else:
-        fns["naive"] = lambda: naive_deepfool(model, x)
+        fns["naive"] = lambda: deepfool_ref(model, x)
     times = {k: [] for k in fns}
     outs = {}
     for _ in range(args.repeat):            # interleaved, so drifts in machine load hit all
@@ -161,9 +160,9 @@ def main(argv=None):
                      "no_reuse_over_ddfast": best["ddfast_no_reuse"] / best["ddfast"],
                      "same_result_without_reuse": bool(torch.equal(outs["ddfast_no_reuse"].delta, res.delta))})
     if "naive" in outs:
-        x_adv, n_it, fooled = outs["naive"]
+        delta, n_it, fooled = outs["naive"][:3]
         rows.update({"naive_s": best["naive"], "naive_over_ddfast": best["naive"] / best["ddfast"],
-                     "rho2_naive": rho2(x_adv - x, x, fooled), "fooled_naive": float(fooled.float().mean())})
+                     "rho2_naive": rho2(delta, x, fooled), "fooled_naive": float(fooled.float().mean())})
     payload = {"bench": "deepfool_floor", "model": "mlp 784-500-150-10", "n_images": args.n,
                "bounds": bounds, "batch_size": args.batch_size,
                "repeat": args.repeat, "threads": torch.get_num_threads(), "timing": "median of repeat runs, interleaved (min_s: the fastest run of each)", **rows}

@@ -61,20 +61,19 @@ def ddfast_backends(device="cpu") -> List[str]:
     return list(ddfast.available_backends(device))
 
 
-# ----------------------------------------------------------------------------- naive (bench/naive.py)
+# ------------------------------------------------------- naive (ddfast.reference.deepfool_ref)
 
 
 def naive_run(model, x, ref, *, batch_size, max_iter=50, overshoot=0.02, candidates=None) -> Outcome:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from naive import naive_deepfool
+    from ddfast.reference import deepfool_ref
 
     if candidates is not None:
         raise ValueError("naive: all classes only")
     advs, its = [], []
     for i in range(0, len(x), batch_size):
-        a, it, _ = naive_deepfool(model, x[i : i + batch_size], ref[i : i + batch_size], max_iter=max_iter,
-                                  overshoot=overshoot)
-        advs.append(a)
+        xb = x[i : i + batch_size]
+        delta, it, *_ = deepfool_ref(model, xb, ref[i : i + batch_size], max_iter=max_iter, overshoot=overshoot)
+        advs.append(xb + delta)
         its.append(it)
     return Outcome(torch.cat(advs), torch.cat(its))
 
@@ -218,7 +217,7 @@ def available() -> Dict[str, Optional[str]]:
 DIFFERENCES = {
     "ddfast": "DESIGN.md: x_{t+1} = clip(x + (1+overshoot) r_tot), linearised at the clipped iterate, "
               "r_t = (dist + 1e-4) w/||w||; per-sample early exit with active-set compaction.",
-    "naive": "bench/naive.py: same step formula as ddfast but no bounds (iterates are not clipped to [0, 1]); "
+    "naive": "ddfast.reference.deepfool_ref: same step formula as ddfast but no bounds (iterates are not clipped to [0, 1]); "
              "finished samples stay in the batch under a mask; full [B, K, D] Jacobian by K autograd.grad calls.",
     "foolbox": "Same step formula (1e-8 added to the norms) and the same clip of x + (1+overshoot) r_tot; "
                "the whole batch keeps iterating until every sample is adversarial (finished samples are "

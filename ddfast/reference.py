@@ -25,6 +25,8 @@ __all__ = [
     "boundary_step",
     "deepdefense_penalty",
     "deepfool_update",
+    "deepfool_ref",
+    "deepdefense_ref",
     "PENALTY_EXP_CAP",
 ]
 
@@ -194,3 +196,121 @@ def deepfool_update(
     if lo is not None or hi is not None:
         x_next = torch.clamp(x_next, min=lo, max=hi)
     return r_new, x_next
+
+
+# ------------------------------------------------------------------ the attack and the regularizer
+def _eval_modes(model):
+    """Put an ``nn.Module`` in eval mode; returns the modes to restore."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    for m, _ in modes:
+        m.training = False
+    return modes
+
+
+def _candidates(logits: Tensor, ref: Tensor, k: Optional[int]) -> Tensor:
+    """[B, C] classes that compete, ``ref`` included: all K, or ref and the k-1 others of
+    highest logit."""
+    B, K = logits.shape
+    if k is None or k >= K:
+        return torch.arange(K, device=logits.device).expand(B, K)
+    others = logits.scatter(1, ref[:, None], -math.inf).topk(k - 1, dim=1).indices
+    return torch.cat([ref[:, None], others], 1)
+
+
+def _class_grads(logits: Tensor, x: Tensor, cand: Tensor, create_graph: bool) -> Tensor:
+    """[B, C, D]: the gradient of logit ``cand[i, j]`` of sample i w.r.t. its input, one
+    autograd call per column."""
+    cols = [torch.autograd.grad(logits.gather(1, cand[:, j:j + 1]).sum(), x, retain_graph=True,
+                                create_graph=create_graph)[0] for j in range(cand.shape[1])]
+    return torch.stack(cols, 1).flatten(2)
+
+
+def deepfool_ref(model, x: Tensor, y: Optional[Tensor] = None, *, max_iter: int = 50,
+                 overshoot: float = 0.02, norm: float = 2.0, candidates: Optional[int] = None,
+                 bounds: Optional[Tuple[Optional[float], Optional[float]]] = None):
+    """DeepFool, slowly: the whole batch every step (done samples masked), every candidate's
+    gradient by its own autograd call, the step by :func:`select_boundary` and
+    :func:`deepfool_update`. Returns ``(delta, iterations, success, label, adv_label)`` as
+    :class:`ddfast.DeepFoolResult` defines them."""
+    lo, hi = bounds if bounds is not None else (None, None)
+    modes = _eval_modes(model)
+    try:
+        B, shape = x.shape[0], x.shape[1:]
+        x0 = x.detach().reshape(B, -1)
+        with torch.no_grad():
+            logits = model(x0.view(B, *shape))
+        pred = logits.argmax(1)
+        ref = pred if y is None else y.long()
+        cand = _candidates(logits, ref, candidates)
+        active = pred == ref
+        success, adv_label = ~active, pred.clone()
+        iterations = torch.zeros(B, dtype=torch.int64, device=x.device)
+        r_tot, x_cur = torch.zeros_like(x0), x0
+        for t in range(max_iter):
+            if not bool(active.any()):
+                break
+            with torch.enable_grad():
+                xv = x_cur.clone().requires_grad_(True)
+                logits = model(xv.view(B, *shape))
+                grads = _class_grads(logits, xv, cand, create_graph=False)
+            _, _, r = select_boundary(logits.detach(), grads, cand, ref, active, norm, STEP_EPS)
+            r_tot, x_next = deepfool_update(x0, r_tot, r, active, overshoot, lo, hi)
+            x_cur = torch.where(active[:, None], x_next, x_cur)
+            with torch.no_grad():
+                logits = model(x_cur.view(B, *shape))
+            finite = torch.isfinite(logits).all(1)
+            now = torch.where(finite, logits.argmax(1), ref)
+            stopped = active & ((now != ref) | ~finite)
+            iterations = torch.where(active, torch.full_like(iterations, t + 1), iterations)
+            adv_label = torch.where(active, now, adv_label)
+            success = success | (stopped & finite)
+            active = active & ~stopped
+        return (x_cur - x0).view(B, *shape), iterations, success, ref, adv_label
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def deepdefense_ref(model, x: Tensor, y: Tensor, *, lam: float = 15.0, c: float = 25.0, d: float = 5.0,
+                    max_iter: int = 5, overshoot: float = 0.02, candidates: Optional[int] = None):
+    """The DeepDefense regularizer, slowly: the whole batch every step (done samples masked),
+    every candidate's gradient with ``create_graph`` by its own autograd call; correct samples
+    step towards the closest candidate boundary (a choice without a graph), wrong ones towards
+    y. Returns ``(R, iterations [B], correct [B])``, R differentiable."""
+    modes = _eval_modes(model)
+    try:
+        B, shape = x.shape[0], x.shape[1:]
+        x0 = x.reshape(B, -1)
+        r_tot = torch.zeros_like(x0)
+        iterations = torch.zeros(B, dtype=torch.int64, device=x.device)
+        with torch.enable_grad():
+            xt = x0 if x0.requires_grad else x0.detach().requires_grad_(True)
+            for t in range(max_iter):
+                if t > 0:
+                    xt = x0 + (1 + overshoot) * r_tot
+                    xt = xt if xt.requires_grad else xt.detach().requires_grad_(True)
+                logits = model(xt.view(B, *shape))
+                cur = logits.detach().argmax(1)
+                if t == 0:
+                    pred, correct = cur, cur == y
+                    cand = _candidates(logits.detach(), pred, candidates)
+                    active = torch.ones(B, dtype=torch.bool, device=x.device)
+                else:
+                    active = active & torch.where(correct, cur == pred, cur != y)
+                if not bool(active.any()):
+                    break
+                everything = torch.arange(logits.shape[1], device=x.device).expand(B, -1)
+                grads = _class_grads(logits, xt, everything, create_graph=True)      # [B, K, D]
+                g_cand = grads.detach().gather(1, cand[:, :, None].expand(-1, -1, grads.shape[2]))
+                l_sel, _, _ = select_boundary(logits.detach(), g_cand, cand, cur, active & correct, 2.0, STEP_EPS)
+                l = torch.where(correct, l_sel, y)
+                a = active.nonzero().squeeze(1)      # done rows take no step (w may be 0 there)
+                w = grads[a, l[a]] - grads[a, cur[a]]
+                r = boundary_step(logits[a, l[a]] - logits[a, cur[a]], w, 2.0, STEP_EPS)
+                r_tot = r_tot.index_add(0, a, r)
+                iterations = torch.where(active, torch.full_like(iterations, t + 1), iterations)
+        penalty = deepdefense_penalty((1 + overshoot) * r_tot, x0, correct, c, d)
+        return lam / B * penalty.sum(), iterations, correct
+    finally:
+        for m, mode in modes:
+            m.training = mode

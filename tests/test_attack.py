@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import ddfast
 from conftest import make_cnn, make_mlp
-from slow_deepfool import slow_deepfool
+from ddfast.reference import deepfool_ref
 
 INF = float("inf")
 
@@ -58,7 +58,7 @@ def test_affine_linf_one_step_closed_form():
 
 def _compare(model, x, y=None, **kw):
     res = ddfast.deepfool(model, x, y, **kw)
-    sd, si, ss, sl, sa = slow_deepfool(model, x, y, **{("max_iter" if k == "max_iter" else k): v
+    sd, si, ss, sl, sa = deepfool_ref(model, x, y, **{("max_iter" if k == "max_iter" else k): v
                                                         for k, v in kw.items()})
     torch.testing.assert_close(res.delta.flatten(1), sd.flatten(1), rtol=1e-9, atol=1e-10)
     assert torch.equal(res.iterations, si)
@@ -94,7 +94,7 @@ def test_matches_slow_cnn_batchnorm_dropout_in_train_mode():
     model.train()
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
     model.eval()
-    expected = slow_deepfool(model, x, max_iter=10)
+    expected = deepfool_ref(model, x, max_iter=10)
     model.train()
     res = ddfast.deepfool(model, x, max_iter=10)
     assert model.training and all(m.training for m in model.modules())
@@ -502,7 +502,7 @@ def test_hypothesis_shapes_against_slow(B, K, D, norm, cand, seed):
     model = torch.nn.Sequential(torch.nn.Linear(D, 8), torch.nn.Tanh(), torch.nn.Linear(8, K)).double()
     x = torch.randn(B, D, dtype=torch.float64)
     res = ddfast.deepfool(model, x, max_iter=8, norm=norm, candidates=cand)
-    sd, si, ss, sl, sa = slow_deepfool(model, x, max_iter=8, norm=norm, candidates=cand)
+    sd, si, ss, sl, sa = deepfool_ref(model, x, max_iter=8, norm=norm, candidates=cand)
     torch.testing.assert_close(res.delta, sd, rtol=1e-8, atol=1e-10)
     assert torch.equal(res.iterations, si) and torch.equal(res.success, ss)
     assert torch.isfinite(res.delta).all()
@@ -551,5 +551,5 @@ def test_deepfool_runs_the_chosen_backend(backend, monkeypatch):
     with ddfast.set_backend(backend):
         res = ddfast.deepfool(model, x, max_iter=10)
     assert calls and set(calls) == {backend}
-    want = slow_deepfool(model, x, max_iter=10)[0]
+    want = deepfool_ref(model, x, max_iter=10)[0]
     torch.testing.assert_close(res.delta, want, rtol=1e-8, atol=1e-10)

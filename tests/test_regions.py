@@ -6,7 +6,7 @@ from torch import nn
 
 import ddfast
 from ddfast import attack, jacobian, regions
-from slow_deepfool import slow_deepfool
+from ddfast.reference import deepfool_ref
 
 
 class Residual(nn.Module):
@@ -246,7 +246,7 @@ def _counting_rows(monkeypatch):
 
 @pytest.mark.parametrize("norm", [2.0, float("inf")])
 @pytest.mark.parametrize("name", ["relu-mlp", "residual-cnn", "clamped-cnn", "affine"])
-def test_attack_reuses_rows_and_matches_the_slow_deepfool(name, norm, monkeypatch):
+def test_attack_reuses_rows_and_matches_the_deepfool_ref(name, norm, monkeypatch):
     """With bounds most later steps keep their region: fewer Jacobian rows than sample-steps,
     and the result of the per-sample DeepFool that computes every Jacobian."""
     model, shape = _build(name)
@@ -254,7 +254,7 @@ def test_attack_reuses_rows_and_matches_the_slow_deepfool(name, norm, monkeypatc
     x = torch.rand(24, *shape, generator=gen, dtype=torch.float64)
     count = _counting_rows(monkeypatch)
     res = ddfast.deepfool(model, x, bounds=(0.0, 1.0), norm=norm, max_iter=30)
-    sd, si, ss, _, _ = slow_deepfool(model, x, bounds=(0.0, 1.0), norm=norm, max_iter=30)
+    sd, si, ss, _, _ = deepfool_ref(model, x, bounds=(0.0, 1.0), norm=norm, max_iter=30)
     torch.testing.assert_close(res.delta, sd, rtol=1e-9, atol=1e-10)
     assert torch.equal(res.iterations, si) and torch.equal(res.success, ss)
     steps = int(res.iterations.sum())
@@ -279,7 +279,7 @@ def test_a_new_signature_makes_the_attack_recompute_every_row(monkeypatch):
 
 
 @pytest.mark.parametrize("norm", [2.0, float("inf")])
-def test_attack_with_labels_candidates_and_chunks_matches_the_slow_deepfool(norm, monkeypatch):
+def test_attack_with_labels_candidates_and_chunks_matches_the_deepfool_ref(norm, monkeypatch):
     """Reference classes that differ between samples (labels; some misclassified at the start),
     top-3 candidates and chunks: the rows reused are each sample's own."""
     model, shape = _build("residual-cnn")
@@ -289,7 +289,7 @@ def test_attack_with_labels_candidates_and_chunks_matches_the_slow_deepfool(norm
     count = _counting_rows(monkeypatch)
     kw = dict(bounds=(0.0, 1.0), norm=norm, max_iter=30, candidates=3)
     res = ddfast.deepfool(model, x, y, batch_size=7, **kw)
-    sd, si, ss, _, _ = slow_deepfool(model, x, y, **kw)
+    sd, si, ss, _, _ = deepfool_ref(model, x, y, **kw)
     torch.testing.assert_close(res.delta, sd, rtol=1e-9, atol=1e-10)
     assert torch.equal(res.iterations, si) and torch.equal(res.success, ss)
     assert count["rows"] < int(res.iterations.sum()) and len(set(y.tolist())) > 2
@@ -381,7 +381,7 @@ def test_small_plain_tensor_constants_keep_the_reuse(monkeypatch):
     x = _near_the_box(24, 5)
     count = _counting_rows(monkeypatch)
     res = ddfast.deepfool(model, x, bounds=(0.0, 1.0))
-    sd, si, _, _, _ = slow_deepfool(model, x, bounds=(0.0, 1.0))
+    sd, si, _, _, _ = deepfool_ref(model, x, bounds=(0.0, 1.0))
     torch.testing.assert_close(res.delta, sd, rtol=1e-9, atol=1e-10)
     assert torch.equal(res.iterations, si) and count["rows"] < int(res.iterations.sum())
 

@@ -1,5 +1,5 @@
-"""ddfast.regularizer.deepdefense_loss against a slow per-sample implementation of the spec
-(DESIGN.md, "DeepDefense regularizer"), plus its behaviour: modes, no .grad, bad input,
+"""ddfast.regularizer.deepdefense_loss against ddfast.reference.deepdefense_ref, the slow
+implementation of the spec (docs/design.md, "DeepDefense regularizer"), plus its behaviour: modes, no .grad, bad input,
 empty batch, float32 guard, the nn.Module form."""
 import math
 
@@ -7,80 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from ddfast.reference import deepdefense_ref
 from ddfast.regularizer import DeepDefense, DeepDefenseInfo, deepdefense_loss
-
-
-# ----------------------------------------------------------------------- the slow spec
-def _norm(v):
-    """||v||_2 with gradient 0 (not NaN) at v == 0."""
-    s = (v * v).sum()
-    return torch.sqrt(s) if bool(s > 0) else s * 0
-
-
-def slow_deepdefense(model, x, y, lam=15.0, c=25.0, d=5.0, max_iter=5, overshoot=0.02,
-                     candidates=None):
-    """DESIGN.md's regularizer one sample at a time: every class gradient by its own autograd
-    call with create_graph at every step; the boundary picked among all (differentiable) rows.
-    Returns (R, iterations [B], correct [B])."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        B = x.shape[0]
-        shape = x.shape[1:]
-        total, iters, corr = 0, [], []
-        for i in range(B):
-            x0 = x[i].reshape(1, -1)
-            f = lambda z: model(z.view(1, *shape))[0]
-            xt = x0 if x0.requires_grad else x0.detach().requires_grad_(True)
-            logits = f(xt)
-            K = logits.shape[0]
-            yhat = int(logits.argmax())
-            correct = yhat == int(y[i])
-            if candidates is None or candidates >= K:
-                cand = list(range(K))
-            else:
-                masked = logits.detach().clone()
-                masked[yhat] = -math.inf
-                cand = [yhat] + masked.topk(candidates - 1).indices.tolist()
-            r_tot = torch.zeros_like(x0)
-            n_it = 0
-            for t in range(max_iter):
-                if t > 0:
-                    xt = x0 + (1 + overshoot) * r_tot
-                    if not xt.requires_grad:
-                        xt = xt.detach().requires_grad_(True)
-                    logits = f(xt)
-                cur = int(logits.argmax())
-                if t > 0 and ((correct and cur != yhat) or (not correct and cur == int(y[i]))):
-                    break
-                g = [torch.autograd.grad(logits[k], xt, create_graph=True)[0][0] for k in range(K)]
-                ref = cur
-                if correct:
-                    dists = []
-                    for k in cand:
-                        if k == ref:
-                            dists.append(math.inf)
-                            continue
-                        wk = g[k] - g[ref]
-                        dists.append(float((logits[k] - logits[ref]).abs().detach() / _norm(wk).detach()))
-                    l = cand[min(range(len(cand)), key=lambda j: dists[j])]
-                else:
-                    l = int(y[i])
-                w = g[l] - g[ref]
-                fd = logits[l] - logits[ref]
-                wn = _norm(w)
-                r = (fd.abs() / wn + 1e-4) * w / wn
-                r_tot = r_tot + r[None]
-                n_it = t + 1
-            D = (1 + overshoot) * r_tot[0]
-            ratio = _norm(D) / _norm(x0[0])
-            total = total + (torch.exp(-c * ratio) if correct else torch.exp(d * ratio))
-            iters.append(n_it)
-            corr.append(correct)
-        return lam / B * total, torch.tensor(iters), torch.tensor(corr)
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 # ----------------------------------------------------------------------- models and data
@@ -164,7 +92,7 @@ def test_value_and_parameter_gradients_match_slow(net, cfg):
     reg, info = deepdefense_loss(model, x, y, return_info=True, **kw)
     assert reg.dtype == torch.float64 and reg.dim() == 0
     g_fast = torch.autograd.grad(reg, _params(model))
-    want, iters, correct = slow_deepdefense(model, x, y, **kw)
+    want, iters, correct = deepdefense_ref(model, x, y, **kw)
     g_slow = torch.autograd.grad(want, _params(model))
 
     assert correct.any() and (~correct).any()                  # a real mix
@@ -186,7 +114,7 @@ def test_both_active_set_routes_match_slow(monkeypatch, reforward):
     model, x = bn_cnn(seed=21), cnn_data(B=8, seed=22)
     y = mixed_labels(model, x, seed=6)
     reg = deepdefense_loss(model, x, y, c=3.0, d=1.0)
-    want, _, _ = slow_deepdefense(model, x, y, c=3.0, d=1.0)
+    want, _, _ = deepdefense_ref(model, x, y, c=3.0, d=1.0)
     assert calls                                             # the active set did shrink
     _assert_rel(reg.detach(), want.detach())
     for a, b in zip(torch.autograd.grad(reg, _params(model)), torch.autograd.grad(want, _params(model))):
@@ -205,7 +133,7 @@ def test_candidates_match_slow(candidates):
     model, x = bn_mlp(seed=3), mlp_data(B=10, seed=4)
     y = mixed_labels(model, x, seed=1)
     reg = deepdefense_loss(model, x, y, candidates=candidates, lam=1.0, c=3.0, d=1.0)
-    want, _, _ = slow_deepdefense(model, x, y, candidates=candidates, lam=1.0, c=3.0, d=1.0)
+    want, _, _ = deepdefense_ref(model, x, y, candidates=candidates, lam=1.0, c=3.0, d=1.0)
     _assert_rel(reg.detach(), want.detach())
     for a, b in zip(torch.autograd.grad(reg, _params(model)), torch.autograd.grad(want, _params(model))):
         _assert_rel(a, b)
@@ -226,7 +154,7 @@ def test_input_gradient_matches_slow():
     xf = x.clone().requires_grad_(True)
     xs = x.clone().requires_grad_(True)
     (gf,) = torch.autograd.grad(deepdefense_loss(model, xf, y, c=3.0, d=1.0), xf)
-    want, _, _ = slow_deepdefense(model, xs, y, c=3.0, d=1.0)
+    want, _, _ = deepdefense_ref(model, xs, y, c=3.0, d=1.0)
     (gs,) = torch.autograd.grad(want, xs)
     _assert_rel(gf, gs)
 
@@ -243,7 +171,7 @@ def test_second_order_matches_slow():
         return torch.autograd.grad(sum((gi * gi).sum() for gi in g), ps)
 
     fast = hv(deepdefense_loss(model, x, y, **kw))
-    slow = hv(slow_deepdefense(model, x, y, **kw)[0])
+    slow = hv(deepdefense_ref(model, x, y, **kw)[0])
     assert any(float(a.abs().max()) > 0 for a in slow)
     for a, b in zip(fast, slow):
         _assert_rel(a, b)
@@ -253,7 +181,7 @@ def test_second_order_matches_slow():
 def test_backends_agree(backend):
     model, x = bn_mlp(seed=9), mlp_data(seed=10)
     y = mixed_labels(model, x, seed=4)
-    want, _, _ = slow_deepdefense(model, x, y, c=3.0, d=1.0)
+    want, _, _ = deepdefense_ref(model, x, y, c=3.0, d=1.0)
     reg = deepdefense_loss(model, x, y, c=3.0, d=1.0, backend=backend)
     _assert_rel(reg.detach(), want.detach())
 
