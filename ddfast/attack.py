@@ -18,19 +18,37 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, FrozenSet, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import backends, jacobian, regions
-from . import ops  # noqa: F401  (registers torch.ops.ddfast.*)
+from . import (
+    backends,
+    jacobian,
+    ops,  # noqa: F401  (registers torch.ops.ddfast.*)
+    regions,
+)
 from .jacobian import competing_classes
 from .reference import STEP_EPS
-from .validate import (NonFiniteLogitsError, as_labels, check_batch_size, check_bounds, check_callable,
-                       check_candidates, check_graph_logits, check_input, check_logits, check_max_iter,
-                       check_model_device, check_nonneg, explain_model_errors, frozen_model, norm_value,
-                       warn_tf32)
+from .validate import (
+    NonFiniteLogitsError,
+    as_labels,
+    check_batch_size,
+    check_bounds,
+    check_callable,
+    check_candidates,
+    check_graph_logits,
+    check_input,
+    check_logits,
+    check_max_iter,
+    check_model_device,
+    check_nonneg,
+    explain_model_errors,
+    frozen_model,
+    norm_value,
+    warn_tf32,
+)
 
 __all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
 
@@ -75,10 +93,13 @@ def _fresh_rows(model: Callable, xg: Tensor, logits_g: Tensor, go: Tensor, g_row
     (None: all n). The graph batch ``(xg, logits_g)`` holds them at its rows ``g_rows`` (None:
     rows 0..n-1, the whole batch). Where few of its rows are wanted, a fresh forward on them
     costs less than a backward over all of them."""
-    if need is None and g_rows is None:
-        return jacobian.direction_grads(model, xg, logits_g, go, None, shape=shape)
+    if g_rows is None:
+        if need is None:
+            return jacobian.direction_grads(model, xg, logits_g, go, None, shape=shape)
+        want = need
+    else:
+        want = g_rows if need is None else g_rows.index_select(0, need)
     n_graph, K = logits_g.shape
-    want = need if g_rows is None else (g_rows if need is None else g_rows.index_select(0, need))
     go_m = go if need is None else go.index_select(1, need)
     m = want.numel()
     if (n_graph - m) * K > m:
@@ -134,7 +155,7 @@ class _Outcome:
     n_nonfinite: Tensor
 
     @classmethod
-    def start(cls, x0: Tensor, pred: Tensor) -> "_Outcome":
+    def start(cls, x0: Tensor, pred: Tensor) -> _Outcome:
         B, dev = x0.shape[0], x0.device
         return cls(x0.clone(), torch.zeros(B, dtype=torch.int64, device=dev),
                    torch.zeros(B, dtype=torch.bool, device=dev), pred.clone(),
@@ -171,7 +192,7 @@ def _clean_logits(model: Callable, x0: Tensor, shape: torch.Size) -> Tuple[Tenso
 
 
 def _step_rows(model: Callable, act: _Active, xg: Tensor, logits_g: Tensor, g_rows: Optional[Tensor],
-               shape: torch.Size, constants) -> Tuple[Tensor, object]:
+               shape: torch.Size, constants: Optional[FrozenSet[int]]) -> Tuple[Tensor, Optional[FrozenSet[int]]]:
     """The Jacobian rows [n, C, D] of the active samples at their iterates, reusing ``act.jac``
     where a sample's activation pattern is unchanged (``constants`` not None: reuse is on).
     Returns them and the reuse setting for later steps (None once the model is not certified)."""
@@ -217,7 +238,7 @@ def _judge(logits: Tensor, ref: Tensor) -> Tuple[Tensor, Tensor, int, Optional[T
     return new_pred, keep, int(keep.sum()), finite
 
 
-def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: "_Settings") -> Tuple[DeepFoolResult, Tensor]:
+def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Settings) -> Tuple[DeepFoolResult, Tensor]:
     """DeepFool on one chunk; also returns how many of its samples stopped at an iterate where
     the model's logits were not finite (a 0-d tensor: read once, after every chunk)."""
     B, shape = x.shape[0], x.shape[1:]

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Tuple, Union
 
-import torch
 from torch import Tensor
 
-
-from .validate import check_batch_size, check_bounds, check_candidates, check_max_iter, check_nonneg, norm_value
 from .attack import DeepFoolResult, deepfool
+from .validate import check_batch_size, check_bounds, check_candidates, check_max_iter, check_nonneg, norm_value
 
 __all__ = ["DeepFool"]
 

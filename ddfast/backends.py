@@ -100,7 +100,7 @@ class set_backend:
         self._previous = getattr(_state, "name", None)
         _state.name = name
 
-    def __enter__(self) -> "set_backend":
+    def __enter__(self) -> set_backend:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -30,13 +30,15 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["competing_classes", "forward_with_graph", "class_grads", "direction_grads", "directions", "one_row_with_graph"]
+__all__ = ["competing_classes", "forward_with_graph", "class_grads", "direction_grads", "directions",
+           "one_row_with_graph"]
 
 #: The routes of :func:`class_grads`.
 METHODS = ("auto", "batched", "replicate", "loop")
 
-_vmap_fails: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_vmap_fails: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+_engine_run_backward: Optional[Callable]
 try:  # the private pieces autograd.grad(is_grads_batched=True) is made of (torch >= 2.4)
     from torch.autograd.graph import _engine_run_backward
     _ = (torch._C._vmapmode_increment_nesting, torch._C._vmapmode_decrement_nesting,
@@ -90,6 +92,7 @@ def _engine_batched(logits: Tensor, xg: Tensor, go: Tensor, create_graph: bool,
     normalisation, shape checks of grad_outputs, pytree flattening): about 0.1 ms a call on
     CPU, which the attack pays once per step. ``go`` is built by :func:`directions`, so the
     checks it skips cannot fail."""
+    assert _engine_run_backward is not None
     level = torch._C._vmapmode_increment_nesting()
     try:
         gb = torch._add_batch_dim(go, 0, level)

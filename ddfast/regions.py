@@ -1,9 +1,9 @@
 """Linear regions of piecewise-linear models, read off the autograd graph of a forward.
 
 A model built from affine ops (linear and convolution layers, sums, reshapes, average pooling,
-padding, upsampling, batch norm in eval mode on CPU: cuDNN's node is not certified) and piecewise-linear ones (ReLU, leaky ReLU,
-threshold, hardtanh / ReLU6, clamp, max pooling)
-is affine around every input, and its input Jacobian depends on the input only through the
+padding, upsampling, batch norm in eval mode on CPU: cuDNN's node is not certified) and
+piecewise-linear ones (ReLU, leaky ReLU, threshold, hardtanh / ReLU6, clamp, max pooling) is
+affine around every input, and its input Jacobian depends on the input only through the
 *activation pattern*: which units are active, which input each max-pool window picks. Two
 inputs with the same pattern have the same Jacobian, exactly.
 
@@ -110,7 +110,8 @@ def _settings(node) -> Tuple[list, list]:
     if names is None:
         names = tuple(a for a in dir(node) if a.startswith("_saved_") and "_sym_" not in a)
         _saved_names[type(node)] = names
-    settings, tensors = [], []
+    settings: list = []
+    tensors: list = []
     for a in names:
         v = getattr(node, a)
         (tensors if isinstance(v, Tensor) else settings).append((a, v))

@@ -32,12 +32,27 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import backends, jacobian
-from . import ops  # noqa: F401  (registers torch.ops.ddfast.*)
+from . import (
+    backends,
+    jacobian,
+    ops,  # noqa: F401  (registers torch.ops.ddfast.*)
+)
 from .jacobian import competing_classes
 from .reference import STEP_EPS
-from .validate import (as_labels, check_callable, check_candidates, check_choice, check_graph_logits, check_input, check_logits,
-                       check_max_iter, check_model_device, check_nonneg, explain_model_errors, frozen_model)
+from .validate import (
+    as_labels,
+    check_callable,
+    check_candidates,
+    check_choice,
+    check_graph_logits,
+    check_input,
+    check_logits,
+    check_max_iter,
+    check_model_device,
+    check_nonneg,
+    explain_model_errors,
+    frozen_model,
+)
 
 __all__ = ["DeepDefense", "DeepDefenseInfo", "deepdefense_loss"]
 
@@ -71,7 +86,7 @@ def _inner_model(model: Callable) -> Callable:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif isinstance(model, nn.Module) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+            model = model._orig_mod  # type: ignore[assignment]
         else:
             return model
 
