@@ -51,8 +51,8 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .validate import NonFiniteLogitsError, check_max_iter, check_nonneg
-from .metrics import accuracy, check_data, rho2
+from ..validate import NonFiniteLogitsError, check_max_iter, check_nonneg
+from ..metrics import accuracy, check_data, rho2
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
            "adversarial_set", "atomic_save", "load_checkpoint", "read_tensor_file", "load_state",
@@ -68,7 +68,7 @@ class TrainConfig:
     ``lr`` is multiplied by ``lr_gamma`` once for every milestone in ``lr_milestones`` that
     the epoch (1-based) has passed: milestones ``(4,)`` halve it for epoch 5.
     ``lam, c, d, dd_max_iter, overshoot``: DeepDefense (:func:`ddfast.deepdefense_loss`).
-    ``layers``: regularize only these layers (names of :func:`ddfast.models.layer_names`;
+    ``layers``: regularize only these layers (names of :func:`ddfast.paper.models.layer_names`;
     paper Fig. 5): the regularizer's gradient reaches only their parameters.
     ``parseval_beta``, ``parseval_frac``: projection step and the fraction of rows sampled.
     ``adv_max_iter``: DeepFool iterations for the fixed adversarial training set.
@@ -276,7 +276,7 @@ def adversarial_set(model: nn.Module, x: Tensor, y: Tensor, *, max_iter: int = 5
     """DeepFool adversarial examples of ``(x, y)`` against ``model`` (the fixed set of
     adversarial training, Moosavi-Dezfooli et al.), ``[N, ...]`` like ``x``; misclassified
     samples stay unperturbed. ``x [N, ...]`` float, ``y [N]`` labels in ``[0, K)``."""
-    from . import deepfool
+    from ..attack import deepfool
 
     y = check_data(model, x, y)
     check_max_iter(max_iter)
@@ -540,7 +540,7 @@ def _step_losses(net: nn.Module, xb: Tensor, yb: Tensor, cfg: TrainConfig) -> Tu
     ce = F.cross_entropy(logits, yb) if len(yb) else logits.sum() * 0.0
     reg = torch.zeros((), device=logits.device)
     if cfg.method == "deepdefense":
-        from .regularizer import deepdefense_loss  # lazy: the regularizer lives in its own module
+        from ..regularizer import deepdefense_loss  # lazy: the regularizer lives in its own module
 
         reg = deepdefense_loss(net, xb, yb, lam=cfg.lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
                                overshoot=cfg.overshoot)

@@ -1,6 +1,6 @@
 """``ddfast reproduce``: the paper's MNIST Table 1 rows, Fig. 2/3/4-style plots, in one call.
 
-Pipeline of :func:`reproduce` (every stage resumable; see :mod:`ddfast.train`):
+Pipeline of :func:`reproduce` (every stage resumable; see :mod:`ddfast.paper.train`):
 
 1. data: shipped MNIST (checksummed), preprocessed to the [0,1] mean-subtracted space;
 2. reference: trained from scratch (``REFERENCE``) or loaded from ``init``;
@@ -31,9 +31,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .. import metrics
+from ..validate import check_max_iter, check_nonneg
 from . import data as ddata
-from . import metrics, models, plots
-from .validate import check_max_iter, check_nonneg
+from . import models, plots
 from .train import TrainConfig, atomic_save, fit, load_state, read_tensor_file, weights_fingerprint
 
 __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
@@ -77,7 +78,7 @@ PAPER = {
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """Load a ``state_dict`` file or a :mod:`ddfast.train` checkpoint into ``model`` (in place; returned).
+    """Load a ``state_dict`` file or a :mod:`ddfast.paper.train` checkpoint into ``model`` (in place; returned).
 
     Read with ``torch.load(weights_only=True)``: a file holding arbitrary Python objects is
     refused. ``FileNotFoundError`` / ``ValueError`` name ``path`` (missing, corrupt, refused, or
@@ -155,7 +156,7 @@ def _markdown(results: dict) -> str:
 
 
 def _examples(trained: Dict[str, torch.nn.Module], prep, out: Path, n: int = 3) -> None:
-    from . import deepfool
+    from ..attack import deepfool
 
     # the first test images of classes 0, 8, 6 (the paper's Fig. 3 shows a "0" pushed to 8 / 6)
     idx = [int((prep.y_test == c).nonzero()[0]) for c in (0, 8, 6)][:n]

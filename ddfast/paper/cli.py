@@ -4,11 +4,11 @@ Errors the user can fix (missing or corrupt data, bad settings, a diverged run, 
 output directory) are printed as one ``ddfast: error: ...`` line and exit with status 2
 (1 for a diverged run, 130 when interrupted) instead of a traceback.
 
-Distributed training: ``torchrun --nproc_per_node N -m ddfast.cli train ...`` (or
+Distributed training: ``torchrun --nproc_per_node N -m ddfast train ...`` (or
 ``python -m torch.distributed.run ...``) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``; ``train``
 then joins the process group (gloo on CPU, nccl with ``--device cuda``, one GPU per local rank),
 trains with DistributedDataParallel (``--batch-size`` is the global batch, split across ranks;
-see :mod:`ddfast.train`), writes files and prints from rank 0 only, and leaves the group at the end.
+see :mod:`ddfast.paper.train`), writes files and prints from rank 0 only, and leaves the group at the end.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def _process_group(env: Optional[dict], device: str):
 def _check_model_takes(model, x, y, a) -> None:
     """One probe forward of a sample: a model built for other inputs (--model lenet on cifar10,
     convnet on MNIST) fails here with one line naming both, not as a traceback mid-run."""
-    from .metrics import check_data
+    from ..metrics import check_data
 
     try:
         check_data(model, x[:1], y[:1])
@@ -190,7 +190,8 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    from . import data, metrics, models
+    from .. import metrics
+    from . import data, models
     from .reproduce import load_weights
 
     if a.json is not None:  # before the evaluation: a bad path must not cost the whole run

@@ -135,8 +135,8 @@ def _candidate_roots() -> List[Path]:
     if env:
         roots += [Path(env) / "mnist", Path(env)]
     roots.append(Path.cwd() / "data" / "mnist")
-    # source checkout (editable install or PYTHONPATH): <repo>/ddfast/data.py -> <repo>/data
-    roots.append(Path(__file__).resolve().parent.parent / "data" / "mnist")
+    # source checkout (editable install or PYTHONPATH): <repo>/ddfast/paper/data.py -> <repo>/data
+    roots.append(Path(__file__).resolve().parents[2] / "data" / "mnist")
     return roots
 
 
@@ -332,7 +332,7 @@ def load_cifar10(root: PathLike, split: str = "train") -> Tuple[Tensor, Tensor]:
         else:
             raise FileNotFoundError(
                 f"CIFAR-10 {split} files not found under {root} (expected {_CIFAR_BIN[split][0]}... "
-                f"or cifar-10-batches-py/{_CIFAR_PY[split][0]}...); see ddfast.data.download_cifar10"
+                f"or cifar-10-batches-py/{_CIFAR_PY[split][0]}...); see ddfast.paper.data.download_cifar10"
             )
     if labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{root}: CIFAR-10 labels outside 0..9")

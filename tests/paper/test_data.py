@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddfast import data
+from ddfast.paper import data
 
 
 def write_idx(path, arr, code=0x08, gz=False):
