@@ -165,7 +165,7 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
 
 
 def test_python_m_entry_points():
-    for mod in ("ddfast", "ddfast.paper.cli"):
+    for mod in ("ddfast", "ddfast.paper.cli", "ddfast.cli"):
         p = subprocess.run([sys.executable, "-m", mod, "--help"], env=SUBPROCESS_ENV, capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 0 and "reproduce" in p.stdout
