@@ -36,7 +36,9 @@ __all__ = [
     "ChecksumError",
     "UNIT",
     "PIXEL",
+    "IDX_FILES",
     "read_idx",
+    "mnist_root_candidates",
     "find_mnist_root",
     "verify_checksums",
     "load_idx_dataset",
@@ -69,7 +71,8 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 
-_IDX_FILES = {
+#: split -> (images, labels) file names of MNIST / Fashion-MNIST, without ``.gz``
+IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
@@ -129,7 +132,8 @@ def _find_file(root: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{root}: neither {stem}.gz nor {stem} found")
 
 
-def _candidate_roots() -> List[Path]:
+def mnist_root_candidates() -> List[Path]:
+    """The directories :func:`find_mnist_root` tries, in order."""
     roots = []
     env = os.environ.get("DDFAST_DATA")
     if env:
@@ -147,9 +151,9 @@ def find_mnist_root() -> Path:
     working directory), ``<source checkout>/data/mnist``. Raises ``FileNotFoundError`` naming
     every place tried.
     """
-    tried = _candidate_roots()
+    tried = mnist_root_candidates()
     for root in tried:
-        if any((root / (_IDX_FILES["train"][0] + ext)).is_file() for ext in (".gz", "")):
+        if any((root / (IDX_FILES["train"][0] + ext)).is_file() for ext in (".gz", "")):
             return root
     raise FileNotFoundError(
         "MNIST not found; looked in: " + ", ".join(str(r) for r in tried)
@@ -202,12 +206,12 @@ def load_idx_dataset(root: PathLike, split: str = "train", verify: bool = False)
     ``split``: ``"train"`` or ``"test"``. Files may be gzip-compressed (``.gz``) or raw.
     ``verify``: check the two files against ``root/SHA256SUMS`` first.
     """
-    if split not in _IDX_FILES:
+    if split not in IDX_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist")
-    img_path, lab_path = (_find_file(root, stem) for stem in _IDX_FILES[split])
+    img_path, lab_path = (_find_file(root, stem) for stem in IDX_FILES[split])
     if verify:
         verify_checksums(root, [img_path.name, lab_path.name])
     images, labels = read_idx(img_path), read_idx(lab_path)

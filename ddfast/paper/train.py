@@ -55,8 +55,8 @@ from ..validate import NonFiniteLogitsError, check_max_iter, check_nonneg
 from ..metrics import accuracy, check_data, rho2
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
-           "adversarial_set", "atomic_save", "load_checkpoint", "read_tensor_file", "load_state",
-           "weights_fingerprint"]
+           "adversarial_set", "shared_adversarial_set", "atomic_save", "finite_or_none", "load_checkpoint",
+           "read_tensor_file", "load_state", "weights_fingerprint"]
 
 METHODS = ("clean", "deepdefense", "adversarial", "parseval")
 
@@ -163,7 +163,7 @@ def atomic_save(obj: object, path: os.PathLike) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             if path.suffix == ".json":  # strict JSON: NaN / inf become null
-                fh.write(json.dumps(_finite_or_none(obj), indent=1, allow_nan=False).encode())
+                fh.write(json.dumps(finite_or_none(obj), indent=1, allow_nan=False).encode())
             else:
                 torch.save(obj, fh)
         umask = os.umask(0)
@@ -176,14 +176,14 @@ def atomic_save(obj: object, path: os.PathLike) -> None:
         raise
 
 
-def _finite_or_none(obj: object) -> object:
+def finite_or_none(obj: object) -> object:
     """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     return obj
 
 
@@ -295,7 +295,7 @@ def adversarial_set(model: nn.Module, x: Tensor, y: Tensor, *, max_iter: int = 5
     return torch.cat(out)
 
 
-def _shared_adversarial_set(src: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, progress: bool,
+def shared_adversarial_set(src: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, progress: bool,
                             rank: int, world: int, chunk: int = 1000) -> Tensor:
     """:func:`adversarial_set` of ``(x, y)``, computed once across the ranks: rank r attacks the
     chunks r, r + world, ... (the same chunks one process attacks, so the result is the same
@@ -429,7 +429,7 @@ def fit(
             src = _clone_with(model, model.state_dict())
             if writer:
                 atomic_save(src.state_dict(), init_path)
-        x_fit = _shared_adversarial_set(src, x_train, y_train, cfg, progress, rank, world)
+        x_fit = shared_adversarial_set(src, x_train, y_train, cfg, progress, rank, world)
         del src
 
     def save(epoch: int):
