@@ -365,159 +365,245 @@ def fit(
     (without a tag, a resume takes everything from the checkpoint, whatever the model holds).
     Raises :class:`NonFiniteLossError` on a NaN/Inf loss when ``cfg.on_nonfinite == "stop"``.
     """
+    model, wrapped, y_train, y_test = _checked_fit_inputs(model, x_train, y_train, x_test, y_test, cfg, scale)
+    out = _output_dir(out_dir, resume)
+    rank, world = _dist_rank_world()
+    reg_params = _regularized_params(model, cfg, world)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    log: List[dict] = []
+    start_epoch = 1
+    if resume and (out / _CHECKPOINT).exists():
+        log, start_epoch = _resume(out / _CHECKPOINT, model, opt, cfg, start_tag)
+    _barrier(world)  # every rank has checked and read the output directory before rank 0 writes to it
+    run = _FitRun(model=model, opt=opt, cfg=cfg, x_test=x_test, y_test=y_test, scale=scale, out=out,
+                  start_tag=start_tag, rank=rank, world=world, progress=progress and rank == 0,
+                  reg_params=reg_params, step_callback=step_callback, log=log)
+    x_fit = x_train
+    if cfg.method == "adversarial" and start_epoch <= cfg.epochs:
+        x_fit = _adversarial_training_set(run, x_train, y_train)
+    if start_epoch == 1 and not log:
+        _record_epoch(run, {"epoch": 0, "lr": 0.0}, time.time())
+    net = _training_net(model, wrapped, world)
+    was_training = model.training
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        _train_epoch(run, net, epoch, x_fit, y_train)
+    model.train(was_training)
+    return log
+
+
+_CHECKPOINT = "checkpoint.pt"  # in out_dir, beside model.pt, log.json and (adversarial) init.pt
+
+
+@dataclass
+class _FitRun:
+    """What the epochs and steps of one :func:`fit` share."""
+
+    model: nn.Module  # the plain module: the optimizer, checkpoints and evaluation use it
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    x_test: Tensor
+    y_test: Tensor
+    scale: float
+    out: Optional[Path]  # output directory; None: no files
+    start_tag: Optional[str]
+    rank: int
+    world: int
+    progress: bool  # progress bars and per-epoch lines (rank 0 only)
+    reg_params: Optional[List[Tensor]]  # layer-wise regularizer: the parameters its gradient reaches
+    step_callback: Optional[Callable[[int, int], None]]
+    log: List[dict]  # one entry per finished epoch (epoch 0: the starting model)
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the files (rank 0, with an output directory)."""
+        return self.out is not None and self.rank == 0
+
+
+def _checked_fit_inputs(model, x_train, y_train, x_test, y_test, cfg, scale):
+    """``(module, ddp_wrapper_or_None, y_train, y_test)`` after checking :func:`fit`'s arguments:
+    a DDP ``model`` is unwrapped (checkpoints, evaluation and the optimizer use the plain module)."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     wrapped = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
     if wrapped is not None:
-        model = wrapped.module  # checkpoints, evaluation and the optimizer use the plain module
+        model = wrapped.module
     y_train = check_data(model, x_train, y_train, ("x_train", "y_train"))
     y_test = check_data(model, x_test, y_test, ("x_test", "y_test"))
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise ValueError(f"scale must be a number > 0, got {scale!r}")
+    return model, wrapped, y_train, y_test
+
+
+def _output_dir(out_dir: Optional[os.PathLike], resume: bool) -> Optional[Path]:
+    """``out_dir`` as a created ``Path`` (None without one); a checkpoint there needs ``resume``."""
     out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / "checkpoint.pt" if out is not None else None
     if resume and out is None:
         raise ValueError("resume needs out_dir")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        if ckpt_path.exists() and not resume:
-            raise FileExistsError(f"{ckpt_path} exists: pass resume=True (CLI: --resume) or another output directory")
+        if (out / _CHECKPOINT).exists() and not resume:
+            raise FileExistsError(f"{out / _CHECKPOINT} exists: pass resume=True (CLI: --resume) or another "
+                                  "output directory")
+    return out
 
-    rank, world = _dist_rank_world()
+
+def _regularized_params(model: nn.Module, cfg: TrainConfig, world: int) -> Optional[List[Tensor]]:
+    """The parameters of ``cfg.layers`` (layer-wise regularizer), None when every parameter is regularized."""
     if world > 1 and cfg.layers is not None:
         raise ValueError("layers (layer-wise regularizer) is not supported in distributed training: "
                          "it needs two backward passes per step, DDP reduces gradients in one")
-    reg_params = None
     if cfg.method == "deepdefense" and cfg.layers is not None:
-        reg_params = _layer_params(model, cfg.layers)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return _layer_params(model, cfg.layers)
+    return None
 
-    log: List[dict] = []
-    start_epoch = 1
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        saved = json.loads(ck["config"])
-        if saved != cfg.to_dict():
-            diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
-            raise ValueError(f"{ckpt_path} was written with other settings (saved, now): {diff}")
-        saved_tag = ck.get("start_tag")
-        if start_tag is not None and saved_tag is not None and saved_tag != start_tag:
-            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-            if shapes != {k: tuple(v.shape) for k, v in ck["model"].items()}:
-                load_state(model, ck["model"], ckpt_path)  # another architecture: that is the error to name
-            raise ValueError(f"{ckpt_path} was started from other weights than this run (another --init or "
-                             "reference): resuming would mix the two; use another output directory")
-        load_state(model, ck["model"], ckpt_path)
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
-        log = json.loads(ck["log"])
-        start_epoch = int(ck["epoch"]) + 1
-    _barrier(world)  # every rank has checked and read the output directory before rank 0 writes to it
-    writer = out is not None and rank == 0
-    progress = progress and rank == 0
 
-    x_fit = x_train
-    if cfg.method == "adversarial" and start_epoch <= cfg.epochs:
-        # the fixed set comes from the *starting* model, kept in init.pt so a resume rebuilds it
-        # (read back only when this run resumes a checkpoint: a fresh run's init.pt may be stale)
-        init_path = out / "init.pt" if out is not None else None
-        if init_path is not None and log and init_path.exists():
-            src = _clone_with(model, read_tensor_file(init_path))
-        else:
-            src = _clone_with(model, model.state_dict())
-            if writer:
-                atomic_save(src.state_dict(), init_path)
-        x_fit = shared_adversarial_set(src, x_train, y_train, cfg, progress, rank, world)
-        del src
+def _resume(ckpt_path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
+            start_tag: Optional[str]) -> Tuple[List[dict], int]:
+    """Load the checkpoint into ``model``, ``opt`` and torch's global RNG; return its log and the
+    next epoch. ``ValueError`` if it was written with other settings or from other starting weights."""
+    ck = load_checkpoint(ckpt_path)
+    saved = json.loads(ck["config"])
+    if saved != cfg.to_dict():
+        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
+        raise ValueError(f"{ckpt_path} was written with other settings (saved, now): {diff}")
+    saved_tag = ck.get("start_tag")
+    if start_tag is not None and saved_tag is not None and saved_tag != start_tag:
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in ck["model"].items()}:
+            load_state(model, ck["model"], ckpt_path)  # another architecture: that is the error to name
+        raise ValueError(f"{ckpt_path} was started from other weights than this run (another --init or "
+                         "reference): resuming would mix the two; use another output directory")
+    load_state(model, ck["model"], ckpt_path)
+    opt.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"])
+    return json.loads(ck["log"]), int(ck["epoch"]) + 1
 
-    def save(epoch: int):
-        if writer:
-            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "rng": torch.get_rng_state(), "log": json.dumps(log), "config": json.dumps(cfg.to_dict()),
-                         "start_tag": start_tag}, ckpt_path)
-            atomic_save(model.state_dict(), out / "model.pt")
-            atomic_save(log, out / "log.json")
-        _barrier(world)
 
-    def evaluated(entry: dict) -> dict:
-        if rank == 0:
-            entry.update(_evaluate_epoch(model, x_test, y_test, cfg, scale, progress))
-        return entry
+def _adversarial_training_set(run: _FitRun, x_train: Tensor, y_train: Tensor) -> Tensor:
+    """The fixed DeepFool set of the *starting* model, ``[N, ...]`` like ``x_train``. That model is
+    kept in ``init.pt`` so that a resume rebuilds the same set (read back only when this run resumes
+    a checkpoint: a fresh run's ``init.pt`` may be stale)."""
+    init_path = run.out / "init.pt" if run.out is not None else None
+    if init_path is not None and run.log and init_path.exists():
+        src = _clone_with(run.model, read_tensor_file(init_path))
+    else:
+        src = _clone_with(run.model, run.model.state_dict())
+        if run.writer:
+            atomic_save(src.state_dict(), init_path)
+    return shared_adversarial_set(src, x_train, y_train, run.cfg, run.progress, run.rank, run.world)
 
-    if start_epoch == 1 and not log:
-        t0 = time.time()
-        entry = evaluated({"epoch": 0, "lr": 0.0})
-        entry["time_s"] = time.time() - t0
-        log.append(entry)
-        save(0)
 
-    net = model if wrapped is None else wrapped
-    if world > 1 and wrapped is None:
+def _training_net(model: nn.Module, wrapped: Optional[nn.Module], world: int) -> nn.Module:
+    """What the steps call: the DDP model passed to :func:`fit`, a new DDP wrapper of ``model``
+    when several processes train, else ``model`` itself."""
+    if wrapped is not None:
+        return wrapped
+    if world > 1:
         dev = next(model.parameters()).device
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    n = x_fit.shape[0]
-    was_training = model.training
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.time()
-        lr = lr_at(cfg, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        gen = _epoch_generator(cfg.seed, epoch)
-        order = torch.randperm(n, generator=gen)
-        steps = range(0, n, cfg.batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+        return nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return model
 
-            steps = tqdm(steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
-        sums = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "correct": 0, "seen": 0, "skipped": 0}
-        net.train()
-        for step, i in enumerate(steps):
-            idx = order[i:i + cfg.batch_size]
-            part = torch.tensor_split(idx, world)[rank]
-            xb, yb = x_fit[part], y_train[part]
-            opt.zero_grad(set_to_none=True)
-            ce, reg, correct = _step_losses(net, xb, yb, cfg)
-            ce_sum, reg_sum, correct, bad = _global_sums(ce, reg, correct, len(part), world)
-            if bad:
-                where = (f"epoch {epoch}, step {step} (loss {(ce_sum + reg_sum) / len(idx)}, "
-                         f"cross-entropy {ce_sum / len(idx)}, regularizer {reg_sum / len(idx)})")
-                if cfg.on_nonfinite == "stop":
-                    last = f"{ckpt_path} (end of epoch {epoch - 1})" if out is not None else "none (no out_dir)"
-                    raise NonFiniteLossError(f"non-finite loss at {where}; stopped. Last checkpoint: {last}. "
-                                             "A new run (another output directory) with a lower learning rate "
-                                             "or lambda/c usually avoids it; on_nonfinite='skip' skips such steps.")
-                sums["skipped"] += 1
-                continue
-            weight = world * len(part) / len(idx)  # 1.0 in one process: DDP's mean becomes the global mean
-            if reg_params is None:
-                ((ce + reg) * weight).backward()
-            else:
-                ce.backward(retain_graph=True)
-                reg.backward(inputs=reg_params)
-            opt.step()
-            if cfg.method == "parseval":
-                parseval_project(model, cfg.parseval_beta, cfg.parseval_frac, gen)
-            sums["loss"] += ce_sum + reg_sum
-            sums["ce"] += ce_sum
-            sums["reg"] += reg_sum
-            sums["correct"] += correct
-            sums["seen"] += len(idx)
-            if step_callback is not None:
-                step_callback(epoch, step)
-        seen = sums["seen"] if sums["seen"] else math.nan  # every step skipped: no statistics (null in log.json)
-        entry = evaluated({"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / seen, "train_ce": sums["ce"] / seen,
-                           "train_reg": sums["reg"] / seen, "train_acc": sums["correct"] / seen,
-                           "skipped_steps": sums["skipped"]})
-        entry["time_s"] = time.time() - t0
-        log.append(entry)
-        save(epoch)
-        if progress:
-            print(f"[{cfg.method}] epoch {epoch}: loss {entry['train_loss']:.4f} test acc {entry['test_acc']:.4f} "
-                  f"rho2 {entry['rho2']:.4f} ({entry['time_s']:.0f}s)", flush=True)
-    model.train(was_training)
-    return log
+
+def _train_epoch(run: _FitRun, net: nn.Module, epoch: int, x_fit: Tensor, y_train: Tensor) -> None:
+    """One epoch (1-based) over ``x_fit`` in the order drawn for it, then its log entry and files."""
+    cfg = run.cfg
+    t0 = time.time()
+    lr = lr_at(cfg, epoch)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    gen = _epoch_generator(cfg.seed, epoch)  # the data order, then the Parseval rows
+    order = torch.randperm(x_fit.shape[0], generator=gen)
+    steps = range(0, x_fit.shape[0], cfg.batch_size)
+    if run.progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
+    sums = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "correct": 0, "seen": 0, "skipped": 0}
+    net.train()
+    for step, i in enumerate(steps):
+        stepped = _train_step(run, net, x_fit, y_train, order[i:i + cfg.batch_size], gen, sums, (epoch, step))
+        if stepped and run.step_callback is not None:
+            run.step_callback(epoch, step)
+    entry = _record_epoch(run, _train_statistics(epoch, lr, sums), t0)
+    if run.progress:
+        print(f"[{cfg.method}] epoch {epoch}: loss {entry['train_loss']:.4f} test acc {entry['test_acc']:.4f} "
+              f"rho2 {entry['rho2']:.4f} ({entry['time_s']:.0f}s)", flush=True)
+
+
+def _train_step(run: _FitRun, net: nn.Module, x_fit: Tensor, y_train: Tensor, idx: Tensor,
+                gen: torch.Generator, sums: dict, where: Tuple[int, int]) -> bool:
+    """One optimizer step on the global batch ``idx`` (this rank takes its part), added to
+    ``sums``; False if the step was skipped (non-finite loss, ``on_nonfinite="skip"``).
+    ``where``: ``(epoch, step)`` for the error message."""
+    cfg, world = run.cfg, run.world
+    part = torch.tensor_split(idx, world)[run.rank]
+    xb, yb = x_fit[part], y_train[part]
+    run.opt.zero_grad(set_to_none=True)
+    ce, reg, correct = _step_losses(net, xb, yb, cfg)
+    ce_sum, reg_sum, correct, bad = _global_sums(ce, reg, correct, len(part), world)
+    if bad:
+        if cfg.on_nonfinite == "stop":
+            raise _nonfinite_loss_error(run, where, ce_sum, reg_sum, len(idx))
+        sums["skipped"] += 1
+        return False
+    weight = world * len(part) / len(idx)  # 1.0 in one process: DDP's mean becomes the global mean
+    if run.reg_params is None:
+        ((ce + reg) * weight).backward()
+    else:
+        ce.backward(retain_graph=True)
+        reg.backward(inputs=run.reg_params)
+    run.opt.step()
+    if cfg.method == "parseval":
+        parseval_project(run.model, cfg.parseval_beta, cfg.parseval_frac, gen)
+    sums["loss"] += ce_sum + reg_sum
+    sums["ce"] += ce_sum
+    sums["reg"] += reg_sum
+    sums["correct"] += correct
+    sums["seen"] += len(idx)
+    return True
+
+
+def _nonfinite_loss_error(run: _FitRun, where: Tuple[int, int], ce_sum: float, reg_sum: float,
+                          n: int) -> NonFiniteLossError:
+    """The error for a non-finite loss at ``where = (epoch, step)``; sums over a global batch of ``n``."""
+    epoch, step = where
+    at = (f"epoch {epoch}, step {step} (loss {(ce_sum + reg_sum) / n}, "
+          f"cross-entropy {ce_sum / n}, regularizer {reg_sum / n})")
+    last = f"{run.out / _CHECKPOINT} (end of epoch {epoch - 1})" if run.out is not None else "none (no out_dir)"
+    return NonFiniteLossError(f"non-finite loss at {at}; stopped. Last checkpoint: {last}. "
+                              "A new run (another output directory) with a lower learning rate "
+                              "or lambda/c usually avoids it; on_nonfinite='skip' skips such steps.")
+
+
+def _train_statistics(epoch: int, lr: float, sums: dict) -> dict:
+    """The training part of an epoch's log entry: means per sample over the steps taken."""
+    seen = sums["seen"] if sums["seen"] else math.nan  # every step skipped: no statistics (null in log.json)
+    return {"epoch": epoch, "lr": lr, "train_loss": sums["loss"] / seen, "train_ce": sums["ce"] / seen,
+            "train_reg": sums["reg"] / seen, "train_acc": sums["correct"] / seen, "skipped_steps": sums["skipped"]}
+
+
+def _record_epoch(run: _FitRun, entry: dict, t0: float) -> dict:
+    """Complete ``entry`` with the test metrics (rank 0) and the seconds since ``t0``, append it
+    to the log and write the files of the epoch; returns it."""
+    if run.rank == 0:
+        entry.update(_evaluate_epoch(run.model, run.x_test, run.y_test, run.cfg, run.scale, run.progress))
+    entry["time_s"] = time.time() - t0
+    run.log.append(entry)
+    _save_epoch(run, entry["epoch"])
+    return entry
+
+
+def _save_epoch(run: _FitRun, epoch: int) -> None:
+    """Write ``checkpoint.pt``, ``model.pt`` and ``log.json`` (rank 0), then wait for every rank."""
+    if run.writer:
+        atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
+                     "rng": torch.get_rng_state(), "log": json.dumps(run.log),
+                     "config": json.dumps(run.cfg.to_dict()), "start_tag": run.start_tag}, run.out / _CHECKPOINT)
+        atomic_save(run.model.state_dict(), run.out / "model.pt")
+        atomic_save(run.log, run.out / "log.json")
+    _barrier(run.world)
 
 
 def _dist_rank_world() -> Tuple[int, int]:
