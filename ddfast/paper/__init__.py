@@ -4,5 +4,5 @@ its Table 3 (:mod:`.models`), MNIST / Fashion-MNIST / CIFAR-10 readers and prepr
 reproduction of Table 1 and its figures (:mod:`.reproduce`, :mod:`.plots`) and the ``ddfast``
 command (:mod:`.cli`). It builds on the core library (``ddfast.deepfool``,
 ``ddfast.deepdefense_loss``, ``ddfast.metrics``), which imports nothing from here; tqdm and
-matplotlib are needed only here (``pip install "ddfast[paper]"``).
+matplotlib are needed only here (:mod:`.extras`; ``pip install "ddfast[paper]"``).
 """

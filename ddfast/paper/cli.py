@@ -192,10 +192,12 @@ def _cmd_train(a) -> int:
 def _cmd_eval(a) -> int:
     from .. import metrics
     from . import data, models
+    from .extras import require_extras
     from .reproduce import load_weights
 
     if a.json is not None:  # before the evaluation: a bad path must not cost the whole run
         a.json.parent.mkdir(parents=True, exist_ok=True)
+    require_extras(progress_bars=not a.no_progress)
     model = load_weights(models.build_model(a.model), a.weights)
     prep = data.prepare(a.dataset, a.data)
     x, y = prep.x_test, prep.y_test

@@ -35,6 +35,7 @@ from .. import metrics
 from ..validate import check_max_iter, check_nonneg
 from . import data as ddata
 from . import models, plots
+from .extras import require_extras
 from .train import TrainConfig, atomic_save, fit, load_state, read_tensor_file, weights_fingerprint
 
 __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
@@ -180,9 +181,11 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
     of the DeepDefense sweep (default: the experiment's; ``()`` for none). Rerunning with the
     same ``out`` continues interrupted trainings and reuses finished ones. ``methods``: the
     fine-tuned rows to run (a subset of ``clean, deepdefense, adversarial, parseval``); without
-    ``deepdefense`` there is no eps_ref, no Acc@eps and no sweep.
+    ``deepdefense`` there is no eps_ref, no Acc@eps and no sweep. Needs matplotlib, and tqdm with
+    ``progress`` (``ImportError`` before any work: ``pip install "ddfast[paper]"``).
     """
     exp, methods, sweep, dev = _checked_settings(experiment, methods, sweep, eval_max_iter, device)
+    require_extras(progress_bars=progress, plots=True)  # not after hours of training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from ..validate import NonFiniteLogitsError, check_max_iter, check_nonneg
 from ..metrics import accuracy, check_data, rho2
+from .extras import progress_bar, require_extras
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
            "adversarial_set", "shared_adversarial_set", "atomic_save", "finite_or_none", "load_checkpoint",
@@ -286,9 +287,7 @@ def adversarial_set(model: nn.Module, x: Tensor, y: Tensor, *, max_iter: int = 5
     out = []
     starts = range(0, x.shape[0], batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="DeepFool training set", unit="batch", leave=False)
+        starts = progress_bar(starts, desc="DeepFool training set", unit="batch", leave=False)
     for i in starts:
         out.append(deepfool(model, x[i:i + batch_size], y[i:i + batch_size], max_iter=max_iter,
                             overshoot=overshoot).x_adv.detach())
@@ -363,11 +362,13 @@ def fit(
     ``start_tag``: names the weights the run starts from (e.g. :func:`weights_fingerprint` of
     the model as passed); kept in the checkpoint, and a resume with another tag is refused
     (without a tag, a resume takes everything from the checkpoint, whatever the model holds).
-    Raises :class:`NonFiniteLossError` on a NaN/Inf loss when ``cfg.on_nonfinite == "stop"``.
+    Raises :class:`NonFiniteLossError` on a NaN/Inf loss when ``cfg.on_nonfinite == "stop"``, and
+    ``ImportError`` before any work when ``progress`` is set and tqdm is not installed.
     """
     model, wrapped, y_train, y_test = _checked_fit_inputs(model, x_train, y_train, x_test, y_test, cfg, scale)
-    out = _output_dir(out_dir, resume)
     rank, world = _dist_rank_world()
+    require_extras(progress_bars=progress and rank == 0)  # (metrics' progress bars need tqdm too)
+    out = _output_dir(out_dir, resume)
     reg_params = _regularized_params(model, cfg, world)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     log: List[dict] = []
@@ -517,9 +518,7 @@ def _train_epoch(run: _FitRun, net: nn.Module, epoch: int, x_fit: Tensor, y_trai
     order = torch.randperm(x_fit.shape[0], generator=gen)
     steps = range(0, x_fit.shape[0], cfg.batch_size)
     if run.progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
+        steps = progress_bar(steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
     sums = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "correct": 0, "seen": 0, "skipped": 0}
     net.train()
     for step, i in enumerate(steps):
