@@ -136,7 +136,7 @@ if CUDA_KERNELS:
     )
 
 setup(
-    packages=["ddfast", "ddfast.kernels"],
+    packages=["ddfast", "ddfast.kernels", "ddfast.paper"],
     package_dir={"ddfast": "ddfast", "ddfast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},

@@ -17,7 +17,7 @@ from .regularizer import DeepDefense, DeepDefenseInfo, deepdefense_loss
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("data", "models", "metrics", "train", "reproduce", "plots", "cli", "jacobian")
+_LAZY_SUBMODULES = ("data", "models", "metrics", "train", "reproduce", "plots", "cli", "jacobian", "paper")
 
 __all__ = [
     "deepfool",
@@ -38,5 +38,7 @@ __all__ = [
 
 def __getattr__(name):
     if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        # the paper's application lives in ddfast.paper; ddfast.train etc. are the same modules
+        paper = name in ("data", "models", "train", "reproduce", "plots", "cli")
+        return importlib.import_module(f".paper.{name}" if paper else f".{name}", __name__)
     raise AttributeError(f"module 'ddfast' has no attribute {name!r}")

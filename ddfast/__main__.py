@@ -1,6 +1,6 @@
 """`python -m ddfast`: the ddfast command line."""
 import sys
 
-from .cli import main
+from .paper.cli import main
 
 sys.exit(main())

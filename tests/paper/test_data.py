@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddfast import data
+from ddfast.paper import data
 
 
 def write_idx(path, arr, code=0x08, gz=False):
@@ -24,7 +24,7 @@ def write_idx(path, arr, code=0x08, gz=False):
 def make_mnist_dir(d, n=7, gz=True, sums=True):
     rng = np.random.default_rng(0)
     files = {}
-    for split, (img, lab) in data._IDX_FILES.items():
+    for split, (img, lab) in data.IDX_FILES.items():
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, n, dtype=np.uint8)
         suffix = ".gz" if gz else ""
@@ -110,7 +110,7 @@ def test_find_root_env_and_error(tmp_path, monkeypatch):
     make_mnist_dir(tmp_path / "mnist")
     monkeypatch.setenv("DDFAST_DATA", str(tmp_path))
     assert data.find_mnist_root() == tmp_path / "mnist"
-    monkeypatch.setattr(data, "_candidate_roots", lambda: [tmp_path / "nowhere"])
+    monkeypatch.setattr(data, "mnist_root_candidates", lambda: [tmp_path / "nowhere"])
     with pytest.raises(FileNotFoundError, match="nowhere"):
         data.find_mnist_root()
 

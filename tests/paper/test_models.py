@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ddfast import models
+from ddfast.paper import models
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (3, 1, 28, 28)), ("lenet", (3, 1, 28, 28)),

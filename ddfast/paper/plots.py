@@ -13,6 +13,8 @@ from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
+from .extras import import_extra
+
 __all__ = ["convergence", "example_grid", "histograms", "c_sweep"]
 
 
@@ -22,8 +24,7 @@ COLORS = {"reference": "tab:gray", "clean": "tab:blue", "deepdefense": "tab:oran
 
 
 def _plt():
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "the plots")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 

@@ -1,15 +1,23 @@
 """The ddfast command: train / eval / reproduce on a tiny generated MNIST, and readable errors."""
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ddfast import cli, reproduce
+import ddfast
+from ddfast.paper import cli, reproduce
+
+#: environment of the ``python -m ddfast`` / torchrun children: they import the ddfast this process
+#: imported (the checkout under ``python -m pytest``, else the installed package), not a stale other copy
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    p for p in (str(Path(ddfast.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +27,8 @@ def one_thread():
     torch.set_num_threads(n)  # main() may set it
 
 
-def _idx(path, arr):
+def write_idx(path, arr):
+    """``arr`` as a gzipped uint8 IDX file (the MNIST format) at ``path``."""
     header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
     path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
 
@@ -32,8 +41,8 @@ def make_mnist(d, n_train=200, n_test=100, seed=0):
     for split, n in (("train", n_train), ("t10k", n_test)):
         y = rng.integers(0, 10, n)
         x = np.clip(protos[y] + rng.normal(0, 40, (n, 28, 28)), 0, 255)
-        _idx(d / f"{split}-images-idx3-ubyte.gz", x)
-        _idx(d / f"{split}-labels-idx1-ubyte.gz", y)
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", y)
     return d
 
 
@@ -156,8 +165,9 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
 
 
 def test_python_m_entry_points():
-    for mod in ("ddfast", "ddfast.cli"):
-        p = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=120)
+    for mod in ("ddfast", "ddfast.paper.cli", "ddfast.cli"):
+        p = subprocess.run([sys.executable, "-m", mod, "--help"], env=SUBPROCESS_ENV, capture_output=True, text=True,
+                           timeout=120)
         assert p.returncode == 0 and "reproduce" in p.stdout
 
 
@@ -177,7 +187,7 @@ def test_reproduce_rejects_unusable_device(tmp_path, device):
 @pytest.mark.parametrize("kw, match", [(dict(eval_max_iter=-1), "eval_max_iter"),
                                        (dict(sweep=(10.0, -5.0)), "sweep")])
 def test_reproduce_checks_its_settings_before_any_training(tmp_path, kw, match):
-    from ddfast.reproduce import reproduce
+    from ddfast.paper.reproduce import reproduce
 
     with pytest.raises(ValueError, match=match):
         reproduce("mnist-mlp", tmp_path / "out", **kw)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddfast import models, train
+from ddfast.paper import models, train
 
 
 @pytest.fixture(autouse=True)

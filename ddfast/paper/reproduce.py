@@ -1,6 +1,6 @@
 """``ddfast reproduce``: the paper's MNIST Table 1 rows, Fig. 2/3/4-style plots, in one call.
 
-Pipeline of :func:`reproduce` (every stage resumable; see :mod:`ddfast.train`):
+Pipeline of :func:`reproduce` (every stage resumable; see :mod:`ddfast.paper.train`):
 
 1. data: shipped MNIST (checksummed), preprocessed to the [0,1] mean-subtracted space;
 2. reference: trained from scratch (``REFERENCE``) or loaded from ``init``;
@@ -31,9 +31,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .. import metrics
+from ..validate import check_max_iter, check_nonneg
 from . import data as ddata
-from . import metrics, models, plots
-from .validate import check_max_iter, check_nonneg
+from . import models, plots
+from .extras import require_extras
 from .train import TrainConfig, atomic_save, fit, load_state, read_tensor_file, weights_fingerprint
 
 __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
@@ -77,7 +79,7 @@ PAPER = {
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """Load a ``state_dict`` file or a :mod:`ddfast.train` checkpoint into ``model`` (in place; returned).
+    """Load a ``state_dict`` file or a :mod:`ddfast.paper.train` checkpoint into ``model`` (in place; returned).
 
     Read with ``torch.load(weights_only=True)``: a file holding arbitrary Python objects is
     refused. ``FileNotFoundError`` / ``ValueError`` name ``path`` (missing, corrupt, refused, or
@@ -155,7 +157,7 @@ def _markdown(results: dict) -> str:
 
 
 def _examples(trained: Dict[str, torch.nn.Module], prep, out: Path, n: int = 3) -> None:
-    from . import deepfool
+    from ..attack import deepfool
 
     # the first test images of classes 0, 8, 6 (the paper's Fig. 3 shows a "0" pushed to 8 / 6)
     idx = [int((prep.y_test == c).nonzero()[0]) for c in (0, 8, 6)][:n]
@@ -179,8 +181,45 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
     of the DeepDefense sweep (default: the experiment's; ``()`` for none). Rerunning with the
     same ``out`` continues interrupted trainings and reuses finished ones. ``methods``: the
     fine-tuned rows to run (a subset of ``clean, deepdefense, adversarial, parseval``); without
-    ``deepdefense`` there is no eps_ref, no Acc@eps and no sweep.
+    ``deepdefense`` there is no eps_ref, no Acc@eps and no sweep. Needs matplotlib, and tqdm with
+    ``progress`` (``ImportError`` before any work: ``pip install "ddfast[paper]"``).
     """
+    exp, methods, sweep, dev = _checked_settings(experiment, methods, sweep, eval_max_iter, device)
+    require_extras(progress_bars=progress, plots=True)  # not after hours of training
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    prep = ddata.prepare("mnist", data_root)
+    prep = replace(prep, **{k: getattr(prep, k).to(dev) for k in ("x_train", "y_train", "x_test", "y_test")})
+    trained, sweep_models, logs = _train_all(exp, methods, sweep, prep, out, init, dev, progress, log)
+
+    log("evaluating on the full test set")
+    rows, ratios, eps_ref = _table_rows(exp, trained, prep, eval_max_iter, progress, log)
+    points = _sweep_points(exp, rows, sweep_models, prep, eval_max_iter, progress)
+    results = {
+        "experiment": experiment, "model": exp["model"], "rows": rows, "eps_ref": eps_ref,
+        "sweep": points if len(points) > 1 else [],
+        "paper": {m: dict(zip(("acc", "rho2", "rho_inf", "acc_at_eps", "rho2_prime"), v))
+                  for m, v in PAPER.get(exp["model"], {}).items()},
+        "settings": {"reference": exp["reference"].to_dict() if init is None else {"init": str(init)},
+                     "finetune": exp["finetune"].to_dict(), "deepdefense_c": exp["c"], "scale": prep.scale,
+                     "eval_max_iter": eval_max_iter, "threads": torch.get_num_threads(),
+                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
+        "logs": logs,
+    }
+    _plot(exp, logs, ratios, points, rows, out)
+    _examples(trained, prep, out)
+    results["time_s"] = time.time() - t0
+    atomic_save(results, out / "results.json")  # strict JSON: a diverged row's NaN is written as null
+    (out / "results.md").write_text(_markdown(results))
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots ({results['time_s'] / 60:.1f} min)")
+    return results
+
+
+def _checked_settings(experiment: str, methods: Sequence[str], sweep: Optional[Sequence[float]],
+                      eval_max_iter: int, device: str):
+    """``(experiment dict, methods in ROWS order, c values of the sweep, torch.device)`` after
+    checking :func:`reproduce`'s settings (before anything is written or trained)."""
     if experiment not in EXPERIMENTS:
         raise ValueError(f"experiment must be one of {sorted(EXPERIMENTS)}, got {experiment!r}")
     methods = tuple(methods)
@@ -193,82 +232,83 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
     sweep = exp["sweep"] if sweep is None else tuple(sweep)
     if "deepdefense" not in methods:
         sweep = ()
-    check_max_iter(eval_max_iter, "eval_max_iter")  # before any training, not after it
+    check_max_iter(eval_max_iter, "eval_max_iter")
     for c in sweep:
         check_nonneg(c, "sweep (values of c)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    prep = ddata.prepare("mnist", data_root)
-    prep = replace(prep, **{k: getattr(prep, k).to(dev) for k in ("x_train", "y_train", "x_test", "y_test")})
+    return exp, methods, sweep, dev
 
-    def new_model():
-        torch.manual_seed(0)
-        return models.build_model(exp["model"]).to(dev)
 
+def _train_all(exp: dict, methods: Sequence[str], sweep: Sequence[float], prep, out: Path, init: Optional[Path],
+               dev: torch.device, progress: bool, log: Callable[[str], None]):
+    """The reference (trained in ``out/reference`` or loaded from ``init``), each method fine-tuned
+    from it (``out/<method>``) and the sweep's DeepDefense models (``out/sweep/c<c>``):
+    ``(method -> model, c -> model, method -> training log)``."""
     logs: Dict[str, List[dict]] = {}
-    trained: Dict[str, torch.nn.Module] = {}
-    ref = new_model()
+    ref = _new_model(exp["model"], dev)
     if init is not None:
         load_weights(ref, init)
         log(f"reference: loaded {init}")
     else:
         log(f"reference: training {exp['model']} from scratch ({exp['reference'].epochs} epochs)")
         logs["reference"] = _run(ref, prep, exp["reference"], out / "reference", progress)
-    trained["reference"] = ref
+    trained: Dict[str, torch.nn.Module] = {"reference": ref}
     ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
-
     ft = exp["finetune"]
     for method in methods:
-        m = new_model()
-        m.load_state_dict(ref_state)
         log(f"{method}: fine-tuning from the reference ({ft.epochs} epochs)")
         cfg = replace(ft, method=method, c=exp["c"]) if method == "deepdefense" else replace(ft, method=method)
-        logs[method] = _run(m, prep, cfg, out / method, progress)
-        trained[method] = m
-    sweep_models = {}
+        trained[method] = _new_model(exp["model"], dev, ref_state)
+        logs[method] = _run(trained[method], prep, cfg, out / method, progress)
+    sweep_models: Dict[float, torch.nn.Module] = {}
     for c in (c for c in sweep if float(c) != float(exp["c"])):
-        m = new_model()
-        m.load_state_dict(ref_state)
         log(f"deepdefense c={c:g}: fine-tuning (sweep)")
-        _run(m, prep, replace(ft, method="deepdefense", c=float(c)), out / "sweep" / f"c{c:g}", progress)
-        sweep_models[float(c)] = m
+        sweep_models[float(c)] = _new_model(exp["model"], dev, ref_state)
+        _run(sweep_models[float(c)], prep, replace(ft, method="deepdefense", c=float(c)), out / "sweep" / f"c{c:g}",
+             progress)
+    return trained, sweep_models, logs
 
-    log("evaluating on the full test set")
+
+def _new_model(name: str, dev: torch.device, state: Optional[dict] = None) -> torch.nn.Module:
+    """A model built after ``torch.manual_seed(0)`` on ``dev``, holding ``state`` if given."""
+    torch.manual_seed(0)
+    model = models.build_model(name).to(dev)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def _table_rows(exp: dict, trained: Dict[str, torch.nn.Module], prep, eval_max_iter: int, progress: bool,
+                log: Callable[[str], None]):
+    """``(rows, method -> per-sample ||D||_2/||x||_2 array, eps_ref)``: :func:`ddfast.metrics.evaluate`
+    of each trained model on the full test set, eps_ref the DeepDefense model's FGS eps50 (if any)."""
     kw = dict(scale=prep.scale, max_iter=eval_max_iter, progress=progress)
     eps_ref = metrics.fgs_eps50(trained["deepdefense"], prep.x_test, prep.y_test) if "deepdefense" in trained else None
     ratios, rows = {}, []
-    for method in ("reference", *methods):
-        row, r = metrics.evaluate(trained[method], prep.x_test, prep.y_test, eps_ref=eps_ref, return_rho2=True, **kw)
+    for method, model in trained.items():
+        row, r = metrics.evaluate(model, prep.x_test, prep.y_test, eps_ref=eps_ref, return_rho2=True, **kw)
         ratios[method] = r.ratios.cpu().numpy()
         rows.append({"model": exp["model"], "method": method, **row})
         log(f"  {method:12s} acc {100 * row['acc']:.2f}%  rho_2 {row['rho2']:.4f}  rho_inf {row['rho_inf']:.4f}")
+    return rows, ratios, eps_ref
+
+
+def _sweep_points(exp: dict, rows: List[dict], sweep_models: Dict[float, torch.nn.Module], prep,
+                  eval_max_iter: int, progress: bool) -> List[dict]:
+    """Points of the c sweep (paper Fig. 4): the DeepDefense row's c first, then each sweep model's."""
     dd = [r for r in rows if r["method"] == "deepdefense"]
     points = [{"c": float(exp["c"]), **{k: dd[0][k] for k in ("acc", "rho2", "rho2_prime", "fooled")}}] if dd else []
     for c, m in sweep_models.items():
         r = metrics.rho2(m, prep.x_test, max_iter=eval_max_iter, scale=prep.scale, progress=progress)
         points.append({"c": c, "acc": metrics.accuracy(m, prep.x_test, prep.y_test), "rho2": r.rho2,
                        "rho2_prime": r.rho2_prime, "fooled": r.fooled})
+    return points
 
-    results = {
-        "experiment": experiment, "model": exp["model"], "rows": rows, "eps_ref": eps_ref,
-        "sweep": points if len(points) > 1 else [],
-        "paper": {m: dict(zip(("acc", "rho2", "rho_inf", "acc_at_eps", "rho2_prime"), v))
-                  for m, v in PAPER.get(exp["model"], {}).items()},
-        "settings": {"reference": exp["reference"].to_dict() if init is None else {"init": str(init)},
-                     "finetune": ft.to_dict(), "deepdefense_c": exp["c"], "scale": prep.scale, "eval_max_iter": eval_max_iter,
-                     "threads": torch.get_num_threads(),
-                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
-        "logs": logs,
-    }
+
+def _plot(exp: dict, logs: Dict[str, List[dict]], ratios: dict, points: List[dict], rows: List[dict],
+          out: Path) -> None:
+    """``convergence.png``, ``histograms.png`` and (with a sweep) ``c_sweep.png`` in ``out``."""
     plots.convergence({k: v for k, v in logs.items() if k != "reference"}, out / "convergence.png",
                       title=f"MNIST {exp['model'].upper()}")
     plots.histograms(ratios, out / "histograms.png")
     if len(points) > 1:
         plots.c_sweep(points, out / "c_sweep.png", reference=rows[0])
-    _examples(trained, prep, out)
-    results["time_s"] = time.time() - t0
-    atomic_save(results, out / "results.json")  # strict JSON: a diverged row's NaN is written as null
-    (out / "results.md").write_text(_markdown(results))
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots ({results['time_s'] / 60:.1f} min)")
-    return results

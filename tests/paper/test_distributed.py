@@ -3,8 +3,8 @@ DistributedDataParallel, rank 0 alone writes the files, and the weights equal th
 process on the same global batches (the per-rank loss weighting makes DDP's gradient average the
 global-batch gradient even for uneven splits; the regularizer runs on the DDP-wrapped model).
 
-The children run with ``cwd=tests/`` so that they import the installed package, not the source
-tree (CI installs with a plain ``pip install .``)."""
+The children run with ``cwd=tests/paper`` and import the ddfast this process imported
+(``SUBPROCESS_ENV``: the checkout under ``python -m pytest``, else the installed package)."""
 import json
 import os
 import socket
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddfast import cli
-from test_cli import tiny_mnist  # noqa: F401  (fixture: 200/100 generated MNIST-format images)
+from ddfast.paper import cli
+from test_cli import SUBPROCESS_ENV, tiny_mnist  # noqa: F401  (fixture: 200/100 generated MNIST-format images)
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -36,10 +36,10 @@ def _free_port() -> int:
 
 def _torchrun_cmd(args, nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "ddfast.cli", *map(str, args)]
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "ddfast", *map(str, args)]
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def _torchrun(args, nproc=2, timeout=240):
@@ -99,7 +99,7 @@ def test_torchrun_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     import signal
 
     from test_cli import make_mnist
-    from test_reliability import _wait_for_epoch
+    from test_cli_reliability import wait_for_epoch
 
     data = make_mnist(tmp_path / "mnist", n_train=1000, n_test=100)
     args = _train_args(data, tmp_path / "ddp")
@@ -107,7 +107,7 @@ def test_torchrun_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc = subprocess.Popen(_torchrun_cmd(args), cwd=TESTS_DIR, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for_epoch(proc, tmp_path / "ddp", 1)
+        wait_for_epoch(proc, tmp_path / "ddp", 1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the session this test started: agent and workers
         proc.wait()
@@ -131,7 +131,7 @@ def test_fit_accepts_an_already_wrapped_model(tmp_path):
     import torch.distributed as dist
     from torch import nn
 
-    from ddfast import models, train
+    from ddfast.paper import models, train
     from test_train import tiny_cfg, tiny_data
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
@@ -154,7 +154,7 @@ def test_fit_accepts_an_already_wrapped_model(tmp_path):
 
 _SHARD_WORKER = """
 import sys, torch, torch.distributed as dist
-from ddfast import models, train
+from ddfast.paper import models, train
 rank, path = int(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="file://" + path + "/rendezvous", rank=rank, world_size=2)
@@ -163,7 +163,7 @@ model = models.MLP(hidden=(16,)).eval()
 x = torch.randn(95, 1, 28, 28)
 y = model(x).argmax(1)
 cfg = train.TrainConfig(method="adversarial", adv_max_iter=10)
-out = train._shared_adversarial_set(model, x, y, cfg, False, rank, 2, chunk=20)
+out = train.shared_adversarial_set(model, x, y, cfg, False, rank, 2, chunk=20)
 torch.save(out, f"{path}/rank{rank}.pt")
 dist.barrier()
 dist.destroy_process_group()
@@ -173,7 +173,7 @@ dist.destroy_process_group()
 def test_adversarial_set_is_shared_across_ranks_bit_for_bit(tmp_path):
     """Under DDP each rank attacks every other chunk of the fixed set and receives the rest:
     both ranks end with exactly the set one process computes (chunks 0, 2, 4 on rank 0; 1, 3 on 1)."""
-    from ddfast import models, train
+    from ddfast.paper import models, train
 
     procs = [subprocess.Popen([sys.executable, "-c", _SHARD_WORKER, str(r), str(tmp_path)], cwd=TESTS_DIR,
                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
