@@ -137,6 +137,7 @@ if CUDA_KERNELS:
 
 setup(
     packages=["ddfast", "ddfast.kernels", "ddfast.paper"],
+    package_data={"ddfast": ["py.typed"]},
     package_dir={"ddfast": "ddfast", "ddfast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExt},

@@ -92,11 +92,13 @@ def _positive(value, name: str) -> float:
 
 def _batches(n: int, batch_size: int, progress: bool, desc: str):
     starts = range(0, n, batch_size)
-    if progress:
+    if not progress:
+        return starts
+    try:  # the bar is optional: tqdm comes with the "paper" extra
         from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
-    return starts
+    except ImportError:
+        return starts
+    return tqdm(starts, desc=desc, unit="batch", leave=False)
 
 
 @torch.no_grad()

@@ -208,7 +208,7 @@ def _cmd_eval(a) -> int:
         x, y = x[: a.limit], y[: a.limit]
     row = metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
                            progress=not a.no_progress)
-    from .train import finite_or_none, atomic_save
+    from .train import atomic_save, finite_or_none
 
     print(json.dumps(finite_or_none(row), indent=1))  # strict JSON, as the file
     if a.json is not None:

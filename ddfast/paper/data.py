@@ -163,7 +163,7 @@ def find_mnist_root() -> Path:
 
 def _parse_sums(root: Path) -> Dict[str, str]:
     sums = {}
-    with open(root / "SHA256SUMS", "r", encoding="utf-8") as fh:
+    with open(root / "SHA256SUMS", encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             line = line.strip()
             if not line or line.startswith("#"):

@@ -40,19 +40,19 @@ import os
 import pickle
 import re
 import tempfile
-import warnings
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..validate import NonFiniteLogitsError, check_max_iter, check_nonneg
 from ..metrics import accuracy, check_data, rho2
+from ..validate import NonFiniteLogitsError, check_max_iter, check_nonneg
 from .extras import progress_bar, require_extras
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
