@@ -30,8 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .validate import (as_labels, check_batch_size, check_candidates, check_input, check_logits, check_max_iter,
-                        check_model_device, check_nonneg, explain_model_errors)
+from .validate import (
+    as_labels,
+    check_batch_size,
+    check_candidates,
+    check_input,
+    check_logits,
+    check_max_iter,
+    check_model_device,
+    check_nonneg,
+    explain_model_errors,
+)
 
 __all__ = [
     "Rho2",
@@ -84,6 +93,14 @@ def check_data(model: nn.Module, x: Tensor, y: Optional[Tensor] = _UNLABELLED,  
     return as_labels(y, x.shape[0], k, x.device, yname)
 
 
+def check_labelled(model: nn.Module, x: Tensor, y: Optional[Tensor],
+                   names: Tuple[str, str] = ("x", "y")) -> Tensor:
+    """:func:`check_data` for a labelled set: ``y`` as int64 ``[N]``."""
+    labels = check_data(model, x, y, names)
+    assert labels is not None
+    return labels
+
+
 def _positive(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -112,7 +129,7 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     """Fraction (0..1) of ``x [N, ...]`` classified as ``y [N]``."""
-    y = check_data(model, x, y)
+    y = check_labelled(model, x, y)
     return (predict(model, x, batch_size) == y).double().mean().item()
 
 
@@ -194,7 +211,7 @@ def rho2(
 
 def fgs_direction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
     """``sign(grad_x CE(f(x), y))`` per sample, ``[N, ...]`` like ``x`` (eval mode; parameters' .grad untouched)."""
-    y = check_data(model, x, y)
+    y = check_labelled(model, x, y)
     check_batch_size(batch_size, allow_none=False)
     out = []
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
@@ -209,7 +226,7 @@ def fgs_direction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000
 @torch.no_grad()
 def fgs_error(model: nn.Module, x: Tensor, y: Tensor, direction: Tensor, eps: float, batch_size: int = 1000) -> float:
     """Fraction (0..1) of ``x`` misclassified (not ``y``) at ``x + eps * direction``."""
-    y = check_data(model, x, y)
+    y = check_labelled(model, x, y)
     _check_direction(direction, x)
     check_nonneg(eps, "eps")
     return 1.0 - (predict(model, x + eps * direction, batch_size) == y).double().mean().item()
@@ -232,7 +249,7 @@ def fgs_eps50(
     ``eps`` is in the units of the preprocessed ``x`` (an L-inf step per pixel). Returns 0 if the
     clean error already reaches ``target``; ``inf`` if no eps up to ``1e6 * mean|x|`` does.
     """
-    y = check_data(model, x, y)
+    y = check_labelled(model, x, y)
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ValueError(f"target must be in (0, 1], got {target!r}")
     _positive(rel_tol, "rel_tol")
@@ -308,14 +325,14 @@ def evaluate(
     given, ``acc_at_eps = {"0.2": acc, ...}`` at ``fraction * eps_ref``.
     With ``return_rho2`` returns ``(row, Rho2)`` (per-sample ratios for histograms).
     """
-    y = check_data(model, x, y)
+    y = check_labelled(model, x, y)
     if eps_ref is not None:
         check_nonneg(eps_ref, "eps_ref")
     for f in fractions:
         check_nonneg(f, "fractions")
     r = rho2(model, x, max_iter=max_iter, candidates=candidates, scale=scale, batch_size=batch_size, progress=progress)
     ri, eps = rho_inf(model, x, y, batch_size=batch_size)
-    row = {
+    row: Dict[str, object] = {
         "acc": accuracy(model, x, y),
         "rho2": r.rho2,
         "rho2_prime": r.rho2_prime,

@@ -6,8 +6,8 @@ any work is done.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import math
+import numbers
 import warnings
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -237,7 +237,7 @@ def tf32_in_use(model: Callable, x: Tensor) -> Optional[str]:
     if not (x.is_cuda and x.dtype == torch.float32):
         return None
     used = []
-    if _flag(lambda: torch.backends.cudnn.allow_tf32, lambda: torch.backends.cudnn.conv.fp32_precision == "tf32"):
+    if _flag(lambda: torch.backends.cudnn.allow_tf32, lambda: torch.backends.cudnn.conv.fp32_precision == "tf32"):  # type: ignore[attr-defined]
         convs = (not isinstance(model, torch.nn.Module)
                  or any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules()))
         if convs:
