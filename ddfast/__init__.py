@@ -13,6 +13,7 @@ import importlib
 from . import attacks, ops, reference
 from .attack import DeepFoolResult, NonFiniteLogitsError, deepfool
 from .backends import available_backends, get_backend, set_backend
+from .guard import BatchCoupledModelError
 from .regularizer import DeepDefense, DeepDefenseInfo, deepdefense_loss
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "deepfool",
     "DeepFoolResult",
     "NonFiniteLogitsError",
+    "BatchCoupledModelError",
     "deepdefense_loss",
     "DeepDefense",
     "DeepDefenseInfo",

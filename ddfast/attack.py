@@ -29,6 +29,7 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.ddfast.*)
     regions,
 )
+from .guard import check_sample_independence, forward, model_guard
 from .jacobian import competing_classes
 from .reference import STEP_EPS
 from .validate import (
@@ -45,7 +46,6 @@ from .validate import (
     check_model_device,
     check_nonneg,
     explain_model_errors,
-    frozen_model,
     norm_value,
     warn_tf32,
 )
@@ -220,7 +220,7 @@ def _forward(model: Callable, x_cur: Tensor, shape: torch.Size, graph: bool):
     if graph:
         return jacobian.forward_with_graph(model, x_cur, shape)
     with torch.no_grad():
-        return None, model(x_cur.view(x_cur.shape[0], *shape))
+        return None, forward(model, x_cur, shape)
 
 
 def _judge(logits: Tensor, ref: Tensor) -> Tuple[Tensor, Tensor, int, Optional[Tensor]]:
@@ -238,14 +238,29 @@ def _judge(logits: Tensor, ref: Tensor) -> Tuple[Tensor, Tensor, int, Optional[T
     return new_pred, keep, int(keep.sum()), finite
 
 
-def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Settings) -> Tuple[DeepFoolResult, Tensor]:
+@dataclass(frozen=True)
+class _Settings:
+    max_iter: int
+    overshoot: float
+    norm: float
+    k: Optional[int]
+    lo: Optional[float]
+    hi: Optional[float]
+    reuse: bool
+
+
+def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Settings,
+                  probe: bool) -> Tuple[DeepFoolResult, Tensor]:
     """DeepFool on one chunk; also returns how many of its samples stopped at an iterate where
-    the model's logits were not finite (a 0-d tensor: read once, after every chunk)."""
+    the model's logits were not finite (a 0-d tensor: read once, after every chunk). ``probe``:
+    check first that the model treats samples independently."""
     B, shape = x.shape[0], x.shape[1:]
     x0 = x.detach().reshape(B, -1)
     if x0.is_inference():                      # a tensor made under torch.inference_mode()
         x0 = x0.clone()
     xg, logits_g, logits = _clean_logits(model, x0, shape)
+    if probe:
+        check_sample_independence(model, x0, logits, shape, "ddfast.deepfool")
     pred = logits.argmax(1)
     ref = pred if y is None else as_labels(y, B, logits.shape[1], x.device)
     cand = competing_classes(logits, ref, cfg.k)
@@ -288,17 +303,6 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Setting
     result = DeepFoolResult(delta=(out.x_final - x0).view(B, *shape), x_adv=out.x_final.view(B, *shape),
                             iterations=out.iterations, success=out.success, label=ref, adv_label=out.adv_label)
     return result, out.n_nonfinite
-
-
-@dataclass(frozen=True)
-class _Settings:
-    max_iter: int
-    overshoot: float
-    norm: float
-    k: Optional[int]
-    lo: Optional[float]
-    hi: Optional[float]
-    reuse: bool
 
 
 def _empty_result(x: Tensor) -> DeepFoolResult:
@@ -353,10 +357,10 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     backends.resolve(None, x.device, x.dtype)          # the chosen backend can run here
     warn_tf32(model, x, "ddfast.deepfool")
     parts, n_nonfinite = [], 0
-    with explain_model_errors(model, x, "ddfast.deepfool"), frozen_model(model), torch.inference_mode(False), \
+    with explain_model_errors(model, x, "ddfast.deepfool"), model_guard(model, x), torch.inference_mode(False), \
             torch.enable_grad():
         for s in range(0, x.shape[0], step):
-            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg)
+            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg, s == 0)
             parts.append(part)
             n_nonfinite += int(bad)
     if n_nonfinite:

@@ -30,6 +30,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .guard import forward
+
 __all__ = ["competing_classes", "forward_with_graph", "class_grads", "direction_grads", "directions",
            "one_row_with_graph"]
 
@@ -63,8 +65,7 @@ def forward_with_graph(model: Callable, x_flat: Tensor, shape: torch.Size) -> Tu
 
     Returns ``(xg, logits)``: the leaf [n, D] (requires grad) and the graph-carrying logits."""
     xg = x_flat.detach().requires_grad_(True)
-    logits = model(xg.view(xg.shape[0], *shape))
-    return xg, logits
+    return xg, forward(model, xg, shape)
 
 
 def directions(n: int, K: int, classes: Optional[Tensor], like: Tensor,
@@ -134,7 +135,7 @@ def _replicate(model: Callable, xg: Tensor, go: Tensor, shape: torch.Size,
                create_graph: bool) -> Tensor:
     C, n, K = go.shape
     xr = xg.detach().repeat(C, 1).requires_grad_(True)                # [C * n, D]
-    out = model(xr.view(C * n, *shape))
+    out = forward(model, xr, shape)
     (g,) = torch.autograd.grad(out, xr, go.reshape(C * n, K), create_graph=create_graph)
     return g.view(C, n, -1)                                            # [C, n, D]
 

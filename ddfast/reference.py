@@ -251,7 +251,7 @@ def deepfool_ref(model, x: Tensor, y: Optional[Tensor] = None, *, max_iter: int 
                 break
             with torch.enable_grad():
                 xv = x_cur.clone().requires_grad_(True)
-                logits = model(xv.view(B, *shape))
+                logits = model(xv.view(B, *shape).clone())
                 grads = _class_grads(logits, xv, cand, create_graph=False)
             _, _, r = select_boundary(logits.detach(), grads, cand, ref, active, norm, STEP_EPS)
             r_tot, x_next = deepfool_update(x0, r_tot, r, active, overshoot, lo, hi)
@@ -289,7 +289,7 @@ def deepdefense_ref(model, x: Tensor, y: Tensor, *, lam: float = 15.0, c: float 
                 if t > 0:
                     xt = x0 + (1 + overshoot) * r_tot
                     xt = xt if xt.requires_grad else xt.detach().requires_grad_(True)
-                logits = model(xt.view(B, *shape))
+                logits = model(xt.view(B, *shape).clone())
                 cur = logits.detach().argmax(1)
                 if t == 0:
                     pred, correct = cur, cur == y

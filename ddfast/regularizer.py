@@ -37,6 +37,7 @@ from . import (
     jacobian,
     ops,  # noqa: F401  (registers torch.ops.ddfast.*)
 )
+from .guard import check_sample_independence, forward, model_guard
 from .jacobian import competing_classes
 from .reference import STEP_EPS
 from .validate import (
@@ -51,7 +52,6 @@ from .validate import (
     check_model_device,
     check_nonneg,
     explain_model_errors,
-    frozen_model,
 )
 
 __all__ = ["DeepDefense", "DeepDefenseInfo", "deepdefense_loss"]
@@ -130,7 +130,8 @@ class _Unroll:
         self.net, self.x0, self.shape, self.overshoot, self.method = net, x0, shape, overshoot, method
         self.x_in = _graph_input(x0)
         # a graph back to x is needed only if a step is taken
-        self.logits = (check_graph_logits if steps > 0 else check_logits)(net(self.x_in.view(B, *shape)), B)
+        self.logits = (check_graph_logits if steps > 0 else check_logits)(forward(net, self.x_in, shape), B)
+        check_sample_independence(net, x0, self.logits, shape, "ddfast.deepdefense_loss")
         K = self.logits.shape[1]
         self.y = as_labels(y, B, K, x0.device)
         self.finite = torch.isfinite(self.logits.detach()).all()
@@ -153,7 +154,7 @@ class _Unroll:
             x = x + (1.0 + self.overshoot) * r
         self.x_in = _graph_input(x)
         n = rows.numel()
-        self.logits = check_logits(self.net(self.x_in.view(n, *self.shape)), n)
+        self.logits = check_logits(forward(self.net, self.x_in, self.shape), n)
         self.finite = self.finite & torch.isfinite(self.logits.detach()).all()
 
     def active_rows(self, cur: Tensor) -> Tuple[Optional[Tensor], Tensor]:
@@ -300,7 +301,7 @@ def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
     check_model_device(net, x)
     backends.resolve(backend, x.device, x.dtype)       # the chosen backend can run here
     x0 = x.reshape(B, -1)
-    with explain_model_errors(net, x, "ddfast.deepdefense_loss"), frozen_model(model), \
+    with explain_model_errors(net, x, "ddfast.deepdefense_loss"), model_guard(model, x), \
             torch.inference_mode(False), torch.enable_grad(), backends.using(backend):
         if x0.is_inference():  # made under inference_mode: a normal copy can carry a graph
             x0 = x0.clone()

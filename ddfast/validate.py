@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["check_input", "as_labels", "check_logits", "check_max_iter", "check_candidates",
-           "check_bounds", "check_model_device", "check_nonneg", "frozen_model", "explain_model_errors"]
+           "check_bounds", "check_model_device", "check_nonneg", "explain_model_errors"]
 
 
 class NonFiniteLogitsError(ValueError):
@@ -37,6 +37,8 @@ def check_input(x, name: str = "x",
                          f"for samples of one feature {name}[:, None]")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device: it holds no values to attack")
+    if x.shape[0] and not x[0].numel():
+        raise ValueError(f"{name} has no features (shape {list(x.shape)}): each sample needs at least one value")
     if x.numel():
         lo, hi = torch.aminmax(x.detach())          # one pass; NaN propagates to both
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
@@ -99,32 +101,38 @@ def check_graph_logits(out, B: int) -> Tensor:
     return out
 
 
+def check_int(value, name: str, minimum: int, what: str = "") -> int:
+    """An integer (Python or numpy, not bool) >= ``minimum``: TypeError for another type,
+    ValueError for a smaller value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}{what}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{what}, got {value!r}")
+    return int(value)
+
+
 def check_max_iter(max_iter, name: str = "max_iter") -> int:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {max_iter!r}")
-    return max_iter
+    return check_int(max_iter, name, 0)
 
 
 def check_batch_size(batch_size, allow_none: bool = True) -> Optional[int]:
     if batch_size is None and allow_none:
         return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int{' or None' if allow_none else ''}, got {batch_size!r}")
-    return batch_size
+    return check_int(batch_size, "batch_size", 1, " or None" if allow_none else "")
 
 
 def check_candidates(candidates) -> Optional[int]:
     if candidates is None:
         return None
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
-        raise ValueError(f"candidates must be an int >= 2 or None, got {candidates!r}")
-    return candidates
+    return check_int(candidates, "candidates", 2, " or None")
 
 
 def check_nonneg(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    """A finite real number >= 0 (Python or numpy, not bool)."""
+    value = check_finite(value, name)
+    if value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return value
 
 
 def check_bounds(bounds) -> Tuple[Optional[float], Optional[float]]:
@@ -200,22 +208,6 @@ def explain_model_errors(model: Callable, x: Tensor, where: str, name: str = "x"
             else:  # Python < 3.11
                 e.args = (f"{e.args[0] if e.args else ''}\n{note}",) + tuple(e.args[1:])
         raise
-
-
-@contextlib.contextmanager
-def frozen_model(model: Callable) -> Iterator[None]:
-    """Eval mode for every submodule of an ``nn.Module`` inside the block; each
-    submodule's own training flag is restored afterwards."""
-    if not isinstance(model, torch.nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _flag(legacy: Callable[[], bool], new: Callable[[], bool]) -> bool:
@@ -343,9 +335,9 @@ def norm_value(norm) -> float:
 
 
 def check_finite(value, name: str) -> float:
-    """A real number that is not NaN or Inf."""
+    """A real number (Python or numpy, not bool) that is not NaN or Inf."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)

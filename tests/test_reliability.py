@@ -16,7 +16,7 @@ import ddfast
 def test_deepdefense_module_checks_settings(arg, value):
     from ddfast import DeepDefense
 
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(TypeError if isinstance(value, float) and arg == "max_iter" else ValueError, match=arg):
         DeepDefense(torch.nn.Linear(4, 3), **{arg: value})
 
 
@@ -107,3 +107,122 @@ def test_deepfool_on_cpu_does_not_warn_about_tf32():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ddfast.deepfool(model, torch.rand(2, 1, 28, 28), max_iter=2)
+
+
+# ------------------------------------------------------------------- round 2 (issue 19)
+def _mlp(seed=0, k=4, d=6):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 12), nn.ReLU(), nn.Linear(12, k)).double()
+
+
+def _coupled_models(net):
+    bn = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12, track_running_stats=False), nn.ReLU(),
+                       nn.Linear(12, 4)).double()
+    return {"mean over the batch": lambda z: net(z - z.mean(0, keepdim=True)), "batch statistics": bn}
+
+
+@pytest.mark.parametrize("kind", ["mean over the batch", "batch statistics"])
+def test_batch_coupled_models_are_refused(kind):
+    net = _mlp()
+    model = _coupled_models(net)[kind]
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+    with pytest.raises(ddfast.BatchCoupledModelError, match="sample"):
+        ddfast.deepfool(model, x)
+    with pytest.raises(ddfast.BatchCoupledModelError, match="sample"):
+        ddfast.deepfool(model, x, batch_size=2)
+    with pytest.raises(ddfast.BatchCoupledModelError, match="sample"):
+        ddfast.deepdefense_loss(model, x, y)
+    if kind == "mean over the batch":
+        ddfast.deepfool(model, x[:1])                  # one sample has no batch to depend on
+
+
+class _InPlace(nn.Module):
+    """Works on its input in place first, as many real models do."""
+
+    def __init__(self, net, how):
+        super().__init__()
+        self.net, self.how = net, how
+
+    def forward(self, z):
+        z = z.mul_(2) if self.how == "mul_" else torch.relu_(z)
+        return self.net(z)
+
+
+@pytest.mark.parametrize("how", ["mul_", "relu_"])
+def test_models_that_work_in_place_run_and_leave_x_untouched(how):
+    net = _mlp(1)
+    plain = (lambda z: net(z * 2)) if how == "mul_" else (lambda z: net(torch.relu(z)))
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+    x_before = x.clone()
+    got, want = ddfast.deepfool(_InPlace(net, how), x), ddfast.deepfool(plain, x)
+    assert torch.equal(x, x_before)
+    torch.testing.assert_close(got.delta, want.delta)
+    r_got = ddfast.deepdefense_loss(_InPlace(net, how), x, y)
+    torch.testing.assert_close(r_got, ddfast.deepdefense_loss(plain, x, y))
+    xr = x.clone().requires_grad_(True)
+    ddfast.deepdefense_loss(_InPlace(net, how), xr, y).backward()
+    assert torch.equal(x, x_before) and xr.grad is not None
+
+
+class _Stateful(nn.Module):
+    """Draws random numbers it does not use, counts its calls in a buffer in place and by
+    rebinding another."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("rebound", torch.zeros(()))
+
+    def forward(self, z):
+        self.calls += 1
+        self.rebound = self.rebound + 1
+        return self.net(z) + 0 * torch.rand(()).to(z.dtype)
+
+
+@pytest.mark.parametrize("entry", ["deepfool", "deepdefense_loss", "metrics.rho2"])
+def test_rng_state_and_buffers_are_restored(entry):
+    model = _Stateful(_mlp(2))
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 4, (6,))
+    calls, rebound = model.calls, model.rebound
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    {"deepfool": lambda: ddfast.deepfool(model, x), "deepdefense_loss": lambda: ddfast.deepdefense_loss(model, x, y),
+     "metrics.rho2": lambda: ddfast.metrics.rho2(model, x, progress=False)}[entry]()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.calls is calls and int(calls) == 0
+    assert model.rebound is rebound and float(rebound) == 0.0
+
+
+def test_numpy_scalars_are_taken_like_python_numbers():
+    np = pytest.importorskip("numpy")
+    model, x = _mlp(3), torch.randn(6, 6, dtype=torch.float64)
+    want = ddfast.deepfool(model, x, max_iter=5, overshoot=0.02, candidates=3, batch_size=2, norm=2)
+    got = ddfast.deepfool(model, x, max_iter=np.int64(5), overshoot=np.float32(0.02), candidates=np.int64(3),
+                          batch_size=np.int64(2), norm=np.float64(2))
+    torch.testing.assert_close(got.delta, want.delta, rtol=1e-6, atol=1e-9)  # overshoot 0.02 in float32
+
+
+@pytest.mark.parametrize("kw, exc, arg", [
+    ({"max_iter": "5"}, TypeError, "max_iter"), ({"max_iter": 2.0}, TypeError, "max_iter"),
+    ({"overshoot": "0.1"}, TypeError, "overshoot"), ({"candidates": 2.5}, TypeError, "candidates"),
+    ({"batch_size": "2"}, TypeError, "batch_size"), ({"max_iter": -1}, ValueError, "max_iter"),
+    ({"overshoot": float("nan")}, ValueError, "overshoot"), ({"norm": "l3"}, ValueError, "norm"),
+])
+def test_wrong_types_raise_type_error_and_wrong_values_value_error(kw, exc, arg):
+    with pytest.raises(exc, match=arg):
+        ddfast.deepfool(_mlp(), torch.randn(3, 6, dtype=torch.float64), **kw)
+
+
+def test_messages_name_the_real_problem():
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with pytest.raises(TypeError, match="model must be a callable"):
+        ddfast.deepfool(3, x)
+    with pytest.raises(TypeError, match="model must be a callable"):
+        ddfast.deepdefense_loss(3, x, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no features"):
+        ddfast.deepfool(_mlp(), torch.randn(3, 0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="backend"):
+        ddfast.DeepDefense(_mlp(), backend="nope")
+    with pytest.raises(ValueError, match="method"):
+        ddfast.deepdefense_loss(_mlp(), x, torch.zeros(3, dtype=torch.int64), max_iter=0, method="nope")

@@ -1,0 +1,92 @@
+"""What every entry point promises the caller, and the one assumption it checks first.
+
+* :func:`model_guard`: inside the block an ``nn.Module`` runs in eval mode; afterwards every
+  submodule's mode, every buffer the forward changed (in place or by rebinding) and torch's
+  global RNG state (CPU, and the device of ``x`` on CUDA) are as they were.
+* :func:`check_sample_independence`: DeepFool treats each sample alone (compaction and
+  chunking change the batch), so a model whose logits for a sample depend on the other
+  samples of its batch (batch statistics, ``x - x.mean(0)``) is refused, never attacked.
+* :func:`forward`: the model sees a copy of its input, so a model that works on its input in
+  place (``x.mul_(2)``, ``relu_`` first) runs and the caller's tensors stay untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["model_guard", "check_sample_independence", "forward", "BatchCoupledModelError"]
+
+
+class BatchCoupledModelError(ValueError):
+    """The model's logits for a sample depend on the other samples of its batch."""
+
+
+def forward(model: Callable, x_flat: Tensor, shape: torch.Size) -> Tensor:
+    """``model`` on a copy of ``x_flat`` [n, D] viewed as ``[n, *shape]`` (gradients reach x_flat)."""
+    return model(x_flat.view(x_flat.shape[0], *shape).clone())
+
+
+def _buffers(model: Callable) -> List[Tuple[nn.Module, str, Tensor, Tensor, int]]:
+    if not isinstance(model, nn.Module):
+        return []
+    return [(m, name, b, b.detach().clone(), b._version) for m in model.modules()
+            for name, b in m._buffers.items() if b is not None]
+
+
+@contextlib.contextmanager
+def model_guard(model: Callable, x: Tensor) -> Iterator[None]:
+    """Eval mode inside; modes, buffers and the RNG state (CPU, x's CUDA device) restored after."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    buffers = _buffers(model)
+    devices = [x.device] if x.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        for m, _ in modes:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            with torch.no_grad():
+                for m, name, b, saved, version in buffers:
+                    m._buffers[name] = b
+                    if b._version != version:
+                        b.copy_(saved)
+
+
+def _tolerance(*logits: Tensor) -> float:
+    """Batch-size-dependent rounding (BLAS blocking, TF32) stays below this, relative: float32's
+    at least, as a model may compute in float32 whatever its input and output dtypes."""
+    if any(t.dtype in (torch.float16, torch.bfloat16) or t.is_cuda for t in logits):
+        return 1e-2
+    return math.sqrt(torch.finfo(torch.float32).eps)
+
+
+def check_sample_independence(model: Callable, x_flat: Tensor, logits: Tensor, shape: torch.Size,
+                              where: str) -> None:
+    """The logits of sample 0 alone equal its row of ``logits`` [B, K], computed on the batch
+    ``x_flat`` [B, D] (B >= 2); else :class:`BatchCoupledModelError`. One forward of one sample."""
+    if x_flat.shape[0] < 2:
+        return
+    why = ("DeepFool needs each sample's logits to depend on that sample only (it drops finished "
+           "samples from the batch and works in chunks): no batch statistics (batch norm in training "
+           "mode or with track_running_stats=False), no ops across the batch (x - x.mean(0)), no "
+           "randomness in eval mode")
+    try:
+        with torch.no_grad():
+            alone = forward(model, x_flat[:1].detach(), shape).detach()
+    except (RuntimeError, ValueError) as exc:
+        raise BatchCoupledModelError(f"{where}: the model fails on a batch of one sample ({exc}); {why}") from exc
+    ref = logits[:1].detach()
+    if not bool(torch.isfinite(ref).all()):     # nothing to compare: the caller handles non-finite logits
+        return
+    gap = float((alone.to(ref.dtype) - ref).abs().max())
+    scale = 1.0 + float(ref.abs().max())
+    if not gap <= _tolerance(ref, alone, x_flat) * scale:
+        raise BatchCoupledModelError(f"{where}: the model's logits for a sample change with the rest of its "
+                                     f"batch (by {gap:.3g} for sample 0 alone vs in the batch of "
+                                     f"{x_flat.shape[0]}); {why}")
