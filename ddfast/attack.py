@@ -15,7 +15,6 @@ stays in its region crosses the boundary: the sample is done), so the attack doe
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, FrozenSet, Optional, Sequence, Tuple, Union
@@ -29,6 +28,7 @@ from . import (
     ops,  # noqa: F401  (registers torch.ops.ddfast.*)
     regions,
 )
+from .budget import chunk_size
 from .guard import check_sample_independence, forward, model_guard
 from .jacobian import competing_classes
 from .reference import STEP_EPS
@@ -41,6 +41,7 @@ from .validate import (
     check_candidates,
     check_graph_logits,
     check_input,
+    check_int,
     check_logits,
     check_max_iter,
     check_model_device,
@@ -54,6 +55,10 @@ __all__ = ["DeepFoolResult", "NonFiniteLogitsError", "deepfool"]
 
 #: Reuse a sample's Jacobian rows while its activation pattern is unchanged (see the top).
 REUSE_JACOBIANS = True
+#: Steps between two host reads of who is left, per device type (``check_every=None``): on
+#: CPU compaction after every step is fastest; on CUDA a block of steps without a host sync
+#: (not yet measured on a GPU).
+CHECK_EVERY = {"cpu": 1, "cuda": 4}
 
 
 @dataclass
@@ -112,8 +117,9 @@ def _fresh_rows(model: Callable, xg: Tensor, logits_g: Tensor, go: Tensor, g_row
 
 @dataclass
 class _Active:
-    """The samples still attacked, compacted: their rows ``idx`` [n] of the chunk and working
-    tensors (x0, r_tot [n, D]; ref [n]; cand [n, C]; logits [n, K]; go [C, n, K]), the Jacobian
+    """The samples still attacked, compacted at the last host read: their rows ``idx`` [n] of
+    the chunk and working tensors (x0, r_tot [n, D]; ref [n]; cand [n, C]; logits [n, K];
+    go [C, n, K]); ``alive`` [n] bool, False once a sample stopped since that read; the Jacobian
     rows ``jac`` [n, C, D] kept for reuse and the activation pattern they belong to."""
 
     idx: Tensor
@@ -123,12 +129,13 @@ class _Active:
     cand: Tensor
     logits: Tensor
     go: Tensor
+    alive: Tensor
     jac: Optional[Tensor] = None
     pattern: Optional[regions.Pattern] = None
 
     def keep(self, rows: Tensor) -> None:
         """Keep only the active samples at ``rows`` [m]."""
-        for name in ("idx", "x0", "r_tot", "ref", "cand", "logits"):
+        for name in ("idx", "x0", "r_tot", "ref", "cand", "logits", "alive"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.go = self.go.index_select(1, rows)
         if self.jac is not None:
@@ -161,19 +168,22 @@ class _Outcome:
                    torch.zeros(B, dtype=torch.bool, device=dev), pred.clone(),
                    torch.zeros((), dtype=torch.int64, device=dev))
 
-    def stop(self, idx: Tensor, x_cur: Tensor, new_pred: Tensor, rows: Tensor, t: int,
-             finite: Optional[Tensor]) -> None:
-        """The active samples at ``rows`` stopped at step ``t + 1`` (``finite``: their logits'
-        finiteness, None when all are finite)."""
-        stop = idx.index_select(0, rows)
-        self.x_final.index_copy_(0, stop, x_cur.index_select(0, rows))
-        self.adv_label.index_copy_(0, stop, new_pred.index_select(0, rows))
-        self.iterations.index_fill_(0, stop, t + 1)
-        if finite is None:
-            self.success.index_fill_(0, stop, True)
-        else:
-            self.success.index_copy_(0, stop, finite.index_select(0, rows))
-            self.n_nonfinite += (~finite.index_select(0, rows)).sum()
+    def judge(self, act: _Active, x_cur: Tensor, t: int) -> None:
+        """After step ``t``: the alive samples whose prediction left ``ref``, or whose logits are
+        not finite (argmax of NaN means nothing), stop at ``x_cur``; no host read."""
+        finite = torch.isfinite(act.logits).all(1)
+        now = torch.where(finite, act.logits.argmax(1), act.ref)
+        stopped = act.alive & ((now != act.ref) | ~finite)
+        self.write(act.idx, stopped, x_cur, now, t + 1)
+        self.success.index_copy_(0, act.idx, self.success.index_select(0, act.idx) | (stopped & finite))
+        self.n_nonfinite += (stopped & ~finite).sum()
+        act.alive = act.alive & ~stopped
+
+    def write(self, idx: Tensor, rows: Tensor, x_cur: Tensor, label: Tensor, steps: int) -> None:
+        """Final iterate, label and step count of the samples ``idx[rows]`` (rows: [n] bool)."""
+        self.x_final.index_copy_(0, idx, torch.where(rows[:, None], x_cur, self.x_final.index_select(0, idx)))
+        self.adv_label.index_copy_(0, idx, torch.where(rows, label, self.adv_label.index_select(0, idx)))
+        self.iterations.index_copy_(0, idx, torch.where(rows, steps, self.iterations.index_select(0, idx)))
 
 
 def _clean_logits(model: Callable, x0: Tensor, shape: torch.Size) -> Tuple[Tensor, Tensor, Tensor]:
@@ -223,21 +233,6 @@ def _forward(model: Callable, x_cur: Tensor, shape: torch.Size, graph: bool):
         return None, forward(model, x_cur, shape)
 
 
-def _judge(logits: Tensor, ref: Tensor) -> Tuple[Tensor, Tensor, int, Optional[Tensor]]:
-    """(prediction, keep, number kept, finite or None): a sample stops when its prediction
-    leaves ``ref`` or its logits are not finite (argmax of NaN means nothing). One sum finds out
-    whether any is non-finite, read with the count kept (one host read)."""
-    new_pred = logits.argmax(1)
-    keep = new_pred == ref
-    total, n_keep = torch.stack((logits.float().sum(), keep.sum().float())).tolist()
-    if math.isfinite(total):
-        return new_pred, keep, int(n_keep), None
-    finite = torch.isfinite(logits).all(1)
-    new_pred = torch.where(finite, new_pred, ref)
-    keep = (new_pred == ref) & finite
-    return new_pred, keep, int(keep.sum()), finite
-
-
 @dataclass(frozen=True)
 class _Settings:
     max_iter: int
@@ -247,6 +242,7 @@ class _Settings:
     lo: Optional[float]
     hi: Optional[float]
     reuse: bool
+    every: int
 
 
 def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Settings,
@@ -265,44 +261,44 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Setting
     ref = pred if y is None else as_labels(y, B, logits.shape[1], x.device)
     cand = competing_classes(logits, ref, cfg.k)
     act = _Active(torch.arange(B, device=x.device), x0, torch.zeros_like(x0), ref, cand, logits,
-                  jacobian.directions(B, logits.shape[1], cand, logits_g, ref))
+                  jacobian.directions(B, logits.shape[1], cand, logits_g, ref), pred == ref)
     out = _Outcome.start(x0, pred)
-    keep, n, n_keep = None, B, B
-    if y is not None:
-        keep = pred == ref
-        out.success |= ~keep
-        n_keep = int(keep.sum())
-    constants = regions.model_constants(model) if cfg.reuse else None
-    ones = torch.ones(B, dtype=torch.bool, device=x.device)
+    out.success |= ~act.alive                  # labelled samples already misclassified
+    constants = regions.model_constants(model) if cfg.reuse and cfg.every == 1 else None
+    x_cur = x0
     for t in range(cfg.max_iter):
         g_rows = None                          # rows of the graph batch holding the active samples
-        if keep is not None and n_keep < n:
-            g_rows = keep.nonzero().squeeze(1)
-            act.keep(g_rows)
-        n = act.idx.numel()
-        if n == 0:
-            break
+        if t % cfg.every == 0:                 # a block's one host read: who is left
+            n_alive = B if t == 0 and y is None else int(act.alive.sum())
+            if n_alive == 0:
+                break
+            if n_alive < act.idx.numel():
+                g_rows = act.alive.nonzero().squeeze(1)
+                act.keep(g_rows)
         if t == 0:                             # the first Jacobian: the logits must carry a graph to x
             check_graph_logits(logits_g, logits_g.shape[0])
         jac, constants = _step_rows(model, act, xg, logits_g, g_rows, shape, constants)
         del xg, logits_g
-        _, _, r = torch.ops.ddfast.select_boundary(act.logits, jac.to(x0.dtype), act.cand, act.ref, ones[:n],
+        _, _, r = torch.ops.ddfast.select_boundary(act.logits, jac.to(x0.dtype), act.cand, act.ref, act.alive,
                                                    cfg.norm, STEP_EPS, True)
         if constants is None:
             act.jac = None
-        act.r_tot, x_cur = torch.ops.ddfast.deepfool_update(act.x0, act.r_tot, r, ones[:n], cfg.overshoot,
+        act.r_tot, x_cur = torch.ops.ddfast.deepfool_update(act.x0, act.r_tot, r, act.alive, cfg.overshoot,
                                                             cfg.lo, cfg.hi)
         xg, logits_g = _forward(model, x_cur, shape, graph=t + 1 < cfg.max_iter)
-        act.logits = check_logits(logits_g, n).detach().to(x0.dtype)
-        new_pred, keep, n_keep, finite = _judge(act.logits, act.ref)
-        if n_keep < n:
-            out.stop(act.idx, x_cur, new_pred, (~keep).nonzero().squeeze(1), t, finite)
-        if t + 1 == cfg.max_iter:
-            out.x_final[act.idx[keep]] = x_cur[keep]
-            out.iterations[act.idx[keep]] = cfg.max_iter
+        act.logits = check_logits(logits_g, act.idx.numel()).detach().to(x0.dtype)
+        out.judge(act, x_cur, t)
+    if cfg.max_iter:                           # who is alive now ran every step
+        out.write(act.idx, act.alive, x_cur, out.adv_label.index_select(0, act.idx), cfg.max_iter)
     result = DeepFoolResult(delta=(out.x_final - x0).view(B, *shape), x_adv=out.x_final.view(B, *shape),
                             iterations=out.iterations, success=out.success, label=ref, adv_label=out.adv_label)
     return result, out.n_nonfinite
+
+
+def _classes(model: Callable, x: Tensor) -> int:
+    """K, from one forward of one sample."""
+    with torch.no_grad():
+        return check_logits(forward(model, x[:1].detach().reshape(1, -1), x.shape[1:]), 1).shape[1]
 
 
 def _empty_result(x: Tensor) -> DeepFoolResult:
@@ -315,7 +311,8 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
              max_iter: int = 50, overshoot: float = 0.02, norm: Union[int, float, str] = 2,
              candidates: Optional[int] = None,
              bounds: Optional[Tuple[Optional[float], Optional[float]]] = None,
-             batch_size: Optional[int] = None, reuse_jacobians: Optional[bool] = None) -> DeepFoolResult:
+             batch_size: Optional[int] = None, reuse_jacobians: Optional[bool] = None,
+             check_every: Optional[int] = None) -> DeepFoolResult:
     """Batched multi-class DeepFool.
 
     Args:
@@ -333,10 +330,13 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
             None for all classes.
         bounds: ``(lo, hi)`` clip of every iterate (either may be None); x must lie within
             them (a ValueError says where it does not).
-        batch_size: process at most this many samples at once (bounds memory).
+        batch_size: process at most this many samples at once; None: as many as fit the memory
+            budget (:mod:`ddfast.budget`).
         reuse_jacobians: with ``bounds``, reuse a sample's Jacobian rows while its activation
             pattern is unchanged (piecewise-linear models; exact, see :mod:`ddfast.regions`);
             None: ``ddfast.attack.REUSE_JACOBIANS`` (True).
+        check_every: read back to the host once every this many steps (samples that finish in
+            between are masked: the same results); None: :data:`CHECK_EVERY` of the device.
 
     Returns:
         :class:`DeepFoolResult`. No ``.grad`` is written. Warns where TF32 rounds the logits
@@ -345,9 +345,10 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     lo, hi = check_bounds(bounds)
     x = check_input(x, bounds=(lo, hi))
     reuse = REUSE_JACOBIANS if reuse_jacobians is None else bool(reuse_jacobians)
+    every = CHECK_EVERY.get(x.device.type, 1) if check_every is None else check_int(check_every, "check_every", 1)
     cfg = _Settings(check_max_iter(max_iter), check_nonneg(overshoot, "overshoot"), norm_value(norm),
-                    check_candidates(candidates), lo, hi, reuse and (lo is not None or hi is not None))
-    step = check_batch_size(batch_size) or max(x.shape[0], 1)
+                    check_candidates(candidates), lo, hi, reuse and (lo is not None or hi is not None), every)
+    step = check_batch_size(batch_size)
     if y is not None:
         y = as_labels(y, x.shape[0], None, x.device)
     if x.shape[0] == 0:
@@ -359,6 +360,7 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     parts, n_nonfinite = [], 0
     with explain_model_errors(model, x, "ddfast.deepfool"), model_guard(model, x), torch.inference_mode(False), \
             torch.enable_grad():
+        step = step or chunk_size(model, x, cfg.k or _classes(model, x))
         for s in range(0, x.shape[0], step):
             part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg, s == 0)
             parts.append(part)

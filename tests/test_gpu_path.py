@@ -1,0 +1,75 @@
+"""The GPU path, checked on the CPU: check_every blocks without host reads give the same
+results, host syncs fall with the block length, and memory-bounded chunks give the results
+of explicit chunking."""
+import pytest
+import torch
+from torch import nn
+
+import ddfast
+from ddfast import budget
+from sync_counter import SyncCounter
+
+
+def _net(seed=0, d=10, k=6):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, k)).double()
+
+
+def _fields(res):
+    return (res.delta, res.iterations, res.success, res.label, res.adv_label)
+
+
+@pytest.mark.parametrize("kw", [{}, {"bounds": (-1.0, 1.0)}, {"norm": "linf"}, {"candidates": 3},
+                                {"batch_size": 5}, {"labels": True}, {"max_iter": 2}])
+def test_check_every_gives_the_same_results(kw):
+    kw = {"max_iter": 12, **kw}
+    model, x = _net(1), torch.rand(16, 10, dtype=torch.float64) * 2 - 1
+    y = None
+    if kw.pop("labels", False):                  # half right, half wrong
+        y = model(x).argmax(1)
+        y[::2] = (y[::2] + 1) % 6
+    want = ddfast.deepfool(model, x, y, check_every=1, **kw)
+    assert int(want.iterations.max()) >= 2
+    for k in (3, 50):
+        got = ddfast.deepfool(model, x, y, check_every=k, **kw)
+        for a, b in zip(_fields(got), _fields(want)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_host_syncs_fall_with_check_every():
+    model, x = _net(2), torch.rand(32, 10, dtype=torch.float64)
+    counts = {}
+    for k in (1, 3, 50):
+        with SyncCounter() as c:
+            res = ddfast.deepfool(model, x, max_iter=50, check_every=k, reuse_jacobians=False)
+        counts[k] = c.count
+    assert int(res.iterations.max()) > 3
+    assert counts[50] < counts[3] < counts[1], counts
+
+
+def test_check_every_is_validated():
+    with pytest.raises(ValueError, match="check_every"):
+        ddfast.deepfool(_net(), torch.rand(3, 10, dtype=torch.float64), check_every=0)
+    with pytest.raises(TypeError, match="check_every"):
+        ddfast.deepfool(_net(), torch.rand(3, 10, dtype=torch.float64), check_every=1.5)
+
+
+def test_memory_budget_chunks_like_explicit_chunking(monkeypatch):
+    model, x = _net(3), torch.rand(20, 10, dtype=torch.float64)
+    per_sample = budget.sample_bytes(model, x[:1], 6)   # K = 6 rows, as the attack counts
+    assert per_sample > 0
+    monkeypatch.setattr(budget, "MEMORY_BUDGET", 3 * per_sample)
+    assert budget.chunk_size(model, x, 6) == 3
+    got = ddfast.deepfool(model, x)
+    want = ddfast.deepfool(model, x, batch_size=3)
+    for a, b in zip(_fields(got), _fields(want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.setattr(budget, "MEMORY_BUDGET", 1)
+    assert budget.chunk_size(model, x, 5) == 1
+
+
+def test_sample_bytes_grow_with_the_model_and_the_rows():
+    small, x = _net(4), torch.rand(2, 10, dtype=torch.float64)
+    wide = nn.Sequential(nn.Linear(10, 4096), nn.ReLU(), nn.Linear(4096, 6)).double()
+    assert budget.sample_bytes(wide, x[:1], 5) > budget.sample_bytes(small, x[:1], 5)
+    assert budget.sample_bytes(small, x[:1], 50) > budget.sample_bytes(small, x[:1], 5)
