@@ -245,18 +245,14 @@ class _Settings:
     every: int
 
 
-def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Settings,
-                  probe: bool) -> Tuple[DeepFoolResult, Tensor]:
+def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Settings) -> Tuple[DeepFoolResult, Tensor]:
     """DeepFool on one chunk; also returns how many of its samples stopped at an iterate where
-    the model's logits were not finite (a 0-d tensor: read once, after every chunk). ``probe``:
-    check first that the model treats samples independently."""
+    the model's logits were not finite (a 0-d tensor: read once, after every chunk)."""
     B, shape = x.shape[0], x.shape[1:]
     x0 = x.detach().reshape(B, -1)
     if x0.is_inference():                      # a tensor made under torch.inference_mode()
         x0 = x0.clone()
     xg, logits_g, logits = _clean_logits(model, x0, shape)
-    if probe:
-        check_sample_independence(model, x0, logits, shape, "ddfast.deepfool")
     pred = logits.argmax(1)
     ref = pred if y is None else as_labels(y, B, logits.shape[1], x.device)
     cand = competing_classes(logits, ref, cfg.k)
@@ -360,9 +356,10 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
     parts, n_nonfinite = [], 0
     with explain_model_errors(model, x, "ddfast.deepfool"), model_guard(model, x), torch.inference_mode(False), \
             torch.enable_grad():
+        check_sample_independence(model, x.detach().reshape(x.shape[0], -1), x.shape[1:], "ddfast.deepfool")
         step = step or chunk_size(model, x, cfg.k or _classes(model, x))
         for s in range(0, x.shape[0], step):
-            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg, s == 0)
+            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg)
             parts.append(part)
             n_nonfinite += int(bad)
     if n_nonfinite:

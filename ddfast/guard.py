@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from .validate import check_logits
 
 __all__ = ["model_guard", "check_sample_independence", "forward", "BatchCoupledModelError"]
 
@@ -38,12 +40,13 @@ def _buffers(model: Callable) -> List[Tuple[nn.Module, str, Tensor, Tensor, int]
 
 
 @contextlib.contextmanager
-def model_guard(model: Callable, x: Tensor) -> Iterator[None]:
-    """Eval mode inside; modes, buffers and the RNG state (CPU, x's CUDA device) restored after."""
+def model_guard(model: Callable, x: Tensor, keep_rng: bool = True) -> Iterator[None]:
+    """Eval mode inside; modes, buffers and (``keep_rng``) the RNG state of the CPU and of x's
+    CUDA device restored after."""
     modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
     buffers = _buffers(model)
     devices = [x.device] if x.is_cuda else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices, enabled=keep_rng):
         for m, _ in modes:
             m.training = False
         try:
@@ -66,19 +69,24 @@ def _tolerance(*logits: Tensor) -> float:
     return math.sqrt(torch.finfo(torch.float32).eps)
 
 
-def check_sample_independence(model: Callable, x_flat: Tensor, logits: Tensor, shape: torch.Size,
-                              where: str) -> None:
-    """The logits of sample 0 alone equal its row of ``logits`` [B, K], computed on the batch
-    ``x_flat`` [B, D] (B >= 2); else :class:`BatchCoupledModelError`. One forward of one sample."""
+def check_sample_independence(model: Callable, x_flat: Tensor, shape: torch.Size, where: str,
+                              logits: Optional[Tensor] = None) -> None:
+    """The logits of sample 0 alone equal its row of the logits of the batch ``x_flat`` [B, D]
+    (``logits`` [B, K] when already computed, else those of its first 8 samples); else
+    :class:`BatchCoupledModelError`. One or two forwards of a few samples, without a graph."""
     if x_flat.shape[0] < 2:
         return
     why = ("DeepFool needs each sample's logits to depend on that sample only (it drops finished "
            "samples from the batch and works in chunks): no batch statistics (batch norm in training "
            "mode or with track_running_stats=False), no ops across the batch (x - x.mean(0)), no "
            "randomness in eval mode")
+    if logits is None:                          # the model's own errors here are the caller's
+        x_flat = x_flat[:8].detach()
+        with torch.no_grad():
+            logits = check_logits(forward(model, x_flat, shape), x_flat.shape[0])
     try:
         with torch.no_grad():
-            alone = forward(model, x_flat[:1].detach(), shape).detach()
+            alone = check_logits(forward(model, x_flat[:1].detach(), shape), 1).detach()
     except (RuntimeError, ValueError) as exc:
         raise BatchCoupledModelError(f"{where}: the model fails on a batch of one sample ({exc}); {why}") from exc
     ref = logits[:1].detach()

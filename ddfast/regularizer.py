@@ -125,15 +125,16 @@ class _Unroll:
     r_tot [B, D] graph-carrying once a step was taken; iterations [B]; finite 0-d bool."""
 
     def __init__(self, net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, k: Optional[int],
-                 overshoot: float, method: str, steps: int):
+                 overshoot: float, method: str, steps: int, capturable: bool = False):
         B = x0.shape[0]
         self.net, self.x0, self.shape, self.overshoot, self.method = net, x0, shape, overshoot, method
         self.x_in = _graph_input(x0)
         # a graph back to x is needed only if a step is taken
         self.logits = (check_graph_logits if steps > 0 else check_logits)(forward(net, self.x_in, shape), B)
-        check_sample_independence(net, x0, self.logits, shape, "ddfast.deepdefense_loss")
         K = self.logits.shape[1]
-        self.y = as_labels(y, B, K, x0.device)
+        if not capturable:                    # value checks read the device: not in a captured step
+            check_sample_independence(net, x0, shape, "ddfast.deepdefense_loss", self.logits)
+        self.y = as_labels(y, B, None if capturable else K, x0.device)
         self.finite = torch.isfinite(self.logits.detach()).all()
         self.pred = self.logits.detach().argmax(1)
         self.correct = self.pred == self.y
@@ -144,6 +145,7 @@ class _Unroll:
         # the step math runs in x's dtype, or the logits' when wider (autocast upcasts here)
         self.work = torch.promote_types(self.logits.dtype, x0.dtype)
         self.eye = torch.eye(K, dtype=self.work, device=x0.device)
+        self.alive = torch.ones(B, dtype=torch.bool, device=x0.device)   # the masked unroll's active set
 
     def forward(self, rows: Tensor) -> None:
         """A graph-carrying forward at the iterates of the batch rows ``rows``."""
@@ -192,17 +194,36 @@ class _Unroll:
         target[sel] = l_sel
         return target
 
+    def towards(self, direction: Tensor, rows: Optional[Tensor]) -> Tensor:
+        """The differentiable step r [n, D] of the graph rows ``rows`` (None: all) along the
+        output ``direction`` [graph rows, K] (e_l - e_ref; a zero row gives r = 0)."""
+        w = jacobian.one_row_with_graph(self.logits, self.x_in, direction.to(self.logits.dtype))
+        fdiff = (self.logits.to(self.work) * direction).sum(1)
+        if rows is not None:
+            w, fdiff = w[rows], fdiff[rows]
+        return torch.ops.ddfast.boundary_step(fdiff, w.to(self.x0.dtype), 2.0, STEP_EPS)
+
+    def masked_step(self, t: int, cur: Tensor) -> None:
+        """One step of every row, done rows masked: fixed shapes, no host read (capturable)."""
+        if t > 0:
+            self.alive = self.alive & torch.where(self.correct, cur == self.pred, cur != self.y)
+        grads = jacobian.class_grads(self.net, self.x_in, self.logits, self.cand, None, method=self.method,
+                                     create_graph=False, retain_graph=True, shape=self.shape, minus=cur)
+        l_sel, _, _ = torch.ops.ddfast.select_boundary(self.logits.detach().to(self.work), grads.to(self.work),
+                                                       self.cand, cur, self.alive & self.correct, 2.0,
+                                                       STEP_EPS, True)
+        target = torch.where(self.correct, l_sel, self.y)
+        r = self.towards((self.eye[target] - self.eye[cur]) * self.alive[:, None], None)
+        self.r_tot = r if self.r_tot is None else self.r_tot + r
+        self.iterations = torch.where(self.alive, t + 1, self.iterations)
+
     def step(self, t: int, cur: Tensor, rows: Optional[Tensor]) -> None:
         """One differentiable step of the active rows towards their boundaries."""
         cur_a = cur if rows is None else cur[rows]
         direction = self.eye[self.targets(cur_a, rows)] - self.eye[cur_a]              # [n, K]
         if rows is not None:
             direction = direction.new_zeros(self.logits.shape).index_copy(0, rows, direction)
-        w = jacobian.one_row_with_graph(self.logits, self.x_in, direction.to(self.logits.dtype))
-        fdiff = (self.logits.to(self.work) * direction).sum(1)
-        if rows is not None:
-            w, fdiff = w[rows], fdiff[rows]
-        r = torch.ops.ddfast.boundary_step(fdiff, w.to(self.x0.dtype), 2.0, STEP_EPS)  # [n, D]
+        r = self.towards(direction, rows)                                             # [n, D]
         B = self.x0.shape[0]
         if self.r_tot is None and self.gidx.numel() == B:
             self.r_tot = r
@@ -212,115 +233,123 @@ class _Unroll:
         self.iterations[self.gidx] = t + 1
 
 
-def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: int,
-            overshoot: float, k: Optional[int], method: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The differentiable DeepFool unroll of x0 [B, D] (``net`` already in eval mode).
+def _unroll(net: Callable, x0: Tensor, shape: torch.Size, y: Tensor, max_iter: int, overshoot: float,
+            k: Optional[int], method: str, capturable: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The differentiable DeepFool unroll of x0 [B, D] (``net`` already in eval mode); with
+    ``capturable`` every step runs on every row, done rows masked, without a host read.
 
     Returns ``(D, correct, iterations, finite)``: D [B, D] graph-carrying ``(1 + overshoot) *
     r_tot``; correct [B] bool; iterations [B] int64; finite: 0-d bool, every logit the unroll
     evaluated was finite."""
-    u = _Unroll(net, x0, shape, y, k, overshoot, method, max_iter)
+    u = _Unroll(net, x0, shape, y, k, overshoot, method, max_iter, capturable)
     for t in range(max_iter):
         cur = u.logits.detach().argmax(1)                         # ref of every row of the graph
-        rows, cur = u.active_rows(cur) if t > 0 else (None, cur)
-        if not u.gidx.numel():
-            break
-        u.step(t, cur, rows)
+        if capturable:
+            u.masked_step(t, cur)
+        else:
+            rows, cur = u.active_rows(cur) if t > 0 else (None, cur)
+            if not u.gidx.numel():
+                break
+            u.step(t, cur, rows)
         if t + 1 < max_iter:
             u.forward(u.gidx)
     delta = torch.zeros_like(x0) if u.r_tot is None else (1.0 + overshoot) * u.r_tot
     return delta, u.correct, u.iterations, u.finite
 
 
+@dataclass(frozen=True)
+class _Settings:
+    lam: float
+    c: float
+    d: float
+    max_iter: int
+    overshoot: float
+    k: Optional[int]
+    method: str
+    capturable: bool
+
+
+def _settings(lam, c, d, max_iter, overshoot, candidates, method, capturable) -> _Settings:
+    return _Settings(check_nonneg(lam, "lam"), check_nonneg(c, "c"), check_nonneg(d, "d"), check_max_iter(max_iter),
+                     check_nonneg(overshoot, "overshoot"), check_candidates(candidates),
+                     check_choice(method, "method", jacobian.METHODS), bool(capturable))
+
+
+def _empty(net: Callable, x: Tensor, return_info: bool):
+    zero = _zero_loss(net, x)
+    if not return_info:
+        return zero
+    empty = torch.zeros(0, dtype=torch.int64, device=x.device)
+    return zero, DeepDefenseInfo(zero.new_zeros(0), empty.bool(), empty)
+
+
+def _penalty(delta: Tensor, x0: Tensor, correct: Tensor, finite: Tensor,
+             cfg: _Settings) -> Tuple[Tensor, Tensor, Tensor]:
+    """(R, delta, x0), both [B, D] in the penalty's dtype: float32 at least (exp overflows
+    float16 above 11, and bfloat16's 8-bit mantissa blurs it)."""
+    pen_dtype = torch.promote_types(delta.dtype, torch.float32)
+    delta, x_pen = delta.to(pen_dtype), x0.to(pen_dtype).contiguous()
+    reg = torch.ops.ddfast.deepdefense_penalty(delta, x_pen, correct, cfg.c, cfg.d).sum() * (cfg.lam / x0.shape[0])
+    # Non-finite logits make R NaN, as they make a cross-entropy NaN (the step op reads a NaN
+    # normal as a zero step, which would otherwise give a finite R with NaN gradients).
+    return torch.where(finite, reg, torch.full_like(reg, math.nan)), delta, x_pen
+
+
 def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,
                      lam: float = 15.0, c: float = 25.0, d: float = 5.0, max_iter: int = 5,
                      overshoot: float = 0.02, candidates: Optional[int] = None,
                      return_info: bool = False, backend: Optional[str] = None,
-                     method: str = "auto") -> Union[Tensor, Tuple[Tensor, DeepDefenseInfo]]:
-    """The DeepDefense regularizer of a batch (Yan et al., NeurIPS 2018; DESIGN.md).
+                     method: str = "auto", capturable: bool = False) -> Union[Tensor, Tuple[Tensor, DeepDefenseInfo]]:
+    """The DeepDefense regularizer R of a batch (docs/design.md; DDP, compile, autocast: docs/api.md).
 
     Args:
-        model: maps ``[B, *x.shape[1:]]`` to logits ``[B, K]``. An ``nn.Module`` runs in eval
-            mode during the call (batch-norm statistics frozen and not updated, dropout off);
-            every submodule's mode is restored. A ``DistributedDataParallel`` model is
-            unwrapped: see "DDP" below.
-        x: [B, ...] floating-point inputs (the space the model sees; ``||x_i||`` is taken
-            there). If ``x`` requires grad, ``R`` is differentiable w.r.t. it.
+        model: maps ``[B, *x.shape[1:]]`` to logits ``[B, K]``; runs in eval mode during the
+            call, every mode restored; (Distributed)DataParallel and compiled models unwrapped.
+        x: [B, ...] float inputs in the model's space (``||x_i||`` is taken there); R is
+            differentiable w.r.t. x when x requires grad.
         y: [B] integer labels in ``[0, K)``.
-        lam, c, d: the paper's lambda, c, d (>= 0); defaults are its MNIST/CIFAR values.
-        max_iter: unrolled DeepFool steps (the paper and its code: 5).
-        overshoot: ``D = (1 + overshoot) * r_tot``, also the iterate ``x + D``.
-        candidates: for correct samples, choose the boundary among the top-k classes by logit
-            at ``x`` only (the prediction always included); None for all classes.
+        lam, c, d: the paper's lambda, c, d (>= 0).
+        max_iter: unrolled DeepFool steps. overshoot: ``D = (1 + overshoot) r_tot``.
+        candidates: correct samples choose the boundary among the top-k classes at x only.
         return_info: also return a :class:`DeepDefenseInfo`.
-        backend: backend of the ops (None: :mod:`ddfast.backends` default).
+        backend: backend of the ops (None: :mod:`ddfast.backends`' choice).
         method: route of the no-graph class gradients (:func:`ddfast.jacobian.class_grads`).
+        capturable: no host synchronisation in the call or in R's backward (every step on the
+            whole batch, done samples masked; the value checks of x and y and the sample
+            independence probe are skipped), so a CUDA graph can capture the training step.
 
     Returns:
-        ``R``, a 0-d tensor in x's dtype (float32 at least), differentiable through every
-        unrolled step (``R.backward()`` reaches every parameter that influences it), and with
-        ``return_info`` the tuple ``(R, info)``. The call writes no ``.grad``: inner
-        derivatives use ``torch.autograd.grad``. An empty batch gives 0.0 (backpropagates).
-        Under ``torch.no_grad()`` / ``torch.inference_mode()`` (e.g. to log R on a validation
-        set) the unrolled steps still take their input gradients; R then carries no graph.
-        ``R`` is NaN when the model's logits are not finite at ``x`` or at an iterate (as a
-        cross-entropy on those logits would be), so a loss check catches it.
-
-    DDP: wrap as usual and compute the cross-entropy with the wrapped model in the same step
-    (``loss = F.cross_entropy(ddp(x), y) + deepdefense_loss(ddp, x, y)``). The unrolled passes
-    call ``ddp.module``; the parameter gradients of ``R`` accumulate in the same backward, so
-    DDP's all-reduce averages them: with equal per-process batches the result equals one
-    process on the whole batch. ``find_unused_parameters`` is not needed. Without a forward
-    through the wrapper in the step, DDP does not synchronise the gradients.
-
-    Raises:
-        ValueError / TypeError naming the argument: NaN/Inf in ``x``, ``y`` missing, of the
-        wrong count or out of range, logits not ``[B, K]``, bad hyper-parameters.
+        R, a 0-d tensor in x's dtype (float32 at least), differentiable through every unrolled
+        step; NaN where the logits are not finite. With ``return_info``, ``(R, info)``. No
+        ``.grad`` is written; an empty batch gives 0.0.
     """
-    x = check_input(x)
+    cfg = _settings(lam, c, d, max_iter, overshoot, candidates, method, capturable)
+    x = check_input(x, read_values=not cfg.capturable)
     if y is None:
         raise ValueError("y (the labels) is required: the regularizer treats correctly and "
                          "wrongly classified samples differently")
-    lam = check_nonneg(lam, "lam")
-    c = check_nonneg(c, "c")
-    d = check_nonneg(d, "d")
-    overshoot = check_nonneg(overshoot, "overshoot")
-    max_iter = check_max_iter(max_iter)
-    k = check_candidates(candidates)
-    check_choice(method, "method", jacobian.METHODS)
-    B = x.shape[0]
-    y = as_labels(y, B, None, x.device)
+    y = as_labels(y, x.shape[0], None, x.device)
     net = _inner_model(model)
-    if B == 0:
-        zero = _zero_loss(net, x)
-        if not return_info:
-            return zero
-        empty = torch.zeros(0, dtype=torch.int64, device=x.device)
-        return zero, DeepDefenseInfo(zero.new_zeros(0), empty.bool(), empty)
+    if x.shape[0] == 0:
+        return _empty(net, x, return_info)
     check_callable(model)
     check_model_device(net, x)
     backends.resolve(backend, x.device, x.dtype)       # the chosen backend can run here
-    x0 = x.reshape(B, -1)
-    with explain_model_errors(net, x, "ddfast.deepdefense_loss"), model_guard(model, x), \
+    x0 = x.reshape(x.shape[0], -1)
+    with explain_model_errors(net, x, "ddfast.deepdefense_loss"), model_guard(model, x, not cfg.capturable), \
             torch.inference_mode(False), torch.enable_grad(), backends.using(backend):
         if x0.is_inference():  # made under inference_mode: a normal copy can carry a graph
             x0 = x0.clone()
-        delta, correct, iterations, finite = _unroll(net, x0, x.shape[1:], y, max_iter, overshoot, k, method)
-        # float32 at least: exp overflows float16 above 11 (and bfloat16's 8-bit mantissa blurs it)
-        pen_dtype = torch.promote_types(delta.dtype, torch.float32)
-        delta, x_pen = delta.to(pen_dtype), x0.to(pen_dtype).contiguous()
-        reg = torch.ops.ddfast.deepdefense_penalty(delta, x_pen, correct, c, d).sum() * (lam / B)
-    # Non-finite logits make R NaN, as they make a cross-entropy NaN: the step op reads a NaN
-    # normal as a zero step, which would otherwise give a finite R with NaN gradients.
-    reg = torch.where(finite, reg, torch.full_like(reg, math.nan))
+        delta, correct, iterations, finite = _unroll(net, x0, x.shape[1:], y, cfg.max_iter, cfg.overshoot, cfg.k,
+                                                     cfg.method, cfg.capturable)
+    with backends.using(backend):
+        reg, delta, x_pen = _penalty(delta, x0, correct, finite, cfg)
     if not return_info:
         return reg
     with torch.no_grad():
-        dn = torch.linalg.vector_norm(delta, dim=1)
-        xn = torch.linalg.vector_norm(x_pen, dim=1)
-        ratio = torch.where(xn > 0, dn / torch.where(xn > 0, xn, torch.ones_like(xn)),
-                            torch.zeros_like(dn))
-    return reg, DeepDefenseInfo(ratio.detach(), correct, iterations)
+        dn, xn = torch.linalg.vector_norm(delta, dim=1), torch.linalg.vector_norm(x_pen, dim=1)
+        ratio = torch.where(xn > 0, dn / torch.where(xn > 0, xn, torch.ones_like(xn)), torch.zeros_like(dn))
+    return reg, DeepDefenseInfo(ratio, correct, iterations)
 
 
 class DeepDefense(nn.Module):

@@ -22,8 +22,8 @@ class NonFiniteLogitsError(ValueError):
     """The model returned NaN or Inf logits at the clean inputs: there is no class to leave."""
 
 
-def check_input(x, name: str = "x",
-                bounds: Tuple[Optional[float], Optional[float]] = (None, None)) -> Tensor:
+def check_input(x, name: str = "x", bounds: Tuple[Optional[float], Optional[float]] = (None, None),
+                read_values: bool = True) -> Tensor:
     """A floating-point tensor with a batch dimension and finite values, within ``bounds``
     (as :func:`check_bounds` returns them) up to a few units of rounding of its dtype: outside
     them, every iterate's clip would move x there, and that move would read as perturbation."""
@@ -39,7 +39,7 @@ def check_input(x, name: str = "x",
         raise ValueError(f"{name} is on the meta device: it holds no values to attack")
     if x.shape[0] and not x[0].numel():
         raise ValueError(f"{name} has no features (shape {list(x.shape)}): each sample needs at least one value")
-    if x.numel():
+    if x.numel() and read_values:                   # (a host read: not in a captured step)
         lo, hi = torch.aminmax(x.detach())          # one pass; NaN propagates to both
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             raise ValueError(f"{name} contains NaN or Inf")

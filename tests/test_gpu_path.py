@@ -73,3 +73,39 @@ def test_sample_bytes_grow_with_the_model_and_the_rows():
     wide = nn.Sequential(nn.Linear(10, 4096), nn.ReLU(), nn.Linear(4096, 6)).double()
     assert budget.sample_bytes(wide, x[:1], 5) > budget.sample_bytes(small, x[:1], 5)
     assert budget.sample_bytes(small, x[:1], 50) > budget.sample_bytes(small, x[:1], 5)
+
+
+# ------------------------------------------------------------------ capturable regularizer
+def _bn_cnn(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    return m.double()
+
+
+@pytest.mark.parametrize("kw", [{}, {"candidates": 3}, {"max_iter": 1}, {"max_iter": 8}])
+def test_capturable_regularizer_has_the_same_value_and_gradients(kw):
+    model, x = _bn_cnn(1), torch.randn(10, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)
+    y[::3] = (y[::3] + 1) % 5                                  # some samples misclassified
+    model.train()
+    params = [p for p in model.parameters()]
+    r0, info0 = ddfast.deepdefense_loss(model, x, y, c=3.0, d=1.0, return_info=True, **kw)
+    r1, info1 = ddfast.deepdefense_loss(model, x, y, c=3.0, d=1.0, return_info=True, capturable=True, **kw)
+    assert int(info0.iterations.max()) >= 1 and bool(info0.correct.any()) and bool((~info0.correct).any())
+    torch.testing.assert_close(r1, r0, rtol=1e-10, atol=0)
+    assert torch.equal(info1.iterations, info0.iterations) and torch.equal(info1.correct, info0.correct)
+    torch.testing.assert_close(info1.ratio, info0.ratio, rtol=1e-10, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(r1, params), torch.autograd.grad(r0, params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_capturable_regularizer_reads_nothing_back():
+    model, x = _bn_cnn(2).float(), torch.randn(12, 1, 8, 8)
+    y = torch.randint(0, 5, (12,))
+    with SyncCounter() as c:
+        ddfast.deepdefense_loss(model, x, y, capturable=True).backward()
+    assert c.count == 0, c.ops
+    with SyncCounter() as c:
+        ddfast.deepdefense_loss(model, x, y).backward()
+    assert c.count > 0                                      # the counter sees the default path's reads
