@@ -21,15 +21,15 @@ every submodule's mode; nothing of the caller's changes: no parameter, ``.grad``
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from .guard import model_guard
 from .validate import (
     as_labels,
     check_batch_size,
@@ -57,22 +57,13 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore every submodule's mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, t in modes:
-            m.train(t)
-
+#: A model: any callable mapping ``[N, ...]`` inputs to logits ``[N, K]`` (an ``nn.Module`` runs in eval mode).
+Model = Callable[[Tensor], Tensor]
 
 _UNLABELLED = object()
 
 
-def check_data(model: nn.Module, x: Tensor, y: Optional[Tensor] = _UNLABELLED,  # type: ignore[assignment]
+def check_data(model: Model, x: Tensor, y: Optional[Tensor] = _UNLABELLED,  # type: ignore[assignment]
                names: Tuple[str, str] = ("x", "y")) -> Optional[Tensor]:
     """Check a data set before any work: ``x`` a finite float tensor ``[N, ...]`` with N >= 1 on the
     model's device; ``y`` (when passed; ``None`` is refused) integer labels ``[N]`` in ``[0, K)``, K read from one probe
@@ -88,12 +79,12 @@ def check_data(model: nn.Module, x: Tensor, y: Optional[Tensor] = _UNLABELLED,  
     if y is None:
         raise TypeError(f"{yname} (labels [N]) is required, got None")
     y = as_labels(y, x.shape[0], None, x.device, yname)
-    with explain_model_errors(model, x, "ddfast.metrics", xname), torch.no_grad(), eval_mode(model):
-        k = check_logits(model(x[:1]), 1).shape[1]
+    with explain_model_errors(model, x, "ddfast.metrics", xname), torch.no_grad(), model_guard(model, x):
+        k = check_logits(model(x[:1].clone()), 1).shape[1]
     return as_labels(y, x.shape[0], k, x.device, yname)
 
 
-def check_labelled(model: nn.Module, x: Tensor, y: Optional[Tensor],
+def check_labelled(model: Model, x: Tensor, y: Optional[Tensor],
                    names: Tuple[str, str] = ("x", "y")) -> Tensor:
     """:func:`check_data` for a labelled set: ``y`` as int64 ``[N]``."""
     labels = check_data(model, x, y, names)
@@ -119,15 +110,15 @@ def _batches(n: int, batch_size: int, progress: bool, desc: str):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+def predict(model: Model, x: Tensor, batch_size: int = 1000) -> Tensor:
     """Predicted labels ``int64 [N]`` of ``x [N, ...]`` (eval mode, no graph)."""
     check_data(model, x)
     check_batch_size(batch_size, allow_none=False)
-    with eval_mode(model):
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
+    with model_guard(model, x):
+        return torch.cat([model(x[i:i + batch_size].clone()).argmax(1) for i in range(0, x.shape[0], batch_size)])
 
 
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+def accuracy(model: Model, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     """Fraction (0..1) of ``x [N, ...]`` classified as ``y [N]``."""
     y = check_labelled(model, x, y)
     return (predict(model, x, batch_size) == y).double().mean().item()
@@ -161,7 +152,7 @@ class Rho2:
 
 
 def rho2(
-    model: nn.Module,
+    model: Model,
     x: Tensor,
     *,
     max_iter: int = 50,
@@ -209,22 +200,22 @@ def rho2(
     )
 
 
-def fgs_direction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
+def fgs_direction(model: Model, x: Tensor, y: Tensor, batch_size: int = 1000) -> Tensor:
     """``sign(grad_x CE(f(x), y))`` per sample, ``[N, ...]`` like ``x`` (eval mode; parameters' .grad untouched)."""
     y = check_labelled(model, x, y)
     check_batch_size(batch_size, allow_none=False)
     out = []
-    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+    with model_guard(model, x), torch.inference_mode(False), torch.enable_grad():
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].detach().clone().requires_grad_(True)  # clone: x may be an inference tensor
-            loss = F.cross_entropy(model(xb), y[i:i + batch_size], reduction="sum")
+            loss = F.cross_entropy(model(xb.clone()), y[i:i + batch_size], reduction="sum")
             (g,) = torch.autograd.grad(loss, xb)
             out.append(g.sign())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def fgs_error(model: nn.Module, x: Tensor, y: Tensor, direction: Tensor, eps: float, batch_size: int = 1000) -> float:
+def fgs_error(model: Model, x: Tensor, y: Tensor, direction: Tensor, eps: float, batch_size: int = 1000) -> float:
     """Fraction (0..1) of ``x`` misclassified (not ``y``) at ``x + eps * direction``."""
     y = check_labelled(model, x, y)
     _check_direction(direction, x)
@@ -233,7 +224,7 @@ def fgs_error(model: nn.Module, x: Tensor, y: Tensor, direction: Tensor, eps: fl
 
 
 def fgs_eps50(
-    model: nn.Module,
+    model: Model,
     x: Tensor,
     y: Tensor,
     *,
@@ -279,9 +270,10 @@ def _check_direction(direction, x: Tensor) -> None:
     if not isinstance(direction, Tensor) or direction.shape != x.shape:
         raise ValueError(f"direction must be a tensor shaped like x {list(x.shape)}, "
                          f"got {list(getattr(direction, 'shape', [])) or type(direction).__name__}")
+    check_input(direction, "direction")
 
 
-def rho_inf(model: nn.Module, x: Tensor, y: Tensor, *, eps: Optional[float] = None,
+def rho_inf(model: Model, x: Tensor, y: Tensor, *, eps: Optional[float] = None,
             batch_size: int = 1000) -> Tuple[float, float]:
     """``(rho_inf, eps)``: mean ``||D||_inf/||x||_inf`` of FGS at ``eps`` (default: :func:`fgs_eps50`),
     ``eps`` in the units of the preprocessed ``x``."""
@@ -296,7 +288,7 @@ def rho_inf(model: nn.Module, x: Tensor, y: Tensor, *, eps: Optional[float] = No
     return (d_inf / x.detach().flatten(1).abs().amax(1)).double().mean().item(), eps
 
 
-def acc_at_eps(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], batch_size: int = 1000) -> List[float]:
+def acc_at_eps(model: Model, x: Tensor, y: Tensor, eps: Sequence[float], batch_size: int = 1000) -> List[float]:
     """Accuracy (0..1) under FGS at each of ``eps`` (same order; units of the preprocessed ``x``)."""
     if isinstance(eps, (str, bytes)) or not isinstance(eps, Sequence):
         raise TypeError(f"eps must be a sequence of numbers, got {type(eps).__name__}")
@@ -307,7 +299,7 @@ def acc_at_eps(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], bat
 
 
 def evaluate(
-    model: nn.Module,
+    model: Model,
     x: Tensor,
     y: Tensor,
     *,

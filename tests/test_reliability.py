@@ -226,3 +226,38 @@ def test_messages_name_the_real_problem():
         ddfast.DeepDefense(_mlp(), backend="nope")
     with pytest.raises(ValueError, match="method"):
         ddfast.deepdefense_loss(_mlp(), x, torch.zeros(3, dtype=torch.int64), max_iter=0, method="nope")
+
+
+@pytest.mark.parametrize("name", ["predict", "accuracy", "fgs_direction", "fgs_error", "fgs_eps50", "rho_inf",
+                                  "acc_at_eps", "evaluate", "rho2"])
+def test_metrics_take_plain_callables_and_leave_x_untouched(name):
+    from ddfast import metrics
+
+    net = _mlp(5)
+    x, x_before = torch.rand(6, 6, dtype=torch.float64), None
+    x_before = x.clone()
+    y = net(x).argmax(1)
+    in_place = _InPlace(net, "relu_")                          # relu_ on its input first
+    plain = lambda z: net(torch.relu(z))                       # noqa: E731
+    direction = torch.ones_like(x)
+    calls = {"predict": lambda m: metrics.predict(m, x), "accuracy": lambda m: metrics.accuracy(m, x, y),
+             "fgs_direction": lambda m: metrics.fgs_direction(m, x, y),
+             "fgs_error": lambda m: metrics.fgs_error(m, x, y, direction, 0.1),
+             "fgs_eps50": lambda m: metrics.fgs_eps50(m, x, y), "rho_inf": lambda m: metrics.rho_inf(m, x, y),
+             "acc_at_eps": lambda m: metrics.acc_at_eps(m, x, y, [0.1]),
+             "evaluate": lambda m: metrics.evaluate(m, x, y, progress=False)["acc"],
+             "rho2": lambda m: metrics.rho2(m, x, progress=False).rho2}
+    a, b = calls[name](plain), calls[name](in_place)
+    assert torch.equal(x, x_before)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == pytest.approx(b, rel=1e-9) if not isinstance(a, tuple) else a == pytest.approx(b, rel=1e-9)
+
+
+def test_fgs_error_names_a_nan_direction():
+    from ddfast import metrics
+
+    net, x = _mlp(6), torch.rand(4, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="direction contains NaN"):
+        metrics.fgs_error(net, x, net(x).argmax(1), torch.full_like(x, float("nan")), 0.1)
