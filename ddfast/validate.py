@@ -161,6 +161,75 @@ def _bound(value, bounds) -> Optional[float]:
     return v
 
 
+def bound_rows(bounds, x: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``bounds = (lo, hi)`` as rows in x's dtype and device: each None, or a tensor ``[1, D]``
+    (one row for every sample) or ``[B, D]`` (a row per sample). Each end may be None, a number
+    or a tensor that broadcasts to x (per channel ``[C, 1, 1]``, per pixel ``[C, H, W]``, per
+    sample ``[B, ...]``). No NaN, ``lo <= hi`` everywhere, and x within them up to 4 units of
+    rounding of its dtype (a clip that moves x would read as perturbation)."""
+    if bounds is None:
+        return None, None
+    try:
+        lo, hi = bounds
+    except (TypeError, ValueError):
+        raise ValueError(f"bounds must be a pair (lo, hi), got {_describe(bounds)}") from None
+    if not isinstance(lo, Tensor) and not isinstance(hi, Tensor):
+        check_bounds(bounds)                      # numbers: the scalar rules (lo < hi)
+    rows = [_bound_rows(v, x, end) for v, end in ((lo, "lo"), (hi, "hi"))]
+    if rows[0] is not None and rows[1] is not None:
+        _no_where(rows[0] > rows[1], "bounds: lo > hi")
+    _check_x_within(x, rows[0], rows[1])
+    return rows[0], rows[1]
+
+
+def _describe(v) -> str:
+    """A short description of an argument: a tensor by its shape, anything else by its repr."""
+    if isinstance(v, Tensor):
+        return f"a tensor of shape {list(v.shape)}"
+    if isinstance(v, (tuple, list)):
+        return "(" + ", ".join(_describe(e) for e in v) + ")"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _no_where(mask: Tensor, what: str) -> None:
+    """Raise ``ValueError(what ...)`` with the count and the first flat index where ``mask``."""
+    if bool(mask.any()):
+        first = int(mask.flatten().nonzero()[0])
+        raise ValueError(f"{what} at {int(mask.sum())} of {mask.numel()} entries (first at flat index {first})")
+
+
+def _bound_rows(v, x: Tensor, end: str) -> Optional[Tensor]:
+    if v is None:
+        return None
+    B, D = x.shape[0], x[0].numel()
+    if not isinstance(v, Tensor):
+        return torch.full((1, D), check_finite(v, f"bounds {end}"), dtype=x.dtype, device=x.device)
+    if v.is_complex() or v.dtype == torch.bool:
+        raise TypeError(f"bounds {end} must be a real tensor, got dtype {v.dtype}")
+    try:
+        full = torch.broadcast_to(v.detach().to(device=x.device, dtype=x.dtype), x.shape)
+    except RuntimeError:
+        raise ValueError(f"bounds {end} of shape {list(v.shape)} does not broadcast to x's shape "
+                         f"{list(x.shape)}") from None
+    per_sample = v.dim() == x.dim() and v.shape[0] == B and B > 1
+    rows = full.reshape(B, D) if per_sample else full[:1].reshape(1, D)
+    _no_where(torch.isnan(rows), f"bounds {end} is NaN")
+    return rows.contiguous()
+
+
+def _check_x_within(x: Tensor, lo: Optional[Tensor], hi: Optional[Tensor]) -> None:
+    if not x.numel():
+        return
+    eps = 4 * torch.finfo(x.dtype).eps
+    flat = x.detach().reshape(x.shape[0], -1)
+    for rows, outside, word in ((lo, lambda b: flat < b - eps * b.abs().clamp(min=1), "below lo"),
+                                (hi, lambda b: flat > b + eps * b.abs().clamp(min=1), "above hi")):
+        if rows is not None:
+            _no_where(outside(rows), f"x lies outside bounds ({word}; pixels in [0, 255] with bounds (0, 1)? "
+                                     f"rescale x or widen bounds)")
+
+
 def check_choice(value, name: str, choices: Tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

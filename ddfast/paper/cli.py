@@ -228,6 +228,19 @@ def _cmd_reproduce(a) -> int:
     return 0
 
 
+def _check_paths(a) -> None:
+    """Paths named on the command line are of the right kind before any work."""
+    for flag, path in (("--data", getattr(a, "data", None)),):
+        if path is not None and path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path} is a file; give the directory that holds the data set")
+    for flag, path in (("--init", getattr(a, "init", None)), ("weights", getattr(a, "weights", None))):
+        if path is not None and path.is_dir():
+            raise ValueError(f"{flag} {path} is a directory; give a weights file (a state_dict or checkpoint)")
+    json_path = getattr(a, "json", None)
+    if json_path is not None and json_path.is_dir():
+        raise ValueError(f"--json {json_path} is a directory; give a file path for the row")
+
+
 def _error(exc: BaseException) -> None:
     """Print ``exc`` as one ``ddfast: error: ...`` line on stderr."""
     print("ddfast: error: " + " ".join(str(exc).split()), file=sys.stderr)
@@ -249,6 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if a.command != "train" and _dist_env() is not None:
             raise ValueError(f"only 'train' runs distributed; run '{a.command}' as one process (not under torchrun)")
+        _check_paths(a)
         return cmd(a)
     except NonFiniteLossError as exc:
         _error(exc)

@@ -3,6 +3,7 @@
 checkpoints, ``--init`` weights, including a pickle with arbitrary objects) gives one readable
 ``ddfast: error:`` line naming the file, a non-zero status and no traceback."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -214,3 +215,20 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
                        cwd=TESTS_DIR, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith("ddfast: error:") and str(tmp_path / "nodata") in p.stderr
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["eval", "{weights}", "--model", "mlp", "--json", "{dir}"], "--json .* is a directory"),
+    (["eval", "{weights}", "--model", "mlp", "--data", "{weights}"], "--data .* is a file"),
+    (["train", "--model", "mlp", "--init", "{dir}", "--out", "{dir}/run"], "--init .* is a directory"),
+    (["eval", "{dir}", "--model", "mlp"], "weights .* is a directory"),
+])
+def test_paths_of_the_wrong_kind_are_named_before_any_work(tmp_path, capsys, argv, match):
+    from ddfast.paper import cli
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"not used")
+    argv = [a.format(weights=weights, dir=tmp_path) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
