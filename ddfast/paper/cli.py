@@ -26,15 +26,15 @@ __all__ = ["main", "build_parser"]
 def _floats(s: str):
     try:
         return tuple(float(v) for v in s.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from err
 
 
 def _ints(s: str):
     try:
         return tuple(int(v) for v in s.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from err
 
 
 def _common(p: argparse.ArgumentParser, threads_default) -> None:
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _env_int(name: str, default: Optional[str]) -> int:
     value = os.environ.get(name, default)
     try:
+        if value is None:
+            raise TypeError(f"{name} is not set")
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"environment variable {name} must be an integer (set by torchrun), got {value!r}") from None
@@ -179,9 +181,10 @@ def _cmd_train(a) -> int:
     start = weights_fingerprint(model)  # the starting weights (seed or --init): a resume must start from the same
     with _process_group(env, a.device) as dev:
         model.to(dev)
-        tensors = [t.to(dev) for t in (prep.x_train, prep.y_train, prep.x_test, prep.y_test)]
-        log = fit(model, *tensors, cfg, out_dir=a.out, resume=a.resume, scale=prep.scale, start_tag=start,
-                  progress=not a.no_progress)
+        x_train, y_train, x_test, y_test = (t.to(dev) for t in
+                                            (prep.x_train, prep.y_train, prep.x_test, prep.y_test))
+        log = fit(model, x_train, y_train, x_test, y_test, cfg, out_dir=a.out, resume=a.resume, scale=prep.scale,
+                  start_tag=start, progress=not a.no_progress)
     if env is None or env["rank"] == 0:
         last = log[-1]
         print(f"done: epoch {last['epoch']} test acc {100 * last['test_acc']:.2f}% rho_2 (subset) "

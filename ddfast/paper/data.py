@@ -62,7 +62,7 @@ UNIT = 1.0 / 255.0
 #: scale of the paper's 0..255 mean-subtracted space
 PIXEL = 1.0
 
-_IDX_DTYPES = {
+_IDX_DTYPES: Dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -420,7 +420,8 @@ class Prepared:
         return (0 - m) * self.scale, (255 - m) * self.scale
 
 
-def prepare(dataset: str = "mnist", root: Optional[PathLike] = None, scale: float = UNIT, verify: bool = True) -> Prepared:
+def prepare(dataset: str = "mnist", root: Optional[PathLike] = None, scale: float = UNIT,
+            verify: bool = True) -> Prepared:
     """Load and preprocess ``dataset`` (``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``)."""
     if dataset == "mnist":
         (tr, ytr), (te, yte) = load_mnist(root, "train", verify), load_mnist(root, "test", verify)

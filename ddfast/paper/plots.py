@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -77,7 +77,8 @@ def example_grid(images: np.ndarray, adv: Mapping[str, np.ndarray], labels: Mapp
         for ax in axes[2 * i].tolist() + axes[2 * i + 1].tolist():
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(r"DeepFool adversarial examples (title: new class, $\|D\|/\|x\|$); row below: perturbation", fontsize=9)
+    fig.suptitle(r"DeepFool adversarial examples (title: new class, $\|D\|/\|x\|$); row below: perturbation",
+                 fontsize=9)
     return _save(plt, fig, path)
 
 
@@ -96,7 +97,7 @@ def histograms(ratios: Mapping[str, np.ndarray], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-def c_sweep(points: Sequence[Dict], path: Path, reference: Dict = None) -> Path:
+def c_sweep(points: Sequence[Dict], path: Path, reference: Optional[Dict] = None) -> Path:
     """Fig. 4: test accuracy (%) against rho_2 of DeepDefense runs, each point labelled by ``c``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -27,7 +27,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 
@@ -44,7 +44,7 @@ ROWS = ("reference", "clean", "deepdefense", "adversarial", "parseval")
 
 #: experiment -> model name, reference training, fine-tuning (shared by all methods), DeepDefense's c,
 #: c values of the sweep (lambda 15 and d 5 stay the paper's)
-EXPERIMENTS = {
+EXPERIMENTS: Dict[str, Dict[str, Any]] = {
     "mnist-mlp": dict(
         model="mlp",
         reference=TrainConfig(method="clean", epochs=12, lr=0.05, lr_milestones=(6, 9)),
@@ -131,7 +131,8 @@ def _markdown(results: dict) -> str:
              f"(max_iter {results['settings']['eval_max_iter']}, overshoot 0.02, from each image's prediction); "
              "rho_inf from FGS with eps bisected to 50% error; Acc@eps_ref with eps_ref the DeepDefense model's "
              "50% FGS eps; rho'_2 = mean ||D||_2 in 0..255 pixel units; 'fooled' = DeepFool success rate.", "",
-             "| method | source | acc % | rho_2 | rho_inf | Acc@0.2/0.5/1.0 eps_ref % | rho'_2 | fooled % | rho_2 gain |",
+             "| method | source | acc % | rho_2 | rho_inf | Acc@0.2/0.5/1.0 eps_ref % | rho'_2 | fooled % "
+             "| rho_2 gain |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m in ROWS:
         if m in rows:
@@ -139,8 +140,9 @@ def _markdown(results: dict) -> str:
             lines.append(f"| {m} | ours | " + " | ".join(_fmt_row(r)) + f" | {r['rho2'] / ref['rho2']:.2f}x |")
         if m in paper:
             p = paper[m]
+            gain = p[1] / paper["reference"][1]
             lines.append(f"| {m} | paper | {p[0]:.2f} | {p[1]:.3f} | {p[2]:.4f} | "
-                         + " / ".join(f"{v:.2f}" for v in p[3]) + f" | {p[4]:.2f} | - | {p[1] / paper['reference'][1]:.2f}x |")
+                         + " / ".join(f"{v:.2f}" for v in p[3]) + f" | {p[4]:.2f} | - | {gain:.2f}x |")
     if results.get("sweep"):
         lines += ["", "## DeepDefense with varying c (lambda 15, d 5; paper Fig. 4)", "",
                   "| c | acc % | rho_2 | rho_2 gain |", "|---|---|---|---|"]
@@ -151,7 +153,8 @@ def _markdown(results: dict) -> str:
               f"- fine-tuning (all methods): {json.dumps(s['finetune'])}; DeepDefense c = {s['deepdefense_c']:g}",
               f"- preprocessing: pixels/255 minus the training mean image (scale {s['scale']:.6f}); "
               "rho'_2 converted to 0..255 units",
-              f"- device: {s.get('device', 'cpu')}; threads: {s['threads']}; total time {results['time_s'] / 60:.1f} min", "",
+              f"- device: {s.get('device', 'cpu')}; threads: {s['threads']}; "
+              f"total time {results['time_s'] / 60:.1f} min", "",
               "Plots: convergence.png (Fig. 2), examples.png (Fig. 3), histograms.png, c_sweep.png (Fig. 4).", ""]
     return "\n".join(lines)
 
@@ -285,7 +288,9 @@ def _table_rows(exp: dict, trained: Dict[str, torch.nn.Module], prep, eval_max_i
     eps_ref = metrics.fgs_eps50(trained["deepdefense"], prep.x_test, prep.y_test) if "deepdefense" in trained else None
     ratios, rows = {}, []
     for method, model in trained.items():
-        row, r = metrics.evaluate(model, prep.x_test, prep.y_test, eps_ref=eps_ref, return_rho2=True, **kw)
+        # return_rho2=True: (row, Rho2) (evaluate's Union return type does not say which)
+        row, r = cast(Tuple[Dict[str, Any], metrics.Rho2],
+                      metrics.evaluate(model, prep.x_test, prep.y_test, eps_ref=eps_ref, return_rho2=True, **kw))
         ratios[method] = r.ratios.cpu().numpy()
         rows.append({"model": exp["model"], "method": method, **row})
         log(f"  {method:12s} acc {100 * row['acc']:.2f}%  rho_2 {row['rho2']:.4f}  rho_inf {row['rho_inf']:.4f}")

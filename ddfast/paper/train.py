@@ -44,7 +44,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -138,6 +138,14 @@ class TrainConfig:
         d["lr_milestones"] = list(self.lr_milestones)
         d["layers"] = None if self.layers is None else list(self.layers)
         return d
+
+
+def _labels(model: nn.Module, x: Tensor, y: Tensor, names: Tuple[str, str] = ("x", "y")) -> Tensor:
+    """:func:`ddfast.metrics.check_data` of labelled data: ``y`` as int64 (``None`` is refused there)."""
+    labels = check_data(model, x, y, names)
+    if labels is None:  # not reached: check_data raises a TypeError for y=None
+        raise TypeError(f"{names[1]} (labels [N]) is required, got None")
+    return labels
 
 
 def _check_int(value, name: str, minimum: Optional[int]) -> int:
@@ -234,9 +242,17 @@ def load_checkpoint(path: os.PathLike) -> dict:
     naming the file if it is unreadable or lacks any of the keys ``fit`` writes)."""
     ck = read_tensor_file(path)
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
-    if missing:
+    if missing or not isinstance(ck, dict):
         raise ValueError(f"{path}: not a ddfast training checkpoint (missing {missing})")
     return ck
+
+
+def _state_dict_file(path: os.PathLike) -> dict:
+    """A ``state_dict`` written by ``atomic_save`` (``ValueError`` naming ``path`` if it holds something else)."""
+    state = read_tensor_file(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict, got a {type(state).__name__}")
+    return state
 
 
 def load_state(model: nn.Module, state: dict, path: os.PathLike) -> nn.Module:
@@ -279,17 +295,17 @@ def adversarial_set(model: nn.Module, x: Tensor, y: Tensor, *, max_iter: int = 5
     samples stay unperturbed. ``x [N, ...]`` float, ``y [N]`` labels in ``[0, K)``."""
     from ..attack import deepfool
 
-    y = check_data(model, x, y)
+    labels = _labels(model, x, y)
     check_max_iter(max_iter)
     check_nonneg(overshoot, "overshoot")
     _check_int(batch_size, "batch_size", 1)
 
     out = []
-    starts = range(0, x.shape[0], batch_size)
+    starts: Iterable[int] = range(0, x.shape[0], batch_size)
     if progress:
         starts = progress_bar(starts, desc="DeepFool training set", unit="batch", leave=False)
     for i in starts:
-        out.append(deepfool(model, x[i:i + batch_size], y[i:i + batch_size], max_iter=max_iter,
+        out.append(deepfool(model, x[i:i + batch_size], labels[i:i + batch_size], max_iter=max_iter,
                             overshoot=overshoot).x_adv.detach())
     return torch.cat(out)
 
@@ -299,12 +315,14 @@ def shared_adversarial_set(src: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfi
     """:func:`adversarial_set` of ``(x, y)``, computed once across the ranks: rank r attacks the
     chunks r, r + world, ... (the same chunks one process attacks, so the result is the same
     bit for bit) and each chunk is broadcast from its rank to the others."""
-    kw = dict(max_iter=cfg.adv_max_iter, overshoot=cfg.overshoot, batch_size=chunk)
+    def attack(xs: Tensor, ys: Tensor, bar: bool) -> Tensor:
+        return adversarial_set(src, xs, ys, max_iter=cfg.adv_max_iter, overshoot=cfg.overshoot, batch_size=chunk,
+                               progress=bar)
+
     if world == 1:
-        return adversarial_set(src, x, y, progress=progress, **kw)
+        return attack(x, y, progress)
     starts = list(range(0, x.shape[0], chunk))
-    mine = {s: adversarial_set(src, x[s:s + chunk], y[s:s + chunk], progress=False, **kw)
-            for s in starts[rank::world]}
+    mine = {s: attack(x[s:s + chunk], y[s:s + chunk], False) for s in starts[rank::world]}
     out = torch.empty_like(x)
     for i, s in enumerate(starts):
         buf = mine[s] if i % world == rank else torch.empty_like(x[s:s + chunk])
@@ -373,7 +391,7 @@ def fit(
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     log: List[dict] = []
     start_epoch = 1
-    if resume and (out / _CHECKPOINT).exists():
+    if resume and out is not None and (out / _CHECKPOINT).exists():
         log, start_epoch = _resume(out / _CHECKPOINT, model, opt, cfg, start_tag)
     _barrier(world)  # every rank has checked and read the output directory before rank 0 writes to it
     run = _FitRun(model=model, opt=opt, cfg=cfg, x_test=x_test, y_test=y_test, scale=scale, out=out,
@@ -415,9 +433,9 @@ class _FitRun:
     log: List[dict]  # one entry per finished epoch (epoch 0: the starting model)
 
     @property
-    def writer(self) -> bool:
-        """Whether this process writes the files (rank 0, with an output directory)."""
-        return self.out is not None and self.rank == 0
+    def write_dir(self) -> Optional[Path]:
+        """The output directory when this process writes the files (rank 0), else None."""
+        return self.out if self.rank == 0 else None
 
 
 def _checked_fit_inputs(model, x_train, y_train, x_test, y_test, cfg, scale):
@@ -488,11 +506,11 @@ def _adversarial_training_set(run: _FitRun, x_train: Tensor, y_train: Tensor) ->
     a checkpoint: a fresh run's ``init.pt`` may be stale)."""
     init_path = run.out / "init.pt" if run.out is not None else None
     if init_path is not None and run.log and init_path.exists():
-        src = _clone_with(run.model, read_tensor_file(init_path))
+        src = _clone_with(run.model, _state_dict_file(init_path))
     else:
         src = _clone_with(run.model, run.model.state_dict())
-        if run.writer:
-            atomic_save(src.state_dict(), init_path)
+        if run.write_dir is not None:
+            atomic_save(src.state_dict(), run.write_dir / "init.pt")
     return shared_adversarial_set(src, x_train, y_train, run.cfg, run.progress, run.rank, run.world)
 
 
@@ -516,7 +534,7 @@ def _train_epoch(run: _FitRun, net: nn.Module, epoch: int, x_fit: Tensor, y_trai
         g["lr"] = lr
     gen = _epoch_generator(cfg.seed, epoch)  # the data order, then the Parseval rows
     order = torch.randperm(x_fit.shape[0], generator=gen)
-    steps = range(0, x_fit.shape[0], cfg.batch_size)
+    steps: Iterable[int] = range(0, x_fit.shape[0], cfg.batch_size)
     if run.progress:
         steps = progress_bar(steps, desc=f"{cfg.method} epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
     sums = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "correct": 0, "seen": 0, "skipped": 0}
@@ -596,12 +614,13 @@ def _record_epoch(run: _FitRun, entry: dict, t0: float) -> dict:
 
 def _save_epoch(run: _FitRun, epoch: int) -> None:
     """Write ``checkpoint.pt``, ``model.pt`` and ``log.json`` (rank 0), then wait for every rank."""
-    if run.writer:
+    out = run.write_dir
+    if out is not None:
         atomic_save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
                      "rng": torch.get_rng_state(), "log": json.dumps(run.log),
-                     "config": json.dumps(run.cfg.to_dict()), "start_tag": run.start_tag}, run.out / _CHECKPOINT)
-        atomic_save(run.model.state_dict(), run.out / "model.pt")
-        atomic_save(run.log, run.out / "log.json")
+                     "config": json.dumps(run.cfg.to_dict()), "start_tag": run.start_tag}, out / _CHECKPOINT)
+        atomic_save(run.model.state_dict(), out / "model.pt")
+        atomic_save(run.log, out / "log.json")
     _barrier(run.world)
 
 
@@ -627,8 +646,9 @@ def _step_losses(net: nn.Module, xb: Tensor, yb: Tensor, cfg: TrainConfig) -> Tu
     if cfg.method == "deepdefense":
         from ..regularizer import deepdefense_loss  # lazy: the regularizer lives in its own module
 
-        reg = deepdefense_loss(net, xb, yb, lam=cfg.lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
-                               overshoot=cfg.overshoot)
+        # without return_info the loss is one tensor (deepdefense_loss has no overloads saying so)
+        reg = cast(Tensor, deepdefense_loss(net, xb, yb, lam=cfg.lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
+                                            overshoot=cfg.overshoot))
     return ce, reg, int((logits.argmax(1) == yb).sum())
 
 
