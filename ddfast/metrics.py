@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .robustness import PixelInput, evaluate_robustness, min_norm, robust_accuracy
 from .validate import (as_labels, check_batch_size, check_candidates, check_input, check_logits, check_max_iter,
                         check_model_device, check_nonneg, explain_model_errors)
 
@@ -45,6 +46,10 @@ __all__ = [
     "rho_inf",
     "acc_at_eps",
     "evaluate",
+    "evaluate_robustness",
+    "robust_accuracy",
+    "min_norm",
+    "PixelInput",
 ]
 
 

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 __all__ = ["main", "build_parser"]
 
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-iter", type=int, default=50, help="DeepFool iterations (default %(default)s)")
     e.add_argument("--limit", type=int, default=None, help="first N test images only")
     e.add_argument("--json", type=Path, default=None, help="also write the row to this file")
+    e.add_argument("--robust", action="store_true",
+                   help="also robust accuracy (L2 eps 0.5-2.0, Linf 0.05-0.3, [0,1] pixels) and the median minimal L2 "
+                        "norm under adv-lib's attacks (pip install --no-deps adv-lib; docs/robustness.md)")
+    e.add_argument("--robust-limit", type=int, default=1000,
+                   help="with --robust: attack the first N evaluated images (default %(default)s; 0: all)")
     _common(e, 0)
 
     r = sub.add_parser("reproduce", help="the paper's MNIST table, plots and a c sweep")
@@ -209,8 +214,19 @@ def _cmd_eval(a) -> int:
         if a.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {a.limit}")
         x, y = x[: a.limit], y[: a.limit]
-    row = metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
-                           progress=not a.no_progress)
+    if a.robust:
+        from ..robustness import load_adv_lib
+
+        if a.robust_limit < 0:
+            raise ValueError(f"--robust-limit must be >= 0, got {a.robust_limit}")
+        load_adv_lib()  # ImportError naming the pip command, before the other metrics run
+    row = cast(Dict[str, Any], metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
+                                                progress=not a.no_progress))
+    if a.robust:
+        from .reproduce import robust_fields
+
+        row.update(robust_fields(model, prep, x, y, a.robust_limit or None,
+                                 log=(lambda _m: None) if a.no_progress else print))
     from .train import atomic_save, finite_or_none
 
     print(json.dumps(finite_or_none(row), indent=1))  # strict JSON, as the file
