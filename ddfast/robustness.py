@@ -11,8 +11,8 @@ come from a maintained third-party library, `adv-lib <https://github.com/jeromer
   misclassifies, ``inf`` where no attack succeeded.
 * :func:`robust_accuracy` -- fraction of the samples that are classified correctly and that no
   attack fools within ``eps``: adv-lib's APGD with the cross-entropy and the targeted DLR loss
-  (the two gradient attacks of AutoAttack, Croce & Hein 2020), plus, for the norm of the
-  minimal-norm attacks, every sample whose minimal adversarial norm is at most ``eps``.
+  (the two gradient attacks of AutoAttack, Croce & Hein 2020; L2 by default without the
+  targeted one), plus, for L2, every sample whose minimal adversarial norm is at most ``eps``.
 * :func:`evaluate_robustness` -- both, at L2 eps ``EPS["l2"]`` and Linf eps ``EPS["linf"]``, as
   one results row (:meth:`RobustnessResult.row`).
 
@@ -268,18 +268,24 @@ def _min_norms(lib: AdvLib, model: nn.Module, x: Tensor, y: Tensor, correct: Ten
 
 def _apgd_broken(lib: AdvLib, model: nn.Module, x: Tensor, y: Tensor, todo: Tensor, p: float, eps: float,
                  steps: Dict[str, int], batch_size: int) -> Tensor:
-    """``[N]`` bool: the samples of ``todo`` (indices) that APGD-CE or APGD-T (DLR) fools within ``eps``."""
+    """``[N]`` bool: the samples of ``todo`` (indices) that APGD-CE or APGD-T (DLR; when it has
+    targets for this norm) fools within ``eps``."""
     broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for attack in ("apgd-ce", "apgd-t"):
+    targets = _targets(steps, p)
+    for attack in ("apgd-ce", "apgd-t") if targets else ("apgd-ce",):
         todo = todo[~broken[todo]]
         for b in _chunks(todo, batch_size):
             if attack == "apgd-ce":
                 adv = lib.apgd(model, x[b], y[b], eps=eps, norm=p, n_iter=steps["apgd"], loss_function="ce")
             else:
                 adv = lib.apgd_targeted(model, x[b], y[b], eps=eps, norm=p, n_iter=steps["apgd"],
-                                        loss_function="dlr", num_targets=steps["apgd_targets"])
+                                        loss_function="dlr", num_targets=targets)
             broken[b] = _fooled(model, x[b], adv, y[b], p, eps)[0]
     return broken
+
+
+def _targets(steps: Dict[str, int], p: float) -> int:
+    return steps["apgd_targets_l2"] if p == 2.0 else steps["apgd_targets"]
 
 
 def _robust_acc(lib: AdvLib, model: nn.Module, x: Tensor, y: Tensor, correct: Tensor, p: float,
@@ -299,9 +305,10 @@ def _robust_acc(lib: AdvLib, model: nn.Module, x: Tensor, y: Tensor, correct: Te
 
 
 #: default attack budgets: FAB iterations, FMN steps (from FAB's adversarials; 0: no FMN), APGD
-#: iterations (AutoAttack's 100) and APGD-T's target classes (AutoAttack: 9 on 10 classes; 3 here,
-#: docs/robustness.md compares the two)
-STEPS: Dict[str, int] = {"fab": 20, "fmn": 100, "apgd": 100, "apgd_targets": 3}
+#: iterations (AutoAttack's 100), APGD-T's target classes for Linf (AutoAttack: 9 on 10 classes)
+#: and for L2 (0: no APGD-T; the minimal-norm attacks run there). docs/robustness.md has the
+#: ablation behind these choices.
+STEPS: Dict[str, int] = {"fab": 20, "fmn": 100, "apgd": 100, "apgd_targets": 3, "apgd_targets_l2": 0}
 
 
 def _steps(overrides: Optional[Dict[str, int]]) -> Dict[str, int]:
@@ -309,7 +316,7 @@ def _steps(overrides: Optional[Dict[str, int]]) -> Dict[str, int]:
     for k, v in (overrides or {}).items():
         if k not in STEPS:
             raise ValueError(f"steps keys must be among {sorted(STEPS)}, got {k!r}")
-        steps[k] = _check_steps(v, f"steps[{k!r}]", minimum=0 if k == "fmn" else 1)
+        steps[k] = _check_steps(v, f"steps[{k!r}]", minimum=0 if k in ("fmn", "apgd_targets_l2") else 1)
     return steps
 
 
@@ -333,7 +340,8 @@ def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float]
     """``{"<eps>": fraction}``: the fraction of ``x [N, ...]`` (images in [0, 1]) classified as
     ``y`` and not fooled within each ``eps`` (``norm`` ball, [0, 1] units) by adv-lib's APGD-CE
     and APGD-T (DLR loss). ``min_norms [N]`` (from :func:`min_norm` with the same ``norm``):
-    samples whose minimal adversarial norm is at most ``eps`` count as fooled too."""
+    samples whose minimal adversarial norm is at most ``eps`` count as fooled too. APGD-T runs
+    with ``steps["apgd_targets"]`` (Linf) or ``steps["apgd_targets_l2"]`` (L2; 0: not) targets."""
     x, y = _checked(model, x, y, batch_size)
     p, st = _check_norm(norm), _steps(steps)
     eps = _checked_eps(eps, "eps")
@@ -363,8 +371,9 @@ def evaluate_robustness(model: nn.Module, x: Tensor, y: Tensor, *, eps_l2: Seque
     """Robust accuracy at ``eps_l2`` and ``eps_linf`` and the minimal L2 norms, on ``x [N, ...]``
     (images in [0, 1]; ``model`` takes them: see :class:`PixelInput`) and labels ``y [N]``.
 
-    L2: the minimal-norm attacks (:func:`min_norm`) run first; APGD-CE and APGD-T then attack,
-    at each eps, the samples they left unbroken. Linf: APGD-CE and APGD-T. ``steps`` overrides
+    L2: the minimal-norm attacks (:func:`min_norm`) run first; APGD-CE (and APGD-T when
+    ``steps["apgd_targets_l2"]``) then attack, at each eps, the samples they left unbroken.
+    Linf: APGD-CE and APGD-T. ``steps`` overrides
     :data:`STEPS`; ``log`` gets one line per stage. Needs adv-lib (``ImportError`` naming the pip
     command without it, before any work).
     """
@@ -386,7 +395,8 @@ def evaluate_robustness(model: nn.Module, x: Tensor, y: Tensor, *, eps_l2: Seque
     min_norm_attacks = ["fab", "fmn"] if st["fmn"] else ["fab"]
     evaluator: Dict[str, object] = {
         "library": "adv-lib", "version": lib.version, "seed": seed, "steps": st,
-        "attacks": {"l2": [*min_norm_attacks, "apgd-ce", "apgd-t"], "linf": ["apgd-ce", "apgd-t"],
+        "attacks": {"l2": [*min_norm_attacks, "apgd-ce", *(["apgd-t"] if st["apgd_targets_l2"] else [])],
+                    "linf": ["apgd-ce", "apgd-t"],
                     "min_norm_l2": min_norm_attacks},
     }
     return RobustnessResult(n=x.shape[0], clean_acc=correct.double().mean().item(), robust_acc=acc,

@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=lambda s: tuple(s.split(",")), default=None,
                    help="with --method deepdefense: regularize only these layers, e.g. fc1 (paper Fig. 5)")
     t.add_argument("--parseval-beta", type=float, default=d.parseval_beta)
+    t.add_argument("--pgd-norm", choices=("l2", "linf"), default=d.pgd_norm,
+                   help="pgd_at / trades: the inner attack's norm (default %(default)s)")
+    t.add_argument("--pgd-eps", type=float, default=d.pgd_eps,
+                   help="pgd_at / trades: radius in [0,1] pixel units (default %(default)s)")
+    t.add_argument("--pgd-steps", type=int, default=d.pgd_steps,
+                   help="pgd_at / trades: PGD steps (default %(default)s)")
+    t.add_argument("--trades-beta", type=float, default=d.trades_beta, help="trades: weight of the KL term")
+    t.add_argument("--lam-warmup", type=_ints, default=d.lam_warmup,
+                   help="deepdefense: OFF,RAMP epochs: no regularizer for OFF epochs, then lambda ramps to --lam over "
+                        "RAMP epochs (training from scratch: docs/robustness.md; default: none)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite)
     t.add_argument("--eval-subset", type=int, default=d.eval_subset, help="test images for the per-epoch rho_2")
@@ -173,7 +183,8 @@ def _cmd_train(a) -> int:
     cfg = TrainConfig(method=a.method, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                       lr_milestones=a.lr_milestones, momentum=a.momentum, weight_decay=a.weight_decay,
                       lam=a.lam, c=a.c, d=a.d, layers=a.layers, parseval_beta=a.parseval_beta, seed=a.seed,
-                      on_nonfinite=a.on_nonfinite, eval_subset=a.eval_subset)
+                      on_nonfinite=a.on_nonfinite, eval_subset=a.eval_subset, pgd_norm=a.pgd_norm,
+                      pgd_eps=a.pgd_eps, pgd_steps=a.pgd_steps, trades_beta=a.trades_beta, lam_warmup=a.lam_warmup)
     import torch
 
     env = _dist_env()
@@ -189,7 +200,7 @@ def _cmd_train(a) -> int:
         x_train, y_train, x_test, y_test = (t.to(dev) for t in
                                             (prep.x_train, prep.y_train, prep.x_test, prep.y_test))
         log = fit(model, x_train, y_train, x_test, y_test, cfg, out_dir=a.out, resume=a.resume, scale=prep.scale,
-                  start_tag=start, progress=not a.no_progress)
+                  start_tag=start, progress=not a.no_progress, bounds=prep.bounds)
     if env is None or env["rank"] == 0:
         last = log[-1]
         print(f"done: epoch {last['epoch']} test acc {100 * last['test_acc']:.2f}% rho_2 (subset) "

@@ -102,7 +102,7 @@ def _run(model, prep, cfg, out: Path, progress: bool) -> List[dict]:
     weights (another reference) is refused, not mixed in."""
     resume = (out / "checkpoint.pt").exists()
     return fit(model, prep.x_train, prep.y_train, prep.x_test, prep.y_test, cfg, out_dir=out, resume=resume,
-               scale=prep.scale, progress=progress, start_tag=weights_fingerprint(model))
+               scale=prep.scale, progress=progress, start_tag=weights_fingerprint(model), bounds=prep.bounds)
 
 
 def robust_fields(model: torch.nn.Module, prep: ddata.Prepared, x: torch.Tensor, y: torch.Tensor,
