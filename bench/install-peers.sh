@@ -16,6 +16,10 @@
 #   adversarial-robustness-toolbox 1.20.1  needs scipy, scikit-learn (joblib, threadpoolctl, narwhals, cloudpickle), six, tqdm
 #   deeprobust 0.2.11                      its package __init__ imports torchvision and more; bench/peers.py loads
 #                                          only deeprobust/image/attack/deepfool.py (numpy + torch), so no extra deps
+#   adv-lib 0.2.8                          ddfast.robustness (the independent evaluation, tests/test_robustness.py):
+#                                          APGD, FAB, FMN need tqdm, numpy, setuptools (distutils on Python >= 3.12);
+#                                          adv_lib.attacks' __init__ imports
+#                                          torchvision (ALMA's LPIPS) and visdom, which ddfast.robustness avoids
 set -euo pipefail
 
 PY="${1:-python}"
@@ -34,6 +38,7 @@ PEERS=(
     "torchattacks==3.5.1"
     "adversarial-robustness-toolbox==1.20.1"
     "deeprobust==0.2.11"
+    "adv-lib==0.2.8"
 )
 # Small dependencies the peers import (checked by importing them, see the table above).
 DEPS=(
@@ -94,6 +99,11 @@ def deeprobust():
             m = types.ModuleType(name); m.__path__ = [os.path.join(root, sub)]; sys.modules[name] = m
     from deeprobust.image.attack.deepfool import deepfool  # noqa: F401
 check("deeprobust", deeprobust)
+def adv_lib():
+    sys.path.insert(0, here)  # ddfast from the checkout the script runs in (CI: the repository root)
+    from ddfast.robustness import load_adv_lib
+    load_adv_lib()
+check("adv-lib", adv_lib)
 sys.exit(0 if ok else 1)
 EOF
 echo "install-peers: torch still $after"

@@ -42,6 +42,10 @@ __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
 
 ROWS = ("reference", "clean", "deepdefense", "adversarial", "parseval")
 
+#: test images of the independent (adv-lib) evaluation in ``reproduce``: the first 1000 (the whole
+#: set would take ~10x longer per row on a 2-core CPU; docs/robustness.md)
+ROBUST_LIMIT = 1000
+
 #: experiment -> model name, reference training, fine-tuning (shared by all methods), DeepDefense's c,
 #: c values of the sweep (lambda 15 and d 5 stay the paper's)
 EXPERIMENTS: Dict[str, Dict[str, Any]] = {
@@ -98,7 +102,19 @@ def _run(model, prep, cfg, out: Path, progress: bool) -> List[dict]:
     weights (another reference) is refused, not mixed in."""
     resume = (out / "checkpoint.pt").exists()
     return fit(model, prep.x_train, prep.y_train, prep.x_test, prep.y_test, cfg, out_dir=out, resume=resume,
-               scale=prep.scale, progress=progress, start_tag=weights_fingerprint(model))
+               scale=prep.scale, progress=progress, start_tag=weights_fingerprint(model), bounds=prep.bounds)
+
+
+def robust_fields(model: torch.nn.Module, prep: ddata.Prepared, x: torch.Tensor, y: torch.Tensor,
+                  limit: Optional[int] = ROBUST_LIMIT, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """``robust_acc``, ``min_norm_l2_median`` and ``evaluator`` of ``model`` (preprocessed inputs) on
+    the first ``limit`` (None: all) of the preprocessed ``x, y``: :func:`ddfast.robustness.evaluate_robustness`
+    in [0, 1] pixel units (the model wrapped by :meth:`Prepared.pixel_model`)."""
+    from ..robustness import evaluate_robustness
+
+    n = x.shape[0] if limit is None else min(limit, x.shape[0])
+    res = evaluate_robustness(prep.pixel_model(model), prep.pixels(x[:n]), y[:n], log=log)
+    return res.row()
 
 
 def _device(device: str) -> torch.device:

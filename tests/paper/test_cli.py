@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ddfast
-from ddfast.paper import cli, reproduce
+from ddfast.paper import cli, data, models, reproduce
 
 #: environment of the ``python -m ddfast`` / torchrun children: they import the ddfast this process
 #: imported (the checkout under ``python -m pytest``, else the installed package), not a stale other copy
@@ -192,3 +192,47 @@ def test_reproduce_checks_its_settings_before_any_training(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         reproduce("mnist-mlp", tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()          # refused before creating or training anything
+
+
+# ddfast eval --robust: the independent (adv-lib) evaluation from the command line
+
+@pytest.fixture
+def saved(tmp_path):
+    root = make_mnist(tmp_path / "mnist", n_train=20, n_test=40)
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    torch.save(models.build_model("mlp").state_dict(), path)
+    return root, path
+
+
+def test_eval_robust_adds_the_independent_fields(saved, tmp_path, capsys):
+    pytest.importorskip("adv_lib")
+    root, weights = saved
+    rc, _, err = run(["eval", weights, "--data", root, "--limit", "30", "--robust", "--robust-limit", "12",
+                      "--max-iter", "5", "--json", tmp_path / "row.json", "--no-progress", "--threads", "1"], capsys)
+    assert rc == 0, err
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert list(row["robust_acc"]["l2"]) == ["0.5", "1.0", "1.5", "2.0"]
+    assert list(row["robust_acc"]["linf"]) == ["0.05", "0.1", "0.2", "0.3"]
+    assert row["evaluator"]["library"] == "adv-lib" and row["evaluator"]["n"] == 12
+    for acc in [*row["robust_acc"]["l2"].values(), *row["robust_acc"]["linf"].values()]:
+        assert 0 <= acc <= row["evaluator"]["clean_acc"]
+    l2 = list(row["robust_acc"]["l2"].values())
+    assert l2 == sorted(l2, reverse=True)  # a larger ball never holds fewer adversarial examples
+
+
+def test_eval_robust_without_adv_lib_names_the_pip_command(saved, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "adv_lib", None)
+    root, weights = saved
+    rc, _, err = run(["eval", weights, "--data", root, "--robust", "--no-progress"], capsys)
+    assert rc == 2 and "pip install --no-deps adv-lib" in err
+
+
+def test_pixels_and_pixel_model_undo_the_preprocessing(saved):
+    root, _ = saved
+    prep = data.prepare("mnist", root)
+    x01 = prep.pixels(prep.x_test)
+    raw, _ = data.load_mnist(root, "test", verify=False)
+    assert torch.allclose(x01[:, 0], raw.float() / 255, atol=1e-6)
+    net = models.build_model("mlp").eval()
+    assert torch.allclose(prep.pixel_model(net)(x01), net(prep.x_test), atol=1e-5)
