@@ -1,8 +1,8 @@
 """Shared helpers of the benchmarks in bench/.
 
 * :func:`trained_model` -- a trained MNIST MLP / LeNet (or the CIFAR-shaped ConvNet, or the
-  CIFAR-style :class:`ResNet18`, trained on MNIST placed in 3x32x32), trained here in a few epochs with ``ddfast.models`` +
-  ``ddfast.data`` and cached as a state_dict under ``bench/.cache/`` (git-ignored).
+  CIFAR-style :class:`ResNet18`, trained on MNIST placed in 3x32x32), trained here in a few
+  epochs with ``ddfast.models`` + ``ddfast.data`` and cached as a state_dict under ``bench/.cache/`` (git-ignored).
   The returned model takes images on the **[0, 1] pixel scale** and subtracts the training
   mean image itself (first module), so every attack library sees the same [0, 1] inputs
   (torchattacks insists on them) while the network is the paper's.
