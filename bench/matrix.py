@@ -499,7 +499,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--profile", default=None, choices=sorted(PROFILES), help="image counts (default: the device's)")
     ap.add_argument("--json", default=None, help="output JSON (default bench/results/matrix_<profile>.json); "
                                                  "the PNG beside it")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default="mlp,resnet18,lenet",
+                    help="run order (default: the targets' models first, so a time budget cuts LeNet)")
     ap.add_argument("--batches", default=None, help="comma list: only these batch sizes of the profile")
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--max-images", type=int, default=None, help="cap every image count of the profile (smoke runs)")
