@@ -46,8 +46,11 @@ EPOCHS = {"mlp": 12, "lenet": 3, "convnet": 2, "resnet18": 1}
 LR = 0.01
 #: models trained "briefly", on the first ``n_train`` images of a fixed permutation of the
 #: training set, with their own learning rate (ResNet-18: ~0.56 GFLOP a forward; a full MNIST
-#: epoch costs ~30 min on 2 CPU cores, and a trained model is what the attacks must meet)
-RECIPES = {"resnet18": {"lr": 0.05, "n_train": 3000}}
+#: epoch costs ~30 min on 2 CPU cores, and a trained model is what the attacks must meet);
+#: ``bn_calibrate``: then the batch-norm statistics are recomputed (cumulative average, no
+#: gradient) on the first that many of those images: after 30 SGD steps the running averages
+#: lag the weights (test accuracy 0.78 -> 0.89 on 500 test images)
+RECIPES = {"resnet18": {"lr": 0.05, "n_train": 3000, "bn_calibrate": 500}}
 
 
 class BasicBlock(nn.Module):
@@ -168,7 +171,24 @@ def _train(name: str, epochs: int, seed: int, log: Callable[[str], None], device
             opt.step()
             total += loss.item() * len(idx)
         log(f"  {name} epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f} ({time.perf_counter() - t0:.0f} s)")
+    if "bn_calibrate" in RECIPES.get(name, {}):
+        calibrate_bn(model, x[: RECIPES[name]["bn_calibrate"]])
     return {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, x: Tensor, batch: int = 100) -> None:
+    """Recompute every BatchNorm's running mean and variance as the plain average over ``x``'s
+    batches (train-mode forwards without gradient); the model is left in train mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i in range(0, len(x), batch):
+        model(x[i : i + batch])
+    for m in bns:
+        m.momentum = 0.1
 
 
 def trained_model(name: str = "mlp", epochs: Optional[int] = None, seed: int = 0,

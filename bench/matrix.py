@@ -80,13 +80,13 @@ PROFILES: Dict[str, Dict[str, Dict[int, Dict[str, int]]]] = {
         "resnet18": {100: dict(ddfast=500, foolbox=200, advlib=200, art=100, torchattacks=2),
                      1000: dict(ddfast=1000, foolbox=1000, advlib=1000, art=1000)},
     },
-    # CPU, 2 shared cores: ~15 min in all
+    # CPU, 2 shared cores (busy ones: ~20-30 min in all): LeNet at 100 and 500, ResNet-18 at 4
     "cpu": {
-        "mlp": {100: dict(ddfast=1000, foolbox=1000, advlib=1000, art=300, torchattacks=20),
+        "mlp": {100: dict(ddfast=1000, foolbox=500, advlib=1000, art=200, torchattacks=10),
                 1000: dict(ddfast=1000, foolbox=1000, advlib=1000, art=1000)},
-        "lenet": {100: dict(ddfast=500, foolbox=300, advlib=300, art=100, torchattacks=5),
-                  1000: dict(ddfast=1000, foolbox=1000, advlib=1000, art=1000)},
-        "resnet18": {10: dict(ddfast=10, foolbox=10, advlib=10, art=2, torchattacks=1)},
+        "lenet": {100: dict(ddfast=300, foolbox=100, advlib=100, art=100, torchattacks=2),
+                  500: dict(ddfast=500, foolbox=500, advlib=500, art=500)},
+        "resnet18": {4: dict(ddfast=4, foolbox=4, advlib=4, art=1, torchattacks=1)},
     },
 }
 #: training-step part: model -> (batch, timed rounds) per profile
@@ -470,7 +470,8 @@ def plot(out: Dict[str, Any], png: Path) -> None:
         ax.set_xlabel("batch size (log)")
         ax.set_ylabel("DeepFool images / s (log)")
         ax.set_title(TITLES[model], fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     for ax, model in zip(axes[1], models):
         rows = [r for r in out["train_rows"] if r["model"] == model and "median_s" in r]
