@@ -3,6 +3,10 @@ training step per method, side by side in one run; one JSON and one PNG.
 
     python bench/matrix.py [--device cpu|cuda] [--json FILE] [--budget-s S] [--parts deepfool,train]
 
+Writes FILE (JSON), FILE-stem.png (img/s against batch size per model and implementation;
+training-step time per method) and FILE-stem.md (the tables; bench/tables.py puts it in
+bench/README.md). ``--render FILE`` redraws those two from a JSON (a GPU session's).
+
 Part ``deepfool``: on the MNIST MLP, LeNet and the CIFAR-style ResNet-18 (bench/common.py,
 trained here and cached; ResNet-18 briefly, on MNIST placed in 3x32x32), every implementation
 of bench/peers.py that clips to [0, 1] (ddfast's default backend, foolbox, adv-lib's ``df``,
@@ -234,14 +238,14 @@ def deepfool_part(args: argparse.Namespace, profile: Dict, available: Dict[str, 
         log(f"== {TITLES[name]}: clean accuracy {out['accuracy'][name]:.4f} on {len(x_all)} images")
         for B in batches:
             N, plan, skipped = _cell_plan(cells[B], B, B == min(cells), available, args.impls)
-            for impl, why in skipped.items():
-                out["rows"].append({"model": name, "impl": impl, "label": LABELS[impl], "batch": B, "skipped": why})
             if time.perf_counter() - out["_t0"] > args.budget_s:
                 log(f"   batch {B}: skipped (time budget of {args.budget_s:.0f} s spent)")
                 out["rows"].append({"model": name, "batch": B, "skipped": f"time budget {args.budget_s:.0f} s"})
                 continue
             log(f"-- {name}, batch {B}: " + ", ".join(f"{LABELS[i]} {n}" for i, n in plan) + " images")
             out["rows"] += run_cell(model, name, x_all[:N], ref_all[:N], B, plan, args)
+            out["rows"] += [{"model": name, "impl": impl, "label": LABELS[impl], "batch": B, "skipped": why}
+                            for impl, why in skipped.items()]
             _free(args.device)
             flush()
 
@@ -494,6 +498,70 @@ def plot(out: Dict[str, Any], png: Path) -> None:
     plt.close(fig)
 
 
+def _fmt(v: Optional[float], spec: str, suffix: str = "") -> str:
+    return "" if v is None else f"{v:{spec}}{suffix}"
+
+
+def _deepfool_table(out: Dict[str, Any], model: str) -> List[str]:
+    lines = [f"**{TITLES[model]}** (clean accuracy {_fmt(out['accuracy'].get(model), '.4f')}, "
+             f"weights {out['weights'].get(model)})", "",
+             "| batch | implementation | batch size run | images | img/s | ddfast speedup | fooled | mean iters "
+             "| ‖δ‖ vs foolbox: median rel. diff / share within 1e-3 |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in out["rows"]:
+        if r.get("model") != model:
+            continue
+        head = f"| {r['batch']} | {r.get('label', '')} |"
+        if "img_per_s" not in r:
+            lines.append(f"{head} | | | | | | {r.get('error') or r.get('skipped')} |")
+            continue
+        vs = "" if r.get("vs_ref_median_rel") is None else \
+            f"{r['vs_ref_median_rel']:.1e} / {r['vs_ref_within_1e-3']:.3f}"
+        lines.append(f"{head} {r['batch_size']} | {r['n_images']} | {r['img_per_s']:.1f} | "
+                     f"{_fmt(r['speedup'], '.2f', 'x')} | {r['fooled']:.3f} | "
+                     f"{_fmt(r['mean_iterations'], '.2f')} | {vs} |")
+    return lines + [""]
+
+
+def _train_table(out: Dict[str, Any]) -> List[str]:
+    lines = ["| model | batch | method | variant | median ms | x CE step | peak MiB (growth) | calls |",
+             "|---|---:|---|---|---:|---:|---:|---|"]
+    for r in out["train_rows"]:
+        head = f"| {r['model']} | {r['batch']} | {r['method']} | {r['variant']} |"
+        if "median_s" not in r:
+            lines.append(f"{head} | | | {r.get('unavailable')} |")
+            continue
+        mem = f"{r['peak_mib']:.0f} ({r['growth_mib']:.0f})" if "peak_mib" in r else ""
+        lines.append(f"{head} {r['median_s'] * 1e3:.1f} | {_fmt(r['ratio_to_ce'], '.2f')} | {mem} | {r['calls']} |")
+    return lines + [""]
+
+
+def write_markdown(out: Dict[str, Any], path: Path) -> None:
+    lines = [f"{out['device']}, torch {out['torch']}, {out['torch_threads']} threads, commit {out['git_commit']}, "
+             f"{out['date']}; `{out['command']}` ({out['wall_s']:.0f} s). DeepFool: max_iter "
+             f"{out['settings']['max_iter']}, overshoot {out['settings']['overshoot']}, all classes, [0, 1] clipping, "
+             "parameters frozen; speedup = the row's seconds / ddfast's on the same images at the same batching "
+             "(> 1: ddfast faster).", ""]
+    for model in MODELS:
+        if any(r.get("model") == model for r in out["rows"]):
+            lines += _deepfool_table(out, model)
+    if out["train_rows"]:
+        lines += ["**Training step** (SGD momentum 0.9, train mode; median of the rounds, methods round-robin; "
+                  f"peak memory: {out['train_rows'][0].get('peak_kind', '')})", ""] + _train_table(out)
+    lines += ["| target | measured | met |", "|---|---:|---|"]
+    for c in out["targets"]:
+        met = "not measured" if c["met"] is None else "yes" if c["met"] else "no"
+        lines.append(f"| {c['target']} | {_fmt(c['value'], '.4g')} | {met} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def render(path: Path) -> None:
+    """The PNG and the markdown table of a matrix JSON, beside it."""
+    out = json.loads(path.read_text())
+    plot(out, path.with_suffix(".png"))
+    write_markdown(out, path.with_suffix(".md"))
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -515,6 +583,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-iter", type=int, default=50)
     ap.add_argument("--overshoot", type=float, default=0.02)
+    ap.add_argument("--render", default=None, metavar="JSON", help="only redraw the PNG and .md of a matrix JSON")
     args = ap.parse_args(argv)
     args.profile = args.profile or ("cuda" if args.device.startswith("cuda") else "cpu")
     args.models = [m for m in args.models.split(",") if m]
@@ -526,6 +595,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> Path:
     args = parse_args(argv)
+    if args.render:
+        render(Path(args.render))
+        return Path(args.render)
     warnings.filterwarnings("ignore")
     logging.getLogger("art").setLevel(logging.ERROR)
     if args.threads:
@@ -563,11 +635,11 @@ def main(argv: Optional[List[str]] = None) -> Path:
         deepfool_part(args, PROFILES[args.profile], available, out, flush)
     out["partial"] = False
     flush()
-    plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    render(path)
     for c in out["targets"]:
         v = "not measured" if c["value"] is None else f"{c['value']:.4g}"
         log(f"target: {c['target']}: {v} ({'' if c['met'] is None else 'met' if c['met'] else 'NOT met'})")
-    log(f"wrote {path} and {path.with_suffix('.png').name} ({out['wall_s']:.0f} s)")
+    log(f"wrote {path}, {path.with_suffix('.png').name}, {path.with_suffix('.md').name} ({out['wall_s']:.0f} s)")
     return path
 
 

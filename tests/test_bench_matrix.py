@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 import matrix  # noqa: E402
 import peers  # noqa: E402
+
 from ddfast import models  # noqa: E402
 
 N = 12
