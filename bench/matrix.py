@@ -609,7 +609,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     available = peers.available()
     log("implementations: " + ", ".join(f"{k} ({'ok' if v is None else 'missing'})" for k, v in available.items()))
     out: Dict[str, Any] = {
-        "bench": "matrix", "_t0": time.perf_counter(),
+        "bench": "matrix", "_t0": time.perf_counter(), "git_commit_at_start": common._git_commit(),
         "command": "python bench/matrix.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "profile": args.profile,
         "sizes": {m: _capped(PROFILES[args.profile][m], args.max_images) for m in args.models},
