@@ -27,8 +27,9 @@ own, looked up in ``ddfast.paper.train`` at run time (:data:`LIBRARY_TRAINING`),
 ``candidates=3``), eager and, on a GPU, captured in a CUDA graph (DeepDefense only through
 ``deepdefense_loss(..., capturable=True)`` where the function takes that argument). Methods
 timed round-robin (``common.round_robin``), medians; peak memory per method from a separate
-pass (GPU: ``torch.cuda.max_memory_allocated`` above what was allocated before the method was
-built; CPU: the process's peak RSS, monotone over the process).
+pass on a GPU (``torch.cuda.max_memory_allocated``, and its growth above what was allocated
+before the method was built); on the CPU from the untimed warm-up round, methods one after
+another (the process's peak RSS, monotone over the process, and how much each step raised it).
 
 ``--budget-s``: DeepFool cells that would start after that many seconds are skipped and
 marked, so the run ends (and writes its JSON) within a stage's time limit; the JSON is also
@@ -84,18 +85,19 @@ PROFILES: Dict[str, Dict[str, Dict[int, Dict[str, int]]]] = {
         "resnet18": {100: dict(ddfast=500, foolbox=200, advlib=200, art=100, torchattacks=2),
                      1000: dict(ddfast=1000, foolbox=1000, advlib=1000, art=1000)},
     },
-    # CPU, 2 shared cores (busy ones: ~20-30 min in all): LeNet at 100 and 500, ResNet-18 at 4
+    # CPU, 2 shared cores (busy ones, load ~10: ~25 min in all): LeNet at 100 and 500 (ART at
+    # 100 only), ResNet-18 at batch 2 without torchattacks (50 single-image steps, minutes an image)
     "cpu": {
         "mlp": {100: dict(ddfast=1000, foolbox=500, advlib=1000, art=200, torchattacks=10),
                 1000: dict(ddfast=1000, foolbox=1000, advlib=1000, art=1000)},
-        "lenet": {100: dict(ddfast=300, foolbox=100, advlib=100, art=100, torchattacks=2),
-                  500: dict(ddfast=500, foolbox=500, advlib=500, art=500)},
-        "resnet18": {4: dict(ddfast=4, foolbox=4, advlib=4, art=1, torchattacks=1)},
+        "lenet": {100: dict(ddfast=200, foolbox=100, advlib=100, art=100, torchattacks=2),
+                  500: dict(ddfast=500, foolbox=500, advlib=500)},
+        "resnet18": {2: dict(ddfast=2, foolbox=2, advlib=2, art=1)},
     },
 }
 #: training-step part: model -> (batch, timed rounds) per profile
 TRAIN = {"cuda": {"resnet18": (128, 10), "lenet": (128, 20)},
-         "cpu": {"resnet18": (16, 2), "lenet": (100, 5)}}
+         "cpu": {"resnet18": (8, 1), "lenet": (100, 3)}}
 #: the library's training procedures looked up in ddfast.paper.train: row -> function names tried,
 #: each called ``fn(model, x, y, steps=10)`` and returning the step's scalar loss (with graph)
 LIBRARY_TRAINING = {"pgd10": ("pgd_at_loss",), "trades10": ("trades_loss",)}
@@ -139,9 +141,11 @@ def _cell_plan(sizes: Dict[str, int], B: int, smallest: bool, available: Dict[st
     plan: List[Tuple[str, int]] = [("ddfast", N)]
     skipped: Dict[str, str] = {}
     for impl in IMPLS[1:]:
-        if impl not in impls or impl not in sizes:
-            if impl in impls and impl in PER_IMAGE and not smallest:
-                skipped[impl] = "per-image loop: measured in the smallest batch size's cell"
+        if impl not in impls:
+            continue
+        if impl not in sizes:
+            skipped[impl] = ("per-image loop: measured in the smallest batch size's cell" if impl in PER_IMAGE
+                             and not smallest else "not in this profile's cell (see PROFILES)")
             continue
         if available.get(impl) is not None:
             skipped[impl] = f"not installed: {available[impl]}"
@@ -373,6 +377,23 @@ def _memory_pass(base, methods, device, x0, y0) -> Dict[Tuple[str, str], Dict[st
     return out
 
 
+def _step_and_memory(step: Callable, x: Tensor, y: Tensor, row: Dict[str, Any], record_rss: bool) -> None:
+    """``step(x, y)``, unless it failed before (then ``row["unavailable"]`` holds the error); with
+    ``record_rss`` (the CPU's warm-up round, methods one after another) the process's peak RSS
+    after it, and how much this step raised it, go into ``row``."""
+    if "unavailable" in row:
+        return
+    before = common.peak_memory("cpu")["peak_mib"]
+    try:
+        step(x, y)
+    except Exception as e:  # noqa: BLE001 - recorded in the row, the other methods go on
+        row["unavailable"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        return
+    if record_rss:
+        mem = common.peak_memory("cpu")
+        row.update(mem, growth_mib=mem["peak_mib"] - before)
+
+
 def train_model(name: str, args: argparse.Namespace, batch: int, rounds: int) -> List[Dict[str, Any]]:
     dev = torch.device(args.device)
     base = common.trained_model(name, log=log, train_device=args.device).to(dev)
@@ -380,7 +401,8 @@ def train_model(name: str, args: argparse.Namespace, batch: int, rounds: int) ->
     x_all, y_all = x_all.to(dev), y_all.to(dev)
     methods = training_methods()
     x0, y0 = x_all[:batch], y_all[:batch]
-    memory = _memory_pass(base, methods, args.device, x0, y0)
+    on_gpu = dev.type == "cuda"
+    memory = _memory_pass(base, methods, args.device, x0, y0) if on_gpu else {}
     fns, rows = {}, {}
     for row, (fn, why) in methods.items():
         for variant, cap in _variants(args.device):
@@ -390,14 +412,21 @@ def train_model(name: str, args: argparse.Namespace, batch: int, rounds: int) ->
             if bad:
                 rows[key]["unavailable"] = bad
                 continue
-            step = _make_step(base, fn, cap, x0, y0)
-            fns[key] = (lambda r, step=step: step(x_all[(r % (rounds + 1)) * batch:][:batch],
-                                                   y_all[(r % (rounds + 1)) * batch:][:batch]))
-            rows[key].update(memory[(row, variant)])
+            try:
+                step = _make_step(base, fn, cap, x0, y0)
+            except Exception as e:  # noqa: BLE001 - a capture that fails is a row with its error
+                rows[key]["unavailable"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                continue
+            fns[key] = (lambda r, step=step, row=rows[key]: _step_and_memory(
+                step, x_all[(r % (rounds + 1)) * batch:][:batch], y_all[(r % (rounds + 1)) * batch:][:batch],
+                row, r == 0 and not on_gpu))
+            rows[key].update(memory.get((row, variant), {}))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = common.round_robin(fns, rounds, sync)
     ce = statistics.median(times["ce/eager"]) if "ce/eager" in times else None
     for key, ts in times.items():
+        if "unavailable" in rows[key]:
+            continue
         med = statistics.median(ts)
         rows[key].update({"median_s": med, "min_s": min(ts), "rounds": len(ts),
                           "ratio_to_ce": med / ce if ce else None})

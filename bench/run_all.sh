@@ -11,7 +11,7 @@
 #   --install-peers  run bench/install-peers.sh first (foolbox, torchattacks, ART, deeprobust, adv-lib)
 #
 # The matrix (bench/matrix.py) runs in both: on the CPU its CPU-sized profile (MLP at batch 100 and
-# 1000, LeNet at 100 and 500, ResNet-18 at 4 on 4 images; ~20-30 min on 2 busy shared cores)
+# 1000, LeNet at 100 and 500, ResNet-18 at 2 on 2 images; ~25 min on 2 busy shared cores)
 # -> results/matrix_cpu.{json,png}.
 #
 # The benchmarks run one after another (never two at once: they time each other otherwise).
