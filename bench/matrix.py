@@ -104,7 +104,6 @@ LIBRARY_TRAINING = {"pgd10": ("pgd_at_loss",), "trades10": ("trades_loss",)}
 #: ... or, failing those, a method of ``fit`` with this name (``_step_losses`` with ``TrainConfig(method=...)``)
 LIBRARY_METHODS = {"pgd10": "pgd_at", "trades10": "trades"}
 INNER_STEPS = 10
-TARGETS_GPU = "H100 targets of the issue (this JSON's device may be another)"
 
 
 def log(msg: str) -> None:
