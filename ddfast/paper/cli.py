@@ -106,13 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, 0)
 
     r = sub.add_parser("reproduce", help="the paper's MNIST table, plots and a c sweep")
-    r.add_argument("experiment", help="mnist-mlp or mnist-lenet")
+    r.add_argument("experiment", help="mnist-mlp, mnist-lenet or fashion-mlp (needs --data)")
     r.add_argument("--out", type=Path, required=True, help="output directory (rerun to resume)")
     r.add_argument("--init", type=Path, default=None, help="reference weights instead of training one")
     r.add_argument("--sweep", type=_floats, default=None, help="c values of the sweep ('' for none)")
     r.add_argument("--methods", type=lambda s: tuple(v for v in s.split(",") if v), default=None,
                    help="fine-tuned rows to run (default: clean,deepdefense,adversarial,parseval)")
     r.add_argument("--eval-max-iter", type=int, default=50)
+    r.add_argument("--robust-limit", type=int, default=1000,
+                   help="adv-lib evaluation of every row on the first N test images (default %(default)s; "
+                        "-1: all; 0: none, then adv-lib is not needed)")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where to train and evaluate (default cpu)")
     _common(r, 1)
     return ap
@@ -250,8 +253,11 @@ def _cmd_reproduce(a) -> int:
     from .reproduce import reproduce
 
     kw = {} if a.methods is None else {"methods": a.methods}
+    if a.robust_limit < -1:
+        raise ValueError(f"--robust-limit must be -1 (all), 0 (none) or a number of images, got {a.robust_limit}")
     reproduce(a.experiment, a.out, data_root=a.data, init=a.init, sweep=a.sweep, eval_max_iter=a.eval_max_iter,
-              progress=not a.no_progress, device=a.device, **kw)
+              progress=not a.no_progress, device=a.device,
+              robust_limit=None if a.robust_limit == -1 else a.robust_limit, **kw)
     return 0
 
 
