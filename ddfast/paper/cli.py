@@ -47,6 +47,20 @@ def _common(p: argparse.ArgumentParser, threads_default) -> None:
                    help="no progress bars and no per-epoch lines (train: OUT/log.json has every epoch)")
 
 
+def _robustness_training_args(t: argparse.ArgumentParser, d) -> None:
+    """``train``'s settings of the pgd_at / trades baselines and of DeepDefense's lambda warm-up."""
+    t.add_argument("--pgd-norm", choices=("l2", "linf"), default=d.pgd_norm,
+                   help="pgd_at / trades: the inner attack's norm (default %(default)s)")
+    t.add_argument("--pgd-eps", type=float, default=d.pgd_eps,
+                   help="pgd_at / trades: radius in [0,1] pixel units (default %(default)s)")
+    t.add_argument("--pgd-steps", type=int, default=d.pgd_steps,
+                   help="pgd_at / trades: PGD steps (default %(default)s)")
+    t.add_argument("--trades-beta", type=float, default=d.trades_beta, help="trades: weight of the KL term")
+    t.add_argument("--lam-warmup", type=_ints, default=d.lam_warmup,
+                   help="deepdefense: OFF,RAMP epochs: no regularizer for OFF epochs, then lambda ramps to --lam over "
+                        "RAMP epochs (training from scratch: docs/robustness.md; default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import METHODS, TrainConfig
 
@@ -73,16 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=lambda s: tuple(s.split(",")), default=None,
                    help="with --method deepdefense: regularize only these layers, e.g. fc1 (paper Fig. 5)")
     t.add_argument("--parseval-beta", type=float, default=d.parseval_beta)
-    t.add_argument("--pgd-norm", choices=("l2", "linf"), default=d.pgd_norm,
-                   help="pgd_at / trades: the inner attack's norm (default %(default)s)")
-    t.add_argument("--pgd-eps", type=float, default=d.pgd_eps,
-                   help="pgd_at / trades: radius in [0,1] pixel units (default %(default)s)")
-    t.add_argument("--pgd-steps", type=int, default=d.pgd_steps,
-                   help="pgd_at / trades: PGD steps (default %(default)s)")
-    t.add_argument("--trades-beta", type=float, default=d.trades_beta, help="trades: weight of the KL term")
-    t.add_argument("--lam-warmup", type=_ints, default=d.lam_warmup,
-                   help="deepdefense: OFF,RAMP epochs: no regularizer for OFF epochs, then lambda ramps to --lam over "
-                        "RAMP epochs (training from scratch: docs/robustness.md; default: none)")
+    _robustness_training_args(t, d)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite)
     t.add_argument("--eval-subset", type=int, default=d.eval_subset, help="test images for the per-epoch rho_2")
