@@ -47,6 +47,20 @@ def _common(p: argparse.ArgumentParser, threads_default) -> None:
                    help="no progress bars and no per-epoch lines (train: OUT/log.json has every epoch)")
 
 
+def _robustness_training_args(t: argparse.ArgumentParser, d) -> None:
+    """``train``'s settings of the pgd_at / trades baselines and of DeepDefense's lambda warm-up."""
+    t.add_argument("--pgd-norm", choices=("l2", "linf"), default=d.pgd_norm,
+                   help="pgd_at / trades: the inner attack's norm (default %(default)s)")
+    t.add_argument("--pgd-eps", type=float, default=d.pgd_eps,
+                   help="pgd_at / trades: radius in [0,1] pixel units (default %(default)s)")
+    t.add_argument("--pgd-steps", type=int, default=d.pgd_steps,
+                   help="pgd_at / trades: PGD steps (default %(default)s)")
+    t.add_argument("--trades-beta", type=float, default=d.trades_beta, help="trades: weight of the KL term")
+    t.add_argument("--lam-warmup", type=_ints, default=d.lam_warmup,
+                   help="deepdefense: OFF,RAMP epochs: no regularizer for OFF epochs, then lambda ramps to --lam over "
+                        "RAMP epochs (training from scratch: docs/robustness.md; default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import METHODS, TrainConfig
 
@@ -73,16 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=lambda s: tuple(s.split(",")), default=None,
                    help="with --method deepdefense: regularize only these layers, e.g. fc1 (paper Fig. 5)")
     t.add_argument("--parseval-beta", type=float, default=d.parseval_beta)
-    t.add_argument("--pgd-norm", choices=("l2", "linf"), default=d.pgd_norm,
-                   help="pgd_at / trades: the inner attack's norm (default %(default)s)")
-    t.add_argument("--pgd-eps", type=float, default=d.pgd_eps,
-                   help="pgd_at / trades: radius in [0,1] pixel units (default %(default)s)")
-    t.add_argument("--pgd-steps", type=int, default=d.pgd_steps,
-                   help="pgd_at / trades: PGD steps (default %(default)s)")
-    t.add_argument("--trades-beta", type=float, default=d.trades_beta, help="trades: weight of the KL term")
-    t.add_argument("--lam-warmup", type=_ints, default=d.lam_warmup,
-                   help="deepdefense: OFF,RAMP epochs: no regularizer for OFF epochs, then lambda ramps to --lam over "
-                        "RAMP epochs (training from scratch: docs/robustness.md; default: none)")
+    _robustness_training_args(t, d)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite)
     t.add_argument("--eval-subset", type=int, default=d.eval_subset, help="test images for the per-epoch rho_2")
@@ -106,13 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, 0)
 
     r = sub.add_parser("reproduce", help="the paper's MNIST table, plots and a c sweep")
-    r.add_argument("experiment", help="mnist-mlp or mnist-lenet")
+    r.add_argument("experiment", help="mnist-mlp, mnist-lenet or fashion-mlp (needs --data)")
     r.add_argument("--out", type=Path, required=True, help="output directory (rerun to resume)")
     r.add_argument("--init", type=Path, default=None, help="reference weights instead of training one")
     r.add_argument("--sweep", type=_floats, default=None, help="c values of the sweep ('' for none)")
     r.add_argument("--methods", type=lambda s: tuple(v for v in s.split(",") if v), default=None,
                    help="fine-tuned rows to run (default: clean,deepdefense,adversarial,parseval)")
     r.add_argument("--eval-max-iter", type=int, default=50)
+    r.add_argument("--robust-limit", type=int, default=1000,
+                   help="adv-lib evaluation of every row on the first N test images (default %(default)s; "
+                        "-1: all; 0: none, then adv-lib is not needed)")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where to train and evaluate (default cpu)")
     _common(r, 1)
     return ap
@@ -250,8 +258,11 @@ def _cmd_reproduce(a) -> int:
     from .reproduce import reproduce
 
     kw = {} if a.methods is None else {"methods": a.methods}
+    if a.robust_limit < -1:
+        raise ValueError(f"--robust-limit must be -1 (all), 0 (none) or a number of images, got {a.robust_limit}")
     reproduce(a.experiment, a.out, data_root=a.data, init=a.init, sweep=a.sweep, eval_max_iter=a.eval_max_iter,
-              progress=not a.no_progress, device=a.device, **kw)
+              progress=not a.no_progress, device=a.device,
+              robust_limit=None if a.robust_limit == -1 else a.robust_limit, **kw)
     return 0
 
 

@@ -133,22 +133,37 @@ def test_corrupt_data_names_file(tiny_mnist, tmp_path, capsys):
 
 def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
     tiny = dict(batch_size=50, eval_subset=20, eval_max_iter=10)
-    exp = dict(model="mlp",
+    exp = dict(model="mlp", dataset="mnist", paper="mlp",
                reference=reproduce.TrainConfig(method="clean", epochs=2, lr=0.05, lr_milestones=(), **tiny),
-               finetune=reproduce.TrainConfig(method="clean", epochs=2, lr=0.01, lr_milestones=(1,), **tiny),
-               c=25.0, sweep=(10.0,))
+               finetune=reproduce.TrainConfig(method="clean", epochs=2, lr=0.01, lr_milestones=(1,), pgd_steps=2,
+                                              **tiny),
+               c=25.0, sweep=(10.0,),
+               scratch=reproduce.TrainConfig(method="deepdefense", epochs=2, lr=0.05, lam_warmup=(1, 1), **tiny))
     monkeypatch.setitem(reproduce.EXPERIMENTS, "mnist-mlp", exp)
     out = tmp_path / "rep"
+    robust = [] if has_adv_lib() else ["--robust-limit", "0"]
     rc, stdout, err = run(["reproduce", "mnist-mlp", "--data", tiny_mnist, "--out", out, "--eval-max-iter", "20",
-                           "--no-progress"], capsys)
+                           "--no-progress", *(robust or ["--robust-limit", "8"])], capsys)
     if rc != 0 and "regularizer" in err:
         pytest.skip("ddfast.regularizer not available")
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in res["rows"]] == ["reference", "clean", "deepdefense", "adversarial", "parseval"]
+    assert [r["method"] for r in res["rows"]] == list(reproduce.ROWS)
     for r in res["rows"]:
-        assert r["model"] == "mlp" and 0 <= r["acc"] <= 1 and r["rho2"] > 0 and r["rho_inf"] > 0
+        assert r["model"] == "mlp" and 0 <= r["acc"] <= 1 and r["rho2"] > 0 and r["rho_inf"] >= 0
         assert set(r["acc_at_eps"]) == {"0.2", "0.5", "1.0"} and r["rho2_prime"] > 0
+        assert r["epoch_seconds"] > 0
+        if not robust:  # the schema of the independent evaluation
+            assert r["robust_acc"].keys() == {"l2", "linf"}
+            assert list(r["robust_acc"]["l2"]) == ["0.5", "1.0", "1.5", "2.0"]
+            assert list(r["robust_acc"]["linf"]) == ["0.05", "0.1", "0.2", "0.3"]
+            assert all(0 <= a <= 1 for n in ("l2", "linf") for a in r["robust_acc"][n].values())
+            assert r["min_norm_l2_median"] is None or r["min_norm_l2_median"] >= 0
+            ev = r["evaluator"]
+            assert ev["library"] == "adv-lib" and ev["version"] and ev["n"] == 8 and ev["attacks"] and ev["steps"]
+    if not robust:
+        assert (out / "robust_accuracy.png").stat().st_size > 1000
+        assert "## Independent evaluation (adv-lib) and cost" in (out / "results.md").read_text()
     dd = res["rows"][2]
     assert dd["acc_at_eps"]["1.0"] == pytest.approx(0.5, abs=0.02)  # eps_ref is DeepDefense's own 50% eps
     assert sorted(p["c"] for p in res["sweep"]) == [10.0, 25.0]
@@ -162,6 +177,16 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     again = json.loads((out / "results.json").read_text())
     assert [r["acc"] for r in again["rows"]] == [r["acc"] for r in res["rows"]]
+
+
+def has_adv_lib():
+    try:
+        from ddfast.robustness import load_adv_lib
+
+        load_adv_lib()
+        return True
+    except ImportError:
+        return False
 
 
 def test_python_m_entry_points():
