@@ -546,7 +546,7 @@ def _deepfool_table(out: Dict[str, Any], model: str) -> List[str]:
             continue
         vs = "" if r.get("vs_ref_median_rel") is None else \
             f"{r['vs_ref_median_rel']:.1e} / {r['vs_ref_within_1e-3']:.3f}"
-        lines.append(f"{head} {r['batch_size']} | {r['n_images']} | {r['img_per_s']:.1f} | "
+        lines.append(f"{head} {r['batch_size']} | {r['n_images']} | {r['img_per_s']:.4g} | "
                      f"{_fmt(r['speedup'], '.2f', 'x')} | {r['fooled']:.3f} | "
                      f"{_fmt(r['mean_iterations'], '.2f')} | {vs} |")
     return lines + [""]
