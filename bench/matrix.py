@@ -101,8 +101,6 @@ TRAIN = {"cuda": {"resnet18": (128, 10), "lenet": (128, 20)},
 #: the library's training procedures looked up in ddfast.paper.train: row -> function names tried,
 #: each called ``fn(model, x, y, steps=10)`` and returning the step's scalar loss (with graph)
 LIBRARY_TRAINING = {"pgd10": ("pgd_at_loss",), "trades10": ("trades_loss",)}
-#: ... or, failing those, a method of ``fit`` with this name (``_step_losses`` with ``TrainConfig(method=...)``)
-LIBRARY_METHODS = {"pgd10": "pgd_at", "trades10": "trades"}
 INNER_STEPS = 10
 
 
@@ -276,14 +274,8 @@ def _library_loss(row: str) -> Tuple[Optional[Callable], str]:
             return (lambda m, x, y, cap, fn=fn: fn(m, x, y, steps=INNER_STEPS, **({"capturable": True} if cap and
                                                  _accepts(fn, "capturable") else {}))), \
                 f"ddfast.paper.train.{fname}(model, x, y, steps={INNER_STEPS})"
-    method = LIBRARY_METHODS[row]
-    if method in getattr(train, "METHODS", ()) and hasattr(train, "_step_losses"):
-        cfg = train.TrainConfig(method=method)
-        return (lambda m, x, y, cap: sum(train._step_losses(m, x, y, cfg)[:2])), \
-            f"ddfast.paper.train._step_losses with TrainConfig(method={method!r}): {cfg.to_dict()}"
     names = ", ".join(LIBRARY_TRAINING[row])
-    return None, (f"not available in this checkout: ddfast.paper.train has no {names} and no method "
-                  f"{method!r} in METHODS")
+    return None, f"not available in this checkout: ddfast.paper.train has no {names}"
 
 
 def training_methods() -> Dict[str, Tuple[Optional[Callable], str]]:
@@ -648,7 +640,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
                      "tf32": False if args.device.startswith("cuda") else None,
                      "speedup": "row seconds / ddfast seconds on the same images, same batching (> 1: ddfast faster)",
                      "train_optimizer": "SGD lr 1e-3 momentum 0.9 wd 5e-4, model in train mode",
-                     "library_training_lookup": {"functions": LIBRARY_TRAINING, "fit_methods": LIBRARY_METHODS}},
+                     "library_training_lookup": {"functions": LIBRARY_TRAINING}},
         "unavailable": {k: v for k, v in available.items() if v is not None},
         "weights": {}, "accuracy": {}, "rows": [], "train_rows": [], "partial": True,
     }

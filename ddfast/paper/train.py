@@ -57,7 +57,8 @@ from .extras import progress_bar, require_extras
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
            "adversarial_set", "shared_adversarial_set", "atomic_save", "finite_or_none", "load_checkpoint",
-           "read_tensor_file", "load_state", "weights_fingerprint"]
+           "read_tensor_file", "load_state", "weights_fingerprint", "adversarial_losses", "pgd_at_loss",
+           "trades_loss", "pgd_examples"]
 
 METHODS = ("clean", "deepdefense", "adversarial", "parseval", "pgd_at", "trades")
 
@@ -708,10 +709,17 @@ def _step_losses(run: _FitRun, net: nn.Module, xb: Tensor, yb: Tensor, gen: torc
 
 def _adversarial_losses(run: _FitRun, net: nn.Module, xb: Tensor, yb: Tensor,
                         gen: torch.Generator) -> Tuple[Tensor, Tensor, int]:
-    """``pgd_at``: cross-entropy at the PGD examples; ``trades``: cross-entropy at ``xb`` and
-    ``trades_beta * KL(p(xb) || p(x_adv))`` (batch mean). One forward of ``net`` (DDP-safe)."""
-    cfg = run.cfg
-    x_adv = pgd_examples(run.model, xb, yb, cfg, scale=run.scale, bounds=run.bounds, generator=gen)
+    return adversarial_losses(run.model, net, xb, yb, run.cfg, scale=run.scale, bounds=run.bounds, generator=gen)
+
+
+def adversarial_losses(model: nn.Module, net: nn.Module, xb: Tensor, yb: Tensor, cfg: TrainConfig, *,
+                       scale: float = 1.0, bounds: Optional[Tuple[Tensor, Tensor]] = None,
+                       generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, int]:
+    """``(ce, reg, correct)`` of one ``pgd_at`` / ``trades`` step (``cfg.method``): ``pgd_at``, the
+    cross-entropy at the PGD examples of ``model``; ``trades``, the cross-entropy at ``xb`` and
+    ``trades_beta * KL(p(xb) || p(x_adv))`` (batch mean). One forward of ``net`` (``model`` or
+    its DDP wrapper)."""
+    x_adv = pgd_examples(model, xb, yb, cfg, scale=scale, bounds=bounds, generator=generator)
     if cfg.method == "pgd_at":
         logits = net(x_adv)
         return F.cross_entropy(logits, yb), torch.zeros((), device=logits.device), int((logits.argmax(1) == yb).sum())
@@ -719,6 +727,24 @@ def _adversarial_losses(run: _FitRun, net: nn.Module, xb: Tensor, yb: Tensor,
     clean, adv = both[: len(yb)], both[len(yb):]
     kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
     return F.cross_entropy(clean, yb), cfg.trades_beta * kl, int((clean.argmax(1) == yb).sum())
+
+
+def _pixel_step_loss(method: str, model: nn.Module, x: Tensor, y: Tensor, steps: int, eps: float) -> Tensor:
+    cfg = TrainConfig(method=method, pgd_steps=steps, pgd_eps=eps)
+    ones = torch.ones((), dtype=x.dtype, device=x.device)
+    ce, reg, _ = adversarial_losses(model, model, x, y, cfg, scale=1 / 255.0, bounds=(0 * ones, ones))
+    return ce + reg
+
+
+def pgd_at_loss(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 10, eps: float = 1.5) -> Tensor:
+    """The ``pgd_at`` training loss of a batch of images ``x`` in [0, 1] pixels: the
+    cross-entropy at L2 PGD examples (``steps`` steps, radius ``eps``, clipped to [0, 1])."""
+    return _pixel_step_loss("pgd_at", model, x, y, steps, eps)
+
+
+def trades_loss(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 10, eps: float = 1.5) -> Tensor:
+    """The ``trades`` training loss of a batch of images ``x`` in [0, 1] pixels (beta 6)."""
+    return _pixel_step_loss("trades", model, x, y, steps, eps)
 
 
 def pgd_examples(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, *, scale: float = 1.0,
