@@ -336,8 +336,29 @@ def _version(mod: str) -> Optional[str]:
         return None
 
 
+def backend_ran(device: str = "cpu") -> Dict[str, Any]:
+    """Which ddfast backend runs float32 ops on ``device`` (and which are available); warns loudly
+    on stderr when a native module was built (beside the imported package) but the pure-torch
+    fallback runs: such numbers are not ddfast's."""
+    import ddfast
+    from ddfast import backends
+
+    dev = torch.device(device)
+    chosen = backends.resolve(None, dev, torch.float32)
+    built = sorted(p.name.split(".")[0] for p in Path(ddfast.__file__).resolve().parent.glob("_C*.so"))
+    native = {"cpu": "_C", "cuda": "_C_cuda"}.get(dev.type)
+    fallback = native in built and chosen == "torch"
+    if fallback:
+        print(f"bench: WARNING: {native} was built but the '{chosen}' fallback runs on {device} "
+              f"({backends._load_errors.get('cpu' if native == '_C' else 'cuda', 'unavailable')}): these numbers "
+              "are not ddfast's compiled backend", file=sys.stderr)
+    return {"backend": chosen, "backends_available": ddfast.available_backends(dev), "native_built": built,
+            "backend_is_fallback": fallback, "ddfast_path": str(Path(ddfast.__file__).resolve().parent)}
+
+
 def environment(device: str = "cpu") -> Dict[str, Any]:
-    """Where the numbers come from: device (with the GPU's name), torch, CPU, threads, versions."""
+    """Where the numbers come from: device (with the GPU's name), torch, CPU, threads, versions,
+    the ddfast backend that ran."""
     dev = torch.device(device)
     if dev.type == "cuda":
         dev_name = f"cuda: {torch.cuda.get_device_name(dev)}"
@@ -354,6 +375,7 @@ def environment(device: str = "cpu") -> Dict[str, Any]:
         "platform": platform.platform(),
         "git_commit": _git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **backend_ran(device),
         "versions": {p: _version(p) for p in ("ddfast", "foolbox", "eagerpy", "torchattacks",
                                                "adversarial-robustness-toolbox", "deeprobust", "adv-lib",
                                                "numpy", "triton")},
