@@ -238,6 +238,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: "_Settin
         n_keep = int(keep.sum())
     constants = regions.model_constants(model) if cfg.reuse else None
     ones = torch.ones(B, dtype=torch.bool, device=x.device)
+    lo, hi = (None if v is None else x0.new_full((1, 1), v).expand(1, x0.shape[1]) for v in (cfg.lo, cfg.hi))  # [1, D]
     for t in range(cfg.max_iter):
         g_rows = None                          # rows of the graph batch holding the active samples
         if keep is not None and n_keep < n:
@@ -255,7 +256,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: "_Settin
         if constants is None:
             act.jac = None
         act.r_tot, x_cur = torch.ops.ddfast.deepfool_update(act.x0, act.r_tot, r, ones[:n], cfg.overshoot,
-                                                            cfg.lo, cfg.hi)
+                                                            lo, hi)
         xg, logits_g = _forward(model, x_cur, shape, graph=t + 1 < cfg.max_iter)
         act.logits = check_logits(logits_g, n).detach().to(x0.dtype)
         new_pred, keep, n_keep, finite = _judge(act.logits, act.ref)

@@ -268,17 +268,51 @@ def need(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+#: The dtypes each kind of op argument may have (the kernels read no other).
+OP_DTYPES = {
+    "float": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "int": (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64),
+    "bool": (torch.bool,),
+}
+
+
 def check_tensor(t, name: str, ndim: int, kind: str) -> Tensor:
-    """``t`` is a ``kind`` ("float", "int", "bool") tensor of ``ndim`` dims with values."""
+    """``t`` is a dense ``kind`` ("float", "int", "bool"; :data:`OP_DTYPES`) tensor of
+    ``ndim`` dims with values (not on the meta device)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dtype not in OP_DTYPES[kind]:
+        names = ", ".join(str(d).replace("torch.", "") for d in OP_DTYPES[kind])
+        raise TypeError(f"{name} must be a {kind} tensor ({names}), got dtype {t.dtype}")
     need(t.device.type != "meta", f"{name} is on the meta device: it holds no values")
     need(t.dim() == ndim, f"{name} must be {ndim}-d, got shape {list(t.shape)}")
-    ok = {"float": t.is_floating_point(), "int": not t.is_floating_point() and not t.is_complex()
-          and t.dtype != torch.bool, "bool": t.dtype == torch.bool}[kind]
-    if not ok:
-        raise TypeError(f"{name} must be a {kind} tensor, got dtype {t.dtype}")
     return t
+
+
+def check_same_dtype(*named: Tuple[str, Tensor]) -> None:
+    """The tensors share the dtype of the first (a TypeError names the first that does not)."""
+    first, t0 = named[0]
+    for name, t in named[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{name} must have the dtype of {first} ({t0.dtype}), got {t.dtype}")
+
+
+def check_bool(value, name: str) -> bool:
+    """A Python or numpy bool."""
+    if not isinstance(value, (bool, np_bool())):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def np_bool():
+    """numpy's bool type, or bool where numpy is absent."""
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover
+        return bool
+    return numpy.bool_
 
 
 def check_same_device(*named: Tuple[str, Tensor]) -> None:
@@ -296,7 +330,7 @@ def check_rows(named, B: Optional[int] = None, D: Optional[int] = None) -> None:
         need(t.shape[0] == B, f"{name} must have {B} rows like {first} (one per sample), got shape {list(t.shape)}")
         if ndim == 2:
             D = t.shape[1] if D is None else D
-            need(t.shape[1] == D, f"{name} must have shape [{B}, {D}], got {list(t.shape)}")
+            need(t.shape[1] == D, f"{name} must have shape [{B}, {D}] like {first}, got {list(t.shape)}")
     check_same_device(*[(n, t) for n, t, _, _ in named])
 
 
@@ -342,10 +376,61 @@ def norm_value(norm) -> float:
     return value
 
 
+def check_real(value, name: str) -> float:
+    """A real number (Python or numpy; not a bool), as a float."""
+    if isinstance(value, (bool, np_bool())) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_finite(value, name: str) -> float:
     """A real number that is not NaN or Inf."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(float(value)):
+    v = check_real(value, name)
+    if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return v
+
+
+def bound_rows(value, name: str, x0: Tensor) -> Optional[Tensor]:
+    """A clip bound of ``deepfool_update`` for x0 [B, D]: None, a number (not NaN), or a real
+    tensor of shape [], [D], [1, D] or [B, D] without NaN, as a [1, D] or [B, D] tensor in x0's
+    dtype and on its device whose columns are contiguous, or of stride 0 (a number, expanded)."""
+    if value is None:
+        return None
+    B, D = x0.shape
+    if not isinstance(value, Tensor):
+        v = check_real(value, name)
+        need(not math.isnan(v), f"{name} must not be NaN")
+        return x0.new_full((1, 1), v).expand(1, D)
+    if value.layout != torch.strided or value.dtype not in OP_DTYPES["float"] + OP_DTYPES["int"]:
+        raise TypeError(f"{name} must be a dense real tensor, got {value.layout} {value.dtype}")
+    need(value.device.type != "meta", f"{name} is on the meta device: it holds no values")
+    shape = list(value.shape)
+    need(shape in ([], [D], [1, D], [B, D]),
+         f"{name} must have shape [D], [1, D] or [B, D] = [{D}], [1, {D}] or [{B}, {D}], got {shape}")
+    bad = torch.isnan(value.detach())
+    if bool(bad.any()):
+        first = [int(i) for i in bad.nonzero()[0]] if shape else []
+        raise ValueError(f"{name} holds NaN at {int(bad.sum())} of {bad.numel()} entries "
+                         f"(first at {first}, shape {shape})")
+    rows = value.detach().to(device=x0.device, dtype=x0.dtype)
+    rows = rows.reshape(1, 1).expand(1, D) if not shape else rows.view(1, D) if len(shape) == 1 else rows
+    return rows if D <= 1 or rows.stride(1) in (0, 1) else rows.contiguous()
+
+
+def check_order(lo: Optional[Tensor], hi: Optional[Tensor], given=(None, None)) -> None:
+    """lo <= hi wherever both bounds are given ([1, D] or [B, D] rows, broadcast); ``given``:
+    the bounds as passed, compared as numbers where both are numbers (no tensor op)."""
+    if lo is None or hi is None:
+        return
+    if not any(isinstance(v, Tensor) for v in given) and None not in given:
+        need(float(given[0]) <= float(given[1]), f"lo must be <= hi, got lo={float(given[0]):.6g}, "
+                                                 f"hi={float(given[1]):.6g}")
+        return
+    bad = lo > hi
+    if bool(bad.any()):
+        i = [int(k) for k in bad.nonzero()[0]]
+        lo_i, hi_i = lo.expand_as(bad)[tuple(i)], hi.expand_as(bad)[tuple(i)]
+        raise ValueError(f"lo must be <= hi, got lo > hi at {int(bad.sum())} of {bad.numel()} entries "
+                         f"(first at {i}: lo={float(lo_i):.6g}, hi={float(hi_i):.6g}; "
+                         f"shapes {list(lo.shape)} and {list(hi.shape)})")
