@@ -35,8 +35,8 @@ from .reference import STEP_EPS
 from .validate import (
     NonFiniteLogitsError,
     as_labels,
+    attack_bounds,
     check_batch_size,
-    check_bounds,
     check_callable,
     check_candidates,
     check_graph_logits,
@@ -130,6 +130,8 @@ class _Active:
     logits: Tensor
     go: Tensor
     alive: Tensor
+    lo: Optional[Tensor] = None
+    hi: Optional[Tensor] = None
     jac: Optional[Tensor] = None
     pattern: Optional[regions.Pattern] = None
 
@@ -138,6 +140,10 @@ class _Active:
         for name in ("idx", "x0", "r_tot", "ref", "cand", "logits", "alive"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.go = self.go.index_select(1, rows)
+        for name in ("lo", "hi"):              # per-sample bounds follow their samples
+            bound = getattr(self, name)
+            if bound is not None and bound.shape[0] > 1:
+                setattr(self, name, bound.index_select(0, rows))
         if self.jac is not None:
             self.jac = self.jac.index_select(0, rows)
         if self.pattern is not None:
@@ -239,15 +245,15 @@ class _Settings:
     overshoot: float
     norm: float
     k: Optional[int]
-    lo: Optional[float]
-    hi: Optional[float]
     reuse: bool
     every: int
 
 
-def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Settings) -> Tuple[DeepFoolResult, Tensor]:
-    """DeepFool on one chunk; also returns how many of its samples stopped at an iterate where
-    the model's logits were not finite (a 0-d tensor: read once, after every chunk)."""
+def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Settings,
+                  bounds: Tuple[Optional[Tensor], Optional[Tensor]]) -> Tuple[DeepFoolResult, Tensor]:
+    """DeepFool on one chunk, with clip ``bounds`` as [1, D] or [n, D] rows (or None); also returns
+    how many of its samples stopped at an iterate where the model's logits were not finite (a 0-d
+    tensor: read once, after every chunk)."""
     B, shape = x.shape[0], x.shape[1:]
     x0 = x.detach().reshape(B, -1)
     if x0.is_inference():                      # a tensor made under torch.inference_mode()
@@ -257,7 +263,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Setting
     ref = pred if y is None else as_labels(y, B, logits.shape[1], x.device)
     cand = competing_classes(logits, ref, cfg.k)
     act = _Active(torch.arange(B, device=x.device), x0, torch.zeros_like(x0), ref, cand, logits,
-                  jacobian.directions(B, logits.shape[1], cand, logits_g, ref), pred == ref)
+                  jacobian.directions(B, logits.shape[1], cand, logits_g, ref), pred == ref, *bounds)
     out = _Outcome.start(x0, pred)
     out.success |= ~act.alive                  # labelled samples already misclassified
     constants = regions.model_constants(model) if cfg.reuse and cfg.every == 1 else None
@@ -280,7 +286,7 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Setting
         if constants is None:
             act.jac = None
         act.r_tot, x_cur = torch.ops.ddfast.deepfool_update(act.x0, act.r_tot, r, act.alive, cfg.overshoot,
-                                                            cfg.lo, cfg.hi)
+                                                            act.lo, act.hi)
         xg, logits_g = _forward(model, x_cur, shape, graph=t + 1 < cfg.max_iter)
         act.logits = check_logits(logits_g, act.idx.numel()).detach().to(x0.dtype)
         out.judge(act, x_cur, t)
@@ -289,6 +295,11 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Setting
     result = DeepFoolResult(delta=(out.x_final - x0).view(B, *shape), x_adv=out.x_final.view(B, *shape),
                             iterations=out.iterations, success=out.success, label=ref, adv_label=out.adv_label)
     return result, out.n_nonfinite
+
+
+def _chunk_rows(bound: Optional[Tensor], start: int, step: int) -> Optional[Tensor]:
+    """A chunk's clip rows: the shared [1, D] row, or its samples' rows of a [B, D] bound."""
+    return bound if bound is None or bound.shape[0] == 1 else bound[start:start + step]
 
 
 def _classes(model: Callable, x: Tensor) -> int:
@@ -338,12 +349,12 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
         :class:`DeepFoolResult`. No ``.grad`` is written. Warns where TF32 rounds the logits
         more coarsely than DeepFool's margin (docs/api.md).
     """
-    lo, hi = check_bounds(bounds)
-    x = check_input(x, bounds=(lo, hi))
+    x = check_input(x)
+    lo, hi = attack_bounds(bounds, x)
     reuse = REUSE_JACOBIANS if reuse_jacobians is None else bool(reuse_jacobians)
     every = CHECK_EVERY.get(x.device.type, 1) if check_every is None else check_int(check_every, "check_every", 1)
     cfg = _Settings(check_max_iter(max_iter), check_nonneg(overshoot, "overshoot"), norm_value(norm),
-                    check_candidates(candidates), lo, hi, reuse and (lo is not None or hi is not None), every)
+                    check_candidates(candidates), reuse and (lo is not None or hi is not None), every)
     step = check_batch_size(batch_size)
     if y is not None:
         y = as_labels(y, x.shape[0], None, x.device)
@@ -359,7 +370,8 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
         check_sample_independence(model, x.detach().reshape(x.shape[0], -1), x.shape[1:], "ddfast.deepfool")
         step = step or chunk_size(model, x, cfg.k or _classes(model, x))
         for s in range(0, x.shape[0], step):
-            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg)
+            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg,
+                                      (_chunk_rows(lo, s, step), _chunk_rows(hi, s, step)))
             parts.append(part)
             n_nonfinite += int(bad)
     if n_nonfinite:
