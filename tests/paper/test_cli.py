@@ -1,23 +1,20 @@
 """The ddfast command: train / eval / reproduce on a tiny generated MNIST, and readable errors."""
 import gzip
 import json
-import os
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import ddfast
+from conftest import child_env
 from ddfast.paper import cli, data, models, reproduce
 
 #: environment of the ``python -m ddfast`` / torchrun children: they import the ddfast this process
 #: imported (the checkout under ``python -m pytest``, else the installed package), not a stale other copy
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    p for p in (str(Path(ddfast.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
+SUBPROCESS_ENV = child_env()
 
 
 @pytest.fixture(autouse=True)
