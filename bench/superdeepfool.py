@@ -9,7 +9,8 @@ median L2 of the adversarials against time per image.
   iterates in [0, 1] (ddfast: ``bounds=(0, 1)``).
 * Rows: ddfast ``deepfool`` and ``superdeepfool`` (defaults), adv-lib 0.2.8 ``df``, ``sdf``
   (its defaults: 100 steps, 100 DeepFool steps, a 10-step line search), ``ddn`` and ``alma``
-  at 1000 steps (the L2 references; on the first ``--n-slow`` images only: their time).
+  at 1000 steps (the L2 references, adv-lib's other defaults; on the first ``--n-slow`` images
+  only, for their time: MLP 100, LeNet 100, ConvNet 50).
 * ``median_l2``: median over the images of ||x_adv - x||_2 ([0, 1] pixel units), an image the
   attack did not fool (re-evaluated here: argmax f(x_adv) != label) counting as infinite;
   ``ratio_to_best``: that median over the smaller of ALMA's and DDN's medians on the same
@@ -38,6 +39,7 @@ import common  # noqa: E402
 import ddfast  # noqa: E402
 
 N_DEFAULT = {"mlp": 200, "lenet": 200, "convnet": 100}
+N_SLOW = {"mlp": 100, "lenet": 100, "convnet": 50}    # ALMA and DDN at 1000 steps: minutes per 100 images
 FAST = ("ddfast.deepfool", "ddfast.superdeepfool", "adv_lib.df", "adv_lib.sdf")
 SLOW = ("adv_lib.ddn-1000", "adv_lib.alma-1000")
 
@@ -99,6 +101,8 @@ def run_model(name: str, n: int, n_slow: int, batch: int, repeat: int, log) -> D
         p.requires_grad_(False)
     x, y = correct_images(model, name, n)
     fns = attacks(model)
+    for a in FAST:                             # warm-up: lazy imports, native loads, the allocator
+        fns[a](x[:2], y[:2])
     seconds = {a: 0.0 for a in fns}
     norms: Dict[str, List[Tensor]] = {a: [] for a in fns}
     for b in range(0, x.shape[0], batch):
@@ -132,6 +136,16 @@ def summarize(norms: Dict[str, List[Tensor]], seconds: Dict[str, float], n_slow:
     return rows
 
 
+def _defaults() -> Dict[str, object]:
+    import inspect
+
+    sdf = sys.modules["ddfast.superdeepfool"]
+    params = inspect.signature(ddfast.superdeepfool).parameters
+    out: Dict[str, object] = {k: params[k].default for k in ("max_iter", "df_steps", "overshoot")}
+    out["restart_candidates"] = sdf.RESTART_CANDIDATES
+    return out
+
+
 def plot(results: Dict[str, Dict[str, Dict]], path: Path) -> None:
     import matplotlib
 
@@ -157,7 +171,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="mlp,lenet,convnet")
     ap.add_argument("--n", type=int, default=None, help="images per model (default: mlp 200, lenet 200, convnet 100)")
-    ap.add_argument("--n-slow", type=int, default=None, help="images for ALMA and DDN (default: --n)")
+    ap.add_argument("--n-slow", type=int, default=None,
+                    help="images for ALMA and DDN (default: mlp 100, lenet 100, convnet 50)")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per fast row and batch, best of")
     ap.add_argument("--threads", type=int, default=None)
@@ -168,7 +183,7 @@ def main(argv=None) -> None:
     results, sizes = {}, {}
     for name in args.models.split(","):
         n = args.n or N_DEFAULT[name]
-        n_slow = min(n, args.n_slow or n)
+        n_slow = min(n, args.n_slow or N_SLOW[name])
         sizes[name] = {"n": n, "n_slow": n_slow}
         print(f"{name}: {n} images ({n_slow} for ALMA and DDN)", flush=True)
         results[name] = run_model(name, n, n_slow, args.batch_size, args.repeat, lambda s: print(s, flush=True))
@@ -180,7 +195,7 @@ def main(argv=None) -> None:
     payload = {"benchmark": "superdeepfool", "command": "python bench/superdeepfool.py " + " ".join(
         sys.argv[1:] if argv is None else argv), "backend": ddfast.available_backends("cpu")[0],
         "adv_lib": common._version("adv-lib"), "sizes": sizes, "batch_size": args.batch_size,
-        "repeat": args.repeat, "results": results}
+        "repeat": args.repeat, "superdeepfool_defaults": _defaults(), "results": results}
     common.write_json(path, payload)
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_no_side_effects, make_cnn, make_mlp
 
 import ddfast
-from conftest import assert_no_side_effects, make_cnn, make_mlp
 from ddfast.metrics import rho2
 from ddfast.reference import superdeepfool_ref
 
