@@ -15,6 +15,7 @@ from .attack import DeepFoolResult, NonFiniteLogitsError, deepfool
 from .backends import available_backends, get_backend, set_backend
 from .guard import BatchCoupledModelError
 from .regularizer import DeepDefense, DeepDefenseInfo, deepdefense_loss
+from .superdeepfool import superdeepfool
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ _LAZY_SUBMODULES = ("data", "models", "metrics", "train", "reproduce", "plots", 
 
 __all__ = [
     "deepfool",
+    "superdeepfool",
     "DeepFoolResult",
     "NonFiniteLogitsError",
     "BatchCoupledModelError",

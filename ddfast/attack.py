@@ -15,6 +15,7 @@ stays in its region crosses the boundary: the sample is done), so the attack doe
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, FrozenSet, Optional, Sequence, Tuple, Union
@@ -158,7 +159,7 @@ def select_pattern(pattern: regions.Pattern, rows: Optional[Tensor]) -> regions.
 
 
 @dataclass
-class _Outcome:
+class Outcome:
     """Per-sample results of a chunk of B samples, written as samples stop."""
 
     x_final: Tensor
@@ -168,7 +169,7 @@ class _Outcome:
     n_nonfinite: Tensor
 
     @classmethod
-    def start(cls, x0: Tensor, pred: Tensor) -> _Outcome:
+    def start(cls, x0: Tensor, pred: Tensor) -> Outcome:
         B, dev = x0.shape[0], x0.device
         return cls(x0.clone(), torch.zeros(B, dtype=torch.int64, device=dev),
                    torch.zeros(B, dtype=torch.bool, device=dev), pred.clone(),
@@ -190,6 +191,12 @@ class _Outcome:
         self.x_final.index_copy_(0, idx, torch.where(rows[:, None], x_cur, self.x_final.index_select(0, idx)))
         self.adv_label.index_copy_(0, idx, torch.where(rows, label, self.adv_label.index_select(0, idx)))
         self.iterations.index_copy_(0, idx, torch.where(rows, steps, self.iterations.index_select(0, idx)))
+
+    def result(self, x0: Tensor, ref: Tensor, shape: torch.Size) -> DeepFoolResult:
+        """The chunk's :class:`DeepFoolResult` (x0 [B, D] its clean inputs, ref [B] its classes)."""
+        B = x0.shape[0]
+        return DeepFoolResult(delta=(self.x_final - x0).view(B, *shape), x_adv=self.x_final.view(B, *shape),
+                              iterations=self.iterations, success=self.success, label=ref, adv_label=self.adv_label)
 
 
 def _clean_logits(model: Callable, x0: Tensor, shape: torch.Size) -> Tuple[Tensor, Tensor, Tensor]:
@@ -231,7 +238,7 @@ def _step_rows(model: Callable, act: _Active, xg: Tensor, logits_g: Tensor, g_ro
     return act.jac, constants
 
 
-def _forward(model: Callable, x_cur: Tensor, shape: torch.Size, graph: bool):
+def forward_points(model: Callable, x_cur: Tensor, shape: torch.Size, graph: bool):
     """(xg, graph logits) at the iterates, or (None, logits) without a graph."""
     if graph:
         return jacobian.forward_with_graph(model, x_cur, shape)
@@ -240,20 +247,23 @@ def _forward(model: Callable, x_cur: Tensor, shape: torch.Size, graph: bool):
 
 
 @dataclass(frozen=True)
-class _Settings:
+class Settings:
+    """DeepFool's checked settings; ``lo`` / ``hi``: clip rows [1, D] or [B, D] (or None)."""
+
     max_iter: int
     overshoot: float
     norm: float
     k: Optional[int]
+    lo: Optional[Tensor]
+    hi: Optional[Tensor]
     reuse: bool
     every: int
 
 
-def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Settings,
-                  bounds: Tuple[Optional[Tensor], Optional[Tensor]]) -> Tuple[DeepFoolResult, Tensor]:
-    """DeepFool on one chunk, with clip ``bounds`` as [1, D] or [n, D] rows (or None); also returns
-    how many of its samples stopped at an iterate where the model's logits were not finite (a 0-d
-    tensor: read once, after every chunk)."""
+def deepfool_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: Settings) -> Tuple[Tensor, Tensor, Outcome]:
+    """DeepFool on one chunk x [B, ...]: its clean inputs x0 [B, D], reference classes ref [B]
+    and outcome (with ``n_nonfinite``: how many samples stopped at an iterate where the model's
+    logits were not finite, a 0-d tensor read once, after every chunk)."""
     B, shape = x.shape[0], x.shape[1:]
     x0 = x.detach().reshape(B, -1)
     if x0.is_inference():                      # a tensor made under torch.inference_mode()
@@ -261,17 +271,32 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Setting
     xg, logits_g, logits = _clean_logits(model, x0, shape)
     pred = logits.argmax(1)
     ref = pred if y is None else as_labels(y, B, logits.shape[1], x.device)
+    out = Outcome.start(x0, pred)
+    alive = None if y is None else pred == ref
+    if alive is not None:
+        out.success |= ~alive                  # labelled samples already misclassified
+    deepfool_steps(model, x0, shape, ref, logits, (xg, logits_g), alive, out, cfg)
+    return x0, ref, out
+
+
+def deepfool_steps(model: Callable, x0: Tensor, shape: torch.Size, ref: Tensor, logits: Tensor,
+                   graph: Tuple[Tensor, Tensor], alive: Optional[Tensor], out: Outcome, cfg: Settings) -> None:
+    """DeepFool's steps away from the classes ``ref`` [B] starting at the points ``x0`` [B, D]
+    (samples of shape ``shape``), given the forward there: ``logits`` [B, K] (detached) and
+    ``graph`` = (leaf, graph logits). Only the samples where ``alive`` [B] (None: all) step;
+    where each stops is written to ``out``."""
+    B = x0.shape[0]
+    xg, logits_g = graph
     cand = competing_classes(logits, ref, cfg.k)
-    act = _Active(torch.arange(B, device=x.device), x0, torch.zeros_like(x0), ref, cand, logits,
-                  jacobian.directions(B, logits.shape[1], cand, logits_g, ref), pred == ref, *bounds)
-    out = _Outcome.start(x0, pred)
-    out.success |= ~act.alive                  # labelled samples already misclassified
+    act = _Active(torch.arange(B, device=x0.device), x0, torch.zeros_like(x0), ref, cand, logits,
+                  jacobian.directions(B, logits.shape[1], cand, logits_g, ref),
+                  torch.ones(B, dtype=torch.bool, device=x0.device) if alive is None else alive, cfg.lo, cfg.hi)
     constants = regions.model_constants(model) if cfg.reuse and cfg.every == 1 else None
     x_cur = x0
     for t in range(cfg.max_iter):
         g_rows = None                          # rows of the graph batch holding the active samples
         if t % cfg.every == 0:                 # a block's one host read: who is left
-            n_alive = B if t == 0 and y is None else int(act.alive.sum())
+            n_alive = B if t == 0 and alive is None else int(act.alive.sum())
             if n_alive == 0:
                 break
             if n_alive < act.idx.numel():
@@ -287,14 +312,29 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: _Setting
             act.jac = None
         act.r_tot, x_cur = torch.ops.ddfast.deepfool_update(act.x0, act.r_tot, r, act.alive, cfg.overshoot,
                                                             act.lo, act.hi)
-        xg, logits_g = _forward(model, x_cur, shape, graph=t + 1 < cfg.max_iter)
+        xg, logits_g = forward_points(model, x_cur, shape, graph=t + 1 < cfg.max_iter)
         act.logits = check_logits(logits_g, act.idx.numel()).detach().to(x0.dtype)
         out.judge(act, x_cur, t)
     if cfg.max_iter:                           # who is alive now ran every step
         out.write(act.idx, act.alive, x_cur, out.adv_label.index_select(0, act.idx), cfg.max_iter)
-    result = DeepFoolResult(delta=(out.x_final - x0).view(B, *shape), x_adv=out.x_final.view(B, *shape),
-                            iterations=out.iterations, success=out.success, label=ref, adv_label=out.adv_label)
-    return result, out.n_nonfinite
+
+
+def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: Settings) -> Tuple[DeepFoolResult, Tensor]:
+    """DeepFool on one chunk, and how many of its samples stopped at non-finite logits (0-d)."""
+    x0, ref, out = deepfool_chunk(model, x, y, cfg)
+    return out.result(x0, ref, x.shape[1:]), out.n_nonfinite
+
+
+def for_chunk(cfg, start: int, step: int):
+    """``cfg`` (a :class:`Settings`, or a dataclass holding some) for the chunk of samples
+    ``start:start + step``: per-sample bound rows cut to the chunk's."""
+    if isinstance(cfg, Settings):
+        return dataclasses.replace(cfg, lo=_chunk_rows(cfg.lo, start, step), hi=_chunk_rows(cfg.hi, start, step))
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        inner = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return dataclasses.replace(cfg, **{name: for_chunk(v, start, step) for name, v in inner.items()
+                                           if isinstance(v, Settings)})
+    return cfg
 
 
 def _chunk_rows(bound: Optional[Tensor], start: int, step: int) -> Optional[Tensor]:
@@ -349,35 +389,51 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
         :class:`DeepFoolResult`. No ``.grad`` is written. Warns where TF32 rounds the logits
         more coarsely than DeepFool's margin (docs/api.md).
     """
+    x, y, cfg, step = settings(x, y, bounds=bounds, max_iter=max_iter, overshoot=overshoot, norm=norm,
+                               candidates=candidates, batch_size=batch_size, reuse_jacobians=reuse_jacobians,
+                               check_every=check_every)
+    return run_chunks(model, x, y, cfg, step, _attack_chunk, "ddfast.deepfool")
+
+
+def settings(x: Tensor, y: Optional[Tensor], *, bounds, max_iter, overshoot, norm, candidates, batch_size,
+             reuse_jacobians, check_every) -> Tuple[Tensor, Optional[Tensor], Settings, Optional[int]]:
+    """:func:`deepfool`'s arguments checked: x, y as [B] int64 (or None), the settings, the chunk size."""
     x = check_input(x)
     lo, hi = attack_bounds(bounds, x)
     reuse = REUSE_JACOBIANS if reuse_jacobians is None else bool(reuse_jacobians)
     every = CHECK_EVERY.get(x.device.type, 1) if check_every is None else check_int(check_every, "check_every", 1)
-    cfg = _Settings(check_max_iter(max_iter), check_nonneg(overshoot, "overshoot"), norm_value(norm),
-                    check_candidates(candidates), reuse and (lo is not None or hi is not None), every)
+    cfg = Settings(check_max_iter(max_iter), check_nonneg(overshoot, "overshoot"), norm_value(norm),
+                   check_candidates(candidates), lo, hi, reuse and (lo is not None or hi is not None), every)
     step = check_batch_size(batch_size)
     if y is not None:
         y = as_labels(y, x.shape[0], None, x.device)
+    return x, y, cfg, step
+
+
+def run_chunks(model: Callable, x: Tensor, y: Optional[Tensor], cfg, step: Optional[int],
+               chunk: Callable, where: str) -> DeepFoolResult:
+    """``chunk(model, x_part, y_part, cfg) -> (DeepFoolResult, n_nonfinite)`` on consecutive chunks
+    of ``step`` samples of x (None: as many as fit the memory budget), with the model checked and
+    guarded (eval mode, state restored) and gradients on; ``where`` names the caller in messages."""
     if x.shape[0] == 0:
         return _empty_result(x)
     check_callable(model)
     check_model_device(model, x)
     backends.resolve(None, x.device, x.dtype)          # the chosen backend can run here
-    warn_tf32(model, x, "ddfast.deepfool")
+    warn_tf32(model, x, where)
     parts, n_nonfinite = [], 0
-    with explain_model_errors(model, x, "ddfast.deepfool"), model_guard(model, x), torch.inference_mode(False), \
+    with explain_model_errors(model, x, where), model_guard(model, x), torch.inference_mode(False), \
             torch.enable_grad():
-        check_sample_independence(model, x.detach().reshape(x.shape[0], -1), x.shape[1:], "ddfast.deepfool")
+        check_sample_independence(model, x.detach().reshape(x.shape[0], -1), x.shape[1:], where)
         step = step or chunk_size(model, x, cfg.k or _classes(model, x))
         for s in range(0, x.shape[0], step):
-            part, bad = _attack_chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg,
-                                      (_chunk_rows(lo, s, step), _chunk_rows(hi, s, step)))
+            part, bad = chunk(model, x[s:s + step], None if y is None else y[s:s + step], for_chunk(cfg, s, step))
             parts.append(part)
             n_nonfinite += int(bad)
     if n_nonfinite:
-        warnings.warn(f"ddfast.deepfool: the model returned NaN or Inf logits at the iterate of {n_nonfinite} "
+        warnings.warn(f"{where}: the model returned NaN or Inf logits at the iterate of {n_nonfinite} "
                       f"sample(s); they stop there with success=False (e.g. a float16 model that overflows)",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
     return parts[0] if len(parts) == 1 else concat_results(parts)
 
 

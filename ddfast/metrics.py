@@ -21,6 +21,7 @@ every submodule's mode; nothing of the caller's changes: no parameter, ``.grad``
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -35,6 +36,7 @@ from .validate import (
     as_labels,
     check_batch_size,
     check_candidates,
+    check_choice,
     check_input,
     check_logits,
     check_max_iter,
@@ -167,14 +169,18 @@ def rho2(
     batch_size: int = 500,
     keep_delta: bool = False,
     progress: bool = True,
+    attack: str = "deepfool",
 ) -> Rho2:
     """rho_2 under DeepFool (from each sample's predicted class), rho'_2 and the fooled fraction.
 
     ``x [N, ...]``; ``scale``: the preprocessing scale (``1/255`` for the [0,1] space); rho'_2
     divides by it. ``max_iter``, ``overshoot``, ``candidates``: :func:`ddfast.deepfool`'s.
+    ``attack``: ``"deepfool"`` or ``"superdeepfool"`` (:func:`ddfast.superdeepfool` with its
+    default iterations, ``max_iter`` the steps of each of its DeepFool runs).
     """
-    from . import deepfool  # the lead's batched attack
+    from . import deepfool, superdeepfool  # the batched attacks
 
+    check_choice(attack, "attack", ("deepfool", "superdeepfool"))
     check_data(model, x)
     _check_no_zero_sample(x, "rho_2 = mean ||D||_2 / ||x||_2")
     _positive(scale, "scale")
@@ -182,10 +188,14 @@ def rho2(
     check_nonneg(overshoot, "overshoot")
     check_candidates(candidates)
     check_batch_size(batch_size, allow_none=False)
+    if attack == "deepfool":
+        run = functools.partial(deepfool, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
+    else:
+        run = functools.partial(superdeepfool, df_steps=max_iter, overshoot=overshoot, candidates=candidates)
     ratios, norms, iters, fooled, deltas = [], [], [], [], []
-    for i in _batches(x.shape[0], batch_size, progress, "DeepFool rho_2"):
+    for i in _batches(x.shape[0], batch_size, progress, f"{attack} rho_2"):
         xb = x[i:i + batch_size]
-        res = deepfool(model, xb, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
+        res = run(model, xb)
         d = res.delta.detach().flatten(1)
         n = torch.linalg.vector_norm(d, dim=1)
         ratios.append(n / torch.linalg.vector_norm(xb.detach().flatten(1), dim=1))

@@ -404,3 +404,71 @@ def deepdefense_ref(model, x: Tensor, y: Tensor, *, lam: float = 15.0, c: float 
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+
+def _tangent_projection(model, x0: Tensor, x_t: Tensor, label: Tensor, ref: Tensor, shape,
+                        bounds) -> Tuple[Tensor, Tensor]:
+    """SuperDeepFool's projection of every row: ``x_p = x0 + ((x_t - x0) . w / ||w||^2) w``
+    clipped (``x_t`` where ``w = 0``), ``w = g_label - g_ref`` at ``x_t``; ``(x_p, logits there)``."""
+    modes = _eval_modes(model)
+    try:
+        with torch.enable_grad():
+            xv = x_t.clone().requires_grad_(True)
+            g = _class_grads(model(xv.view(-1, *shape)), xv, torch.stack([label, ref], 1), create_graph=False)
+        w = g[:, 0] - g[:, 1]
+        ww = (w * w).sum(1, keepdim=True)
+        x_p = torch.where(ww > 0, x0 + ((x_t - x0) * w).sum(1, keepdim=True) / torch.where(ww > 0, ww, 1.0) * w, x_t)
+        if bounds is not None and bounds != (None, None):
+            x_p = torch.clamp(x_p, min=bounds[0], max=bounds[1])
+        with torch.no_grad():
+            return x_p, model(x_p.view(-1, *shape))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _closer(x0: Tensor, x_new: Tensor, label_new: Tensor, ok: Tensor, x_best: Tensor, label: Tensor):
+    """``(x_best, label)`` with ``x_new`` and its label in the rows where ``ok`` and it is closer to x0."""
+    dist = lambda z: torch.linalg.vector_norm(z - x0, dim=1)  # noqa: E731
+    better = ok & (dist(x_new) < dist(x_best))
+    return torch.where(better[:, None], x_new, x_best), torch.where(better, label_new, label)
+
+
+def superdeepfool_ref(model, x: Tensor, y: Optional[Tensor] = None, *, max_iter: int = 3, df_steps: int = 50,
+                      overshoot: float = 0.02, candidates: Optional[int] = None,
+                      bounds: Optional[Tuple[Optional[float], Optional[float]]] = None, restart_candidates: int = 2):
+    """SuperDeepFool (L2), slowly: each iteration a :func:`deepfool_ref` run of the whole batch
+    from the current points (``df_steps`` steps; after the first, with ``restart_candidates``
+    classes or ``candidates`` when fewer), then, for the samples it took across, the projection
+    :func:`_tangent_projection` at its end point; done samples masked. A sample's result is the
+    adversarial point closest to x0 it met. Returns ``(delta, iterations, success, label,
+    adv_label)`` as :func:`ddfast.superdeepfool` defines them."""
+    B, shape = x.shape[0], x.shape[1:]
+    x0 = x.detach().reshape(B, -1)
+    def deepfool_run(z: Tensor, labels: Optional[Tensor], k: Optional[int]):
+        return deepfool_ref(model, z, labels, max_iter=df_steps if max_iter else 0, overshoot=overshoot,
+                            candidates=k, bounds=bounds)
+
+    delta, steps, success, ref, adv_label = deepfool_run(x, y, candidates)
+    later = restart_candidates if candidates is None else min(candidates, restart_candidates)
+    x_best = x0 + delta.reshape(B, -1)
+    active = success & (steps > 0)             # crossed in the first DeepFool run
+    iterations = (steps > 0).long()
+    x_t, label = x_best.clone(), adv_label.clone()
+    for n in range(1, max_iter + 1):
+        if not bool(active.any()):
+            break
+        x_p, logits = _tangent_projection(model, x0, x_t, label, ref, shape, bounds)
+        finite = torch.isfinite(logits).all(1)
+        pred = torch.where(finite, logits.argmax(1), ref)
+        x_best, adv_label = _closer(x0, x_p, pred, active & (pred != ref), x_best, adv_label)
+        if n == max_iter:
+            break
+        go_on = active & finite & (pred == ref)
+        d, _, crossed, _, label_t = deepfool_run(x_p.view(B, *shape), ref, later)
+        iterations = torch.where(go_on, n + 1, iterations)
+        active = go_on & crossed
+        x_t, label = torch.where(active[:, None], x_p + d.reshape(B, -1), x_t), torch.where(active, label_t, label)
+        x_best, adv_label = _closer(x0, x_t, label, active, x_best, adv_label)
+    return (x_best - x0).view(B, *shape), iterations, success, ref, adv_label

@@ -31,6 +31,32 @@ def make_cnn(k=4, seed=0, dtype=torch.float64):
     return m.to(dtype)
 
 
+def assert_no_side_effects(attack, x):
+    """Run ``attack(model, x)`` under ``torch.no_grad()`` on a mixed-mode CNN with ``.grad`` set and
+    one frozen weight; assert nothing of the caller changed. Returns the attack's result."""
+    model = make_cnn()
+    model.train()
+    model[1].eval()  # a mixed-mode model keeps its mixture
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    model[0].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x_copy = x.clone()
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        result = attack(model, x)
+    assert torch.is_grad_enabled() is True
+    assert torch.equal(x, x_copy) and not x.requires_grad
+    assert model.training and not model[1].training
+    assert not model[0].weight.requires_grad and model[0].bias.requires_grad
+    for p in model.parameters():
+        assert torch.equal(p.grad, torch.full_like(p, 7.0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(torch.get_rng_state(), rng)
+    return result
+
+
 @pytest.fixture
 def mlp64():
     return make_mlp()
