@@ -137,6 +137,7 @@ if CUDA_KERNELS:
 
 setup(
     packages=["ddfast", "ddfast.kernels", "ddfast.paper"],
+    py_modules=["_ddfast_cli"],    # the console command's entry, outside the package (see its docstring)
     package_data={"ddfast": ["py.typed"]},
     package_dir={"ddfast": "ddfast", "ddfast.kernels": "kernels"},
     ext_modules=ext_modules,

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, cast
 
 __all__ = ["main", "build_parser"]
 
+INTERRUPTED = "ddfast: interrupted; rerun the same command (train: with --resume) to continue"
+
 
 def _floats(s: str):
     try:
@@ -309,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _error(exc)
         return 2
     except KeyboardInterrupt:
-        print("ddfast: interrupted; rerun the same command (train: with --resume) to continue", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
 
 

@@ -232,3 +232,42 @@ def test_paths_of_the_wrong_kind_are_named_before_any_work(tmp_path, capsys, arg
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert re.search(match, err), err
+
+
+LAUNCH = "import sys, _ddfast_cli; sys.exit(_ddfast_cli.main())"   # what the `ddfast` console script runs
+
+
+def _sigint_blocked(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(re.search(r"^SigBlk:\s*([0-9a-f]+)", status, re.M).group(1), 16) & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or not hasattr(signal, "pthread_sigmask"),
+                    reason="needs Linux /proc and pthread_sigmask")
+@pytest.mark.parametrize("when", ["import", 0.5, 1.5, 3.0])
+def test_sigint_at_any_time_ends_with_one_line_and_130(tmp_path, when):
+    """Ctrl-C while torch imports (held until the import ends), then at later times: status 130
+    and the one interrupt line, never a C++ abort (134) or a traceback."""
+    data = make_mnist(tmp_path / "mnist", n_train=1000, n_test=100)
+    argv = [str(a) for a in _train_args(data, tmp_path / "run", epochs=50)]
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], cwd=TESTS_DIR, env=SUBPROCESS_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if when == "import":
+        deadline = time.monotonic() + 60
+        while not _sigint_blocked(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "SIGINT never held during the import"
+            time.sleep(0.001)
+    else:
+        time.sleep(when)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err.strip()) == (130, cli.INTERRUPTED)
+    if when == "import":
+        assert not (tmp_path / "run" / "log.json").exists()    # nothing ran after the held interrupt
+
+
+def test_the_console_command_is_the_interrupt_safe_entry():
+    pyproject = TESTS_DIR.parents[1] / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("no pyproject.toml beside these tests")
+    assert re.search(r'^ddfast = "(.*)"', pyproject.read_text(), re.M).group(1) == "_ddfast_cli:main"

@@ -1,0 +1,37 @@
+"""Entry point of the ``ddfast`` console command.
+
+It lives outside the package so that it runs before torch is imported: an interrupt (Ctrl-C,
+SIGINT) that arrives while ddfast and torch import is held until the import ends, then ends the
+command like any other interrupt, with one line and status 130. Delivered mid-import, it can
+abort the interpreter from inside a compiled extension (status 134, a long C++ trace).
+"""
+import signal
+import sys
+
+
+def _import_cli():
+    """Import :mod:`ddfast.paper.cli` with SIGINT held; return ``(module, interrupted)``."""
+    hold = hasattr(signal, "pthread_sigmask")
+    if hold:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        from ddfast.paper import cli
+    finally:
+        interrupted = hold and signal.SIGINT not in before and signal.SIGINT in signal.sigpending()
+        if interrupted:
+            signal.sigwait({signal.SIGINT})    # take the held signal, so that it is not delivered
+        if hold:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    return cli, interrupted
+
+
+def main() -> int:
+    cli, interrupted = _import_cli()
+    if interrupted:
+        print(cli.INTERRUPTED, file=sys.stderr)
+        return 130
+    return cli.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
