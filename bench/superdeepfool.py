@@ -180,7 +180,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results, sizes = {}, {}
+    results: Dict[str, Dict[str, Dict]] = {}
+    sizes: Dict[str, Dict[str, int]] = {}
+    path = Path(args.json)
+    command = "python bench/superdeepfool.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for name in args.models.split(","):
         n = args.n or N_DEFAULT[name]
         n_slow = min(n, args.n_slow or N_SLOW[name])
@@ -191,12 +194,10 @@ def main(argv=None) -> None:
             print(f"  {a:22s} median L2 {r['median_l2_slow_prefix']:.4f} ({r['ratio_to_best']:.3f} of best) "
                   f"fooled {r['fooled']:.3f}  {1e3 * r['s_per_image']:.2f} ms/image "
                   f"({r['time_vs_ddfast_deepfool']:.2f}x ddfast.deepfool)", flush=True)
-    path = Path(args.json)
-    payload = {"benchmark": "superdeepfool", "command": "python bench/superdeepfool.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "backend": ddfast.available_backends("cpu")[0],
-        "adv_lib": common._version("adv-lib"), "sizes": sizes, "batch_size": args.batch_size,
-        "repeat": args.repeat, "superdeepfool_defaults": _defaults(), "results": results}
-    common.write_json(path, payload)
+        common.write_json(path, {"benchmark": "superdeepfool", "command": command,   # after every model
+                                 "backend": ddfast.available_backends("cpu")[0], "adv_lib": common._version("adv-lib"),
+                                 "sizes": sizes, "batch_size": args.batch_size, "repeat": args.repeat,
+                                 "superdeepfool_defaults": _defaults(), "results": results})
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
