@@ -3,6 +3,12 @@
 # into the environment of the given interpreter (default: `python`), WITHOUT touching torch.
 #
 #   bench/install-peers.sh [PYTHON]
+#   bench/install-peers.sh --download DIR [PYTHON_VERSION]   # wheels for a machine without a registry
+#
+# --download puts the wheels of every peer and dependency below into DIR (no install) for
+# CPython PYTHON_VERSION (default 3.12, the lent GPU machines' Python) on manylinux x86_64:
+# `bench/install-peers.sh --download .whl` before a GPU session, whose `peers` stage
+# (bench/gpu_session.sh) installs them with --no-index --no-deps (~50 MB).
 #
 # Every package is installed with `pip install --no-deps`, so pip never resolves (and never
 # up- or downgrades) torch or torchvision. The peers' own dependency lists name torchvision
@@ -16,7 +22,39 @@
 #   adversarial-robustness-toolbox 1.20.1  needs scipy, scikit-learn (joblib, threadpoolctl, narwhals, cloudpickle), six, tqdm
 #   deeprobust 0.2.11                      its package __init__ imports torchvision and more; bench/peers.py loads
 #                                          only deeprobust/image/attack/deepfool.py (numpy + torch), so no extra deps
+#   adv-lib 0.2.8                          ddfast.robustness (the independent evaluation: APGD, FAB, FMN) and
+#                                          bench/peers.py (its df); they need tqdm, numpy, setuptools (distutils on
+#                                          Python >= 3.12); adv_lib.attacks' __init__ imports torchvision (ALMA's LPIPS)
+#                                          and visdom, which both loaders avoid
 set -euo pipefail
+BENCH="$(cd "$(dirname "$0")" && pwd)"
+
+PEERS=(
+    "foolbox==3.3.4"
+    "eagerpy==0.30.0"
+    "torchattacks==3.5.1"
+    "adversarial-robustness-toolbox==1.20.1"
+    "deeprobust==0.2.11"
+    "adv-lib==0.2.8"
+)
+# Small dependencies the peers import (checked by importing them, see the table above).
+DEPS=(
+    "GitPython" "gitdb" "smmap"          # foolbox (foolbox.zoo imports git at import time)
+    "typing_extensions" "requests" "urllib3" "idna" "charset-normalizer" "certifi"
+    "scipy" "tqdm" "six" "setuptools"
+    "scikit-learn" "joblib" "threadpoolctl" "narwhals" "cloudpickle"   # ART imports sklearn (joblib: cloudpickle)
+)
+
+if [ "${1:-}" = "--download" ]; then
+    DIR="${2:?install-peers: --download needs a directory}"
+    PYV="${3:-3.12}"
+    abi="cp${PYV/./}"
+    set -x
+    python -m pip download --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp --abi "$abi" \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+        -d "$DIR" "${PEERS[@]}" "${DEPS[@]}"
+    exit 0
+fi
 
 PY="${1:-python}"
 if ! command -v "$PY" >/dev/null 2>&1; then
@@ -27,22 +65,6 @@ fi
 torch_version() { "$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || echo "none"; }
 before="$(torch_version)"
 echo "install-peers: $("$PY" -c 'import sys; print(sys.executable)'), torch $before"
-
-PEERS=(
-    "foolbox==3.3.4"
-    "eagerpy==0.30.0"
-    "torchattacks==3.5.1"
-    "adversarial-robustness-toolbox==1.20.1"
-    "deeprobust==0.2.11"
-)
-# Small dependencies the peers import (checked by importing them, see the table above).
-DEPS=(
-    "GitPython" "gitdb" "smmap"          # foolbox (foolbox.zoo imports git at import time)
-    "typing_extensions" "requests" "urllib3" "idna" "charset-normalizer" "certifi"
-    "scipy" "tqdm" "six" "setuptools"
-    "scikit-learn" "joblib" "threadpoolctl" "narwhals" "cloudpickle"   # ART imports sklearn (joblib: cloudpickle)
-)
-
 # Only install a dependency that is missing: an existing scipy / numpy stays as it is.
 missing=()
 for d in "${DEPS[@]}"; do
@@ -65,7 +87,7 @@ fi
 
 # Check that every peer's DeepFool imports (this is what the benchmark calls).
 status=0
-"$PY" - <<'EOF' || status=$?
+BENCH="$BENCH" "$PY" - <<'EOF' || status=$?
 import sys, os
 here = os.getcwd()
 ok = True
@@ -94,6 +116,13 @@ def deeprobust():
             m = types.ModuleType(name); m.__path__ = [os.path.join(root, sub)]; sys.modules[name] = m
     from deeprobust.image.attack.deepfool import deepfool  # noqa: F401
 check("deeprobust", deeprobust)
+def adv_lib():
+    sys.path.insert(0, here)  # ddfast from the checkout the script runs in (CI: the repository root)
+    from ddfast.robustness import load_adv_lib
+    load_adv_lib()
+check("adv-lib", adv_lib)
+sys.path.insert(0, os.environ["BENCH"])
+check("adv-lib df", lambda: __import__("peers")._load_advlib_df())  # bench/peers.py's loader
 sys.exit(0 if ok else 1)
 EOF
 echo "install-peers: torch still $after"

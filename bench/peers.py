@@ -11,7 +11,11 @@ name in :data:`RUNNERS`; ``available()`` lists the ones that import here. All ge
   classes (``candidates=None``; foolbox and ddfast also take a top-k).
 
 What still differs is listed in ``DIFFERENCES`` (and in bench/README.md). The peers are only
-installed (bench/install-peers.sh) and called, never copied.
+installed (bench/install-peers.sh) and called, never copied. Two are imported past their
+package ``__init__`` (:func:`_skip_package_inits`), which import heavy packages their DeepFool
+does not use: deeprobust (torchvision and a dozen more) and adv-lib (``adv_lib.attacks``'
+``__init__`` imports torchvision and visdom); the module that holds the attack is imported as
+it is.
 """
 from __future__ import annotations
 
@@ -142,24 +146,31 @@ def art_run(model, x, ref, *, batch_size, max_iter=50, overshoot=0.02, candidate
 # ----------------------------------------------------------------------------- deeprobust
 
 
+def _skip_package_inits(package: str, subpackages: List[str]) -> None:
+    """Register ``package`` and its ``subpackages`` (paths relative to it) as empty packages
+    pointing at the installed directories, so that importing one module below them runs that
+    module (and what it imports) but not those packages' ``__init__``. Packages already
+    imported stay as they are."""
+    if package in sys.modules:
+        root = list(sys.modules[package].__path__)[0]
+    else:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ImportError(f"{package} is not installed")
+        root = os.path.dirname(spec.origin)
+    for sub in [""] + subpackages:
+        name = ".".join([package] + [p for p in sub.split("/") if p])
+        if name not in sys.modules:
+            m = types.ModuleType(name)
+            m.__path__ = [os.path.join(root, sub)]
+            sys.modules[name] = m
+
+
 def _load_deeprobust_deepfool():
     """deeprobust's package __init__ imports torchvision and a dozen other packages; its
-    DeepFool module itself needs only numpy and torch. Register empty parent packages that
-    point at the installed directories, so that only that module (and base_attack) runs."""
+    DeepFool module itself needs only numpy and torch: only that module (and base_attack) runs."""
     if "deeprobust.image.attack.deepfool" not in sys.modules:
-        if "deeprobust" in sys.modules:
-            root = list(sys.modules["deeprobust"].__path__)[0]
-        else:
-            spec = importlib.util.find_spec("deeprobust")
-            if spec is None or spec.origin is None:
-                raise ImportError("deeprobust is not installed")
-            root = os.path.dirname(spec.origin)
-        for name, sub in (("deeprobust", ""), ("deeprobust.image", "image"),
-                          ("deeprobust.image.attack", "image/attack")):
-            if name not in sys.modules:
-                m = types.ModuleType(name)
-                m.__path__ = [os.path.join(root, sub)]
-                sys.modules[name] = m
+        _skip_package_inits("deeprobust", ["image", "image/attack"])
     from deeprobust.image.attack.deepfool import deepfool
 
     return deepfool
@@ -178,6 +189,36 @@ def deeprobust_run(model, x, ref, *, batch_size, max_iter=50, overshoot=0.02, ca
     return Outcome(torch.cat(advs).to(x.dtype), torch.tensor(its, dtype=torch.int64))
 
 
+# ----------------------------------------------------------------------------- adv-lib
+
+
+def _load_advlib_df():
+    """adv-lib's ``adv_lib.attacks`` __init__ imports every attack, and with them torchvision
+    (``distances/lpips.py``) and visdom (``utils/visdom_logger.py``), which its DeepFool does not
+    use; ``adv_lib/attacks/deepfool.py`` needs only torch and ``adv_lib.utils.attack_utils``
+    (numpy, tqdm, ``distutils.version``). So ``adv_lib.attacks``' __init__ is skipped (the
+    ``adv_lib`` and ``adv_lib.utils`` inits are light and run). Python 3.12 has no
+    ``distutils``: setuptools provides it (importing setuptools installs its shim)."""
+    if "adv_lib.attacks.deepfool" not in sys.modules:
+        try:
+            import distutils.version  # noqa: F401
+        except ImportError:
+            import setuptools  # noqa: F401  (its _distutils_hack makes `distutils` importable)
+        _skip_package_inits("adv_lib", ["attacks"])
+    from adv_lib.attacks.deepfool import df
+
+    return df
+
+
+def advlib_run(model, x, ref, *, batch_size, max_iter=50, overshoot=0.02, candidates=None) -> Outcome:
+    df = _load_advlib_df()
+    if candidates is not None:
+        raise ValueError("adv-lib: all classes only")
+    advs = [df(model, x[i : i + batch_size], ref[i : i + batch_size], steps=max_iter, overshoot=overshoot).detach()
+            for i in range(0, len(x), batch_size)]
+    return Outcome(torch.cat(advs))
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -188,6 +229,7 @@ RUNNERS: Dict[str, Callable[..., Outcome]] = {
     "torchattacks": torchattacks_run,
     "art": art_run,
     "deeprobust": deeprobust_run,
+    "advlib": advlib_run,
 }
 
 _IMPORTS = {
@@ -198,6 +240,7 @@ _IMPORTS = {
     "art": lambda: (importlib.import_module("art.attacks.evasion").DeepFool,
                     importlib.import_module("art.estimators.classification").PyTorchClassifier),
     "deeprobust": _load_deeprobust_deepfool,
+    "advlib": _load_advlib_df,
 }
 
 
@@ -233,4 +276,9 @@ DIFFERENCES = {
            "move), numpy round trips; no iteration count returned.",
     "deeprobust": "One image at a time; numpy round trips; no clipping to [0, 1]; same step formula as "
                   "DESIGN.md otherwise (r_t with +1e-4, iterate x + (1+overshoot) r_tot).",
+    "advlib": "adv-lib `df` (batched, GPU-oriented): steps x_{t+1} = clamp(x_t + (1+overshoot) r_t, 0, 1) "
+              "(the projection accumulates in the iterate, as torchattacks; ddfast clips x + (1+overshoot) r_tot); "
+              "+1e-4 on the distance, norms clamped at 1e-6; a sample is done when x_t itself is adversarial "
+              "(checked before each step) and leaves the batch; one forward per step and one backward per other "
+              "class on its graph (retain_graph); no iteration count returned.",
 }

@@ -5,9 +5,14 @@
 #   bench/run_all.sh [--quick] [--device cpu|cuda] [--python PYTHON] [--install-peers]
 #
 #   --quick          smaller runs (minutes); results go to bench/results/quick/, README untouched
-#   --device cuda    the GPU suite: ops on the CUDA/Triton backends and DeepFool throughput against
-#                    the peers on the GPU (files get the suffix _cuda; the card's name is in the JSON)
-#   --install-peers  run bench/install-peers.sh first (foolbox, torchattacks, ART, deeprobust)
+#   --device cuda    the GPU suite: ops on the CUDA/Triton backends, DeepFool throughput against
+#                    the peers and the matrix on the GPU (files get the suffix _cuda; the card's name
+#                    is in the JSON)
+#   --install-peers  run bench/install-peers.sh first (foolbox, torchattacks, ART, deeprobust, adv-lib)
+#
+# The matrix (bench/matrix.py) runs in both: on the CPU its CPU-sized profile (MLP at batch 100 and
+# 1000, LeNet at 100 and 500, ResNet-18 at 2 on 2 images; ~25 min on 2 busy shared cores)
+# -> results/matrix_cpu.{json,png}.
 #
 # The benchmarks run one after another (never two at once: they time each other otherwise).
 set -euo pipefail
@@ -23,7 +28,7 @@ while [ $# -gt 0 ]; do
         --device) DEVICE="$2"; shift ;;
         --python) PY="$2"; shift ;;
         --install-peers) INSTALL=1 ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "run_all.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -81,6 +86,14 @@ else
     # and the full MLP run that way (the setting of the targets before freezing was added)
     run "$PY" bench/deepfool_throughput.py --models mlp --no-candidates --keep-param-grad --device "$DEVICE" \
         --json "$OUT/deepfool_throughput${SUF}_param_grad_full.json"
+fi
+
+step "matrix (DeepFool img/s x batch size x implementation; training step per method)"
+if [ "$QUICK" = 1 ]; then
+    run "$PY" bench/matrix.py --device "$DEVICE" --models mlp,lenet --max-images 200 --train-rounds 2 \
+        --json "$OUT/matrix_$DEVICE.json"
+else
+    run "$PY" bench/matrix.py --device "$DEVICE" --json "$OUT/matrix_$DEVICE.json"
 fi
 
 if [ "$QUICK" = 0 ]; then

@@ -14,8 +14,7 @@ void boundary_step_impl(const T* fdiff, const T* w, T* r, std::int64_t B, std::i
   for (std::int64_t i = 0; i < B; ++i) {
     const T* wi = w + i * D;
     T* ri = r + i * D;
-    const double npow = norm_pow<Q>(wi, D, inner_par);
-    const double n = (Q == 2) ? std::sqrt(npow) : npow;
+    const double n = row_norm<Q>(wi, D, inner_par);
     if (!(n > 0.0)) {
       for (std::int64_t d = 0; d < D; ++d) ri[d] = T(0);
       continue;

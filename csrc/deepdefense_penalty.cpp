@@ -12,9 +12,9 @@ void penalty_impl(const T* delta, const T* x, const bool* correct, T* out, std::
   const bool inner_par = !parallel_over_rows(B, D);
 #pragma omp parallel for schedule(static) if (rows_par)
   for (std::int64_t i = 0; i < B; ++i) {
-    const double dn = std::sqrt(norm_pow<2>(delta + i * D, D, inner_par));
-    const double xn = std::sqrt(norm_pow<2>(x + i * D, D, inner_par));
-    const double ratio = xn > 0.0 ? dn / xn : 0.0;
+    const double dn = row_norm<2>(delta + i * D, D, inner_par);
+    const double xn = row_norm<2>(x + i * D, D, inner_par);
+    const double ratio = xn == 0.0 ? 0.0 : dn / xn;  // NaN stays NaN
     const double z = correct[i] ? -c * ratio : d * ratio;
     const double e = z > cap ? std::exp(cap) * (1.0 + (z - cap)) : std::exp(z);
     out[i] = static_cast<T>(e);

@@ -22,7 +22,7 @@ __global__ void dp_finish(const double* __restrict__ dpart, const double* __rest
   // one row's scalars: finish in double, where exp is accurate (expf is off by up to 2 ulp
   // and exp multiplies the relative error of its argument by up to ~60)
   const double dn = sqrt(dn2), xn = sqrt(xn2);
-  const double ratio = xn > 0.0 ? dn / xn : 0.0;
+  const double ratio = xn == 0.0 ? 0.0 : dn / xn;  // NaN stays NaN
   const double z = correct[i] ? -static_cast<double>(c) * ratio : static_cast<double>(d) * ratio;
   const double p = z > cap ? exp(static_cast<double>(cap)) * (1.0 + (z - cap)) : exp(z);
   out[i] = from_f<T>(static_cast<float>(p));
@@ -41,8 +41,8 @@ std::string deepdefense_penalty(std::uintptr_t delta, std::uintptr_t x, std::uin
   double* xpart = dpart + B * S;
   const unsigned blocks = static_cast<unsigned>(cdiv(B, kThreads));
   DDFAST_DISPATCH(dtype, {
-    launch_partial_norm<T>(ptr<const T>(delta), dpart, B, D, D, false, st);
-    launch_partial_norm<T>(ptr<const T>(x), xpart, B, D, D, false, st);
+    launch_partial_norm<true, T>(ptr<const T>(delta), dpart, B, D, D, false, st);
+    launch_partial_norm<true, T>(ptr<const T>(x), xpart, B, D, D, false, st);
     dp_finish<T><<<blocks, kThreads, 0, st>>>(dpart, xpart, ptr<const bool>(correct), ptr<T>(out),
                                               B, S, static_cast<float>(c), static_cast<float>(d),
                                               static_cast<float>(exp_cap));

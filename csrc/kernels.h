@@ -30,10 +30,17 @@ void deepdefense_penalty(std::uintptr_t delta, std::uintptr_t x, std::uintptr_t 
                          std::uintptr_t out, std::int64_t B, std::int64_t D, double c, double d,
                          double exp_cap, DType dtype);
 
-// r_tot_out[B,D], x_next[B,D] from x0, r_tot, r [B,D] and active[B] bool.
-void deepfool_update(std::uintptr_t x0, std::uintptr_t r_tot, std::uintptr_t r,
-                     std::uintptr_t active, std::uintptr_t r_tot_out, std::uintptr_t x_next,
-                     std::int64_t B, std::int64_t D, double overshoot, bool has_lo, double lo,
-                     bool has_hi, double hi, DType dtype);
+// r_tot_out[B,D], x_next[B,D] from x0, r_tot, r [B,D], active[B] bool and the optional bounds
+// lo, hi [1 or B, D] (0 when absent): element (i, d) at lo + i * lo_row_stride + d *
+// lo_col_stride, the row stride 0 (one row for every sample) or D, the column stride 1 or 0
+// (one value: a number expanded to [1, D]).
+struct UpdateArgs {
+  std::uintptr_t x0, r_tot, r, active, lo, hi;  // [B,D] x3, [B] bool, [1 or B, D] x2
+  std::uintptr_t r_tot_out, x_next;             // [B,D] x2
+  std::int64_t B, D, lo_row_stride, lo_col_stride, hi_row_stride, hi_col_stride;
+  double overshoot;
+  DType dtype;
+};
+void deepfool_update(const UpdateArgs& a);
 
 }  // namespace ddfast

@@ -36,13 +36,13 @@ inline std::int64_t slice_len(std::int64_t D, std::int64_t base) {
   return cdiv(cdiv(D > 0 ? D : 1, base), kMaxGridY) * base;
 }
 
-// S >= 1: how many chunks a row is cut into. Callers size the float32 partial buffers with it.
+// S >= 1: how many chunks a row is cut into. Callers size the float64 partial buffers with it.
 inline std::int64_t row_chunks(std::int64_t B, std::int64_t D) {
   return cdiv(D > 0 ? D : 1, chunk_len(B, D));
 }
 
 // logits [B,K] float32, grads [B,C,D] (element strides gs_b, gs_c; stride 1 over D),
-// cand [B,C] i64, ref [B] i64, active [B] bool, part float32 scratch [B,C,S] (S =
+// cand [B,C] i64, ref [B] i64, active [B] bool, part float64 scratch [B,C,S] (S =
 // row_chunks(B, D)) -> l [B] i64, dist [B] float32, r [B,D] (grads dtype). diff: the rows
 // are already g_cand - g_ref (ref need not be a candidate; one equal to it is skipped).
 std::string select_boundary(std::uintptr_t logits, std::uintptr_t grads, std::uintptr_t cand,
@@ -52,22 +52,25 @@ std::string select_boundary(std::uintptr_t logits, std::uintptr_t grads, std::ui
                             std::int64_t gs_b, std::int64_t gs_c, bool norm_inf, double eps,
                             bool diff, int dtype, std::uintptr_t stream);
 
-// fdiff [B] float32, w [B,D] (row stride ws_b), part float32 scratch [B,S] -> r [B,D].
+// fdiff [B] float32, w [B,D] (row stride ws_b), part float64 scratch [B,S] -> r [B,D].
 std::string boundary_step(std::uintptr_t fdiff, std::uintptr_t w, std::uintptr_t part,
                           std::uintptr_t r, std::int64_t B, std::int64_t D, std::int64_t ws_b,
                           bool norm_inf, double eps, int dtype, std::uintptr_t stream);
 
-// delta, x [B,D] contiguous, correct [B] bool, part float32 scratch [2,B,S] -> out [B].
+// delta, x [B,D] contiguous, correct [B] bool, part float64 scratch [2,B,S] -> out [B].
 std::string deepdefense_penalty(std::uintptr_t delta, std::uintptr_t x, std::uintptr_t correct,
                                 std::uintptr_t part, std::uintptr_t out, std::int64_t B,
                                 std::int64_t D, double c, double d, double exp_cap, int dtype,
                                 std::uintptr_t stream);
 
-// x0, r_tot, r [B,D] contiguous, active [B] bool -> r_tot_out, x_next [B,D].
+// x0, r_tot, r [B,D] contiguous, active [B] bool, bounds lo / hi in x0's dtype (0 when absent;
+// element (i, d) at lo + i * lo_rs + d * lo_cs: row stride 0 or D, column stride 1 or 0)
+// -> r_tot_out, x_next [B,D].
 std::string deepfool_update(std::uintptr_t x0, std::uintptr_t r_tot, std::uintptr_t r,
-                            std::uintptr_t active, std::uintptr_t r_tot_out,
+                            std::uintptr_t active, std::uintptr_t lo, std::int64_t lo_rs,
+                            std::int64_t lo_cs, std::uintptr_t hi, std::int64_t hi_rs,
+                            std::int64_t hi_cs, std::uintptr_t r_tot_out,
                             std::uintptr_t x_next, std::int64_t B, std::int64_t D,
-                            double overshoot, bool has_lo, double lo, bool has_hi, double hi,
-                            int dtype, std::uintptr_t stream);
+                            double overshoot, int dtype, std::uintptr_t stream);
 
 }  // namespace ddfast_cuda

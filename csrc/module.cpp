@@ -42,10 +42,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "deepfool_update",
       [](std::uintptr_t x0, std::uintptr_t r_tot, std::uintptr_t r, std::uintptr_t active,
-         std::uintptr_t r_tot_out, std::uintptr_t x_next, std::int64_t B, std::int64_t D,
-         double overshoot, bool has_lo, double lo, bool has_hi, double hi, int dtype) {
-        ddfast::deepfool_update(x0, r_tot, r, active, r_tot_out, x_next, B, D, overshoot, has_lo,
-                                lo, has_hi, hi, dtype_of(dtype));
+         std::uintptr_t lo, std::int64_t lo_rs, std::int64_t lo_cs, std::uintptr_t hi,
+         std::int64_t hi_rs, std::int64_t hi_cs, std::uintptr_t r_tot_out, std::uintptr_t x_next,
+         std::int64_t B, std::int64_t D, double overshoot, int dtype) {
+        ddfast::UpdateArgs a{x0, r_tot, r,     active, lo,    hi,    r_tot_out, x_next,
+                             B,  D,     lo_rs, lo_cs,  hi_rs, hi_cs, overshoot, dtype_of(dtype)};
+        ddfast::deepfool_update(a);
       },
       py::call_guard<py::gil_scoped_release>());
 }

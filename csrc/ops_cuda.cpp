@@ -69,14 +69,15 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "deepfool_update",
       [](std::uintptr_t x0, std::uintptr_t r_tot, std::uintptr_t r, std::uintptr_t active,
-         std::uintptr_t r_tot_out, std::uintptr_t x_next, std::int64_t B, std::int64_t D,
-         double overshoot, bool has_lo, double lo, bool has_hi, double hi, int dtype,
-         std::uintptr_t stream) {
+         std::uintptr_t lo, std::int64_t lo_rs, std::int64_t lo_cs, std::uintptr_t hi,
+         std::int64_t hi_rs, std::int64_t hi_cs, std::uintptr_t r_tot_out, std::uintptr_t x_next,
+         std::int64_t B, std::int64_t D, double overshoot, int dtype, std::uintptr_t stream) {
         std::string err;
         {
           py::gil_scoped_release release;
-          err = ddfast_cuda::deepfool_update(x0, r_tot, r, active, r_tot_out, x_next, B, D,
-                                             overshoot, has_lo, lo, has_hi, hi, dtype, stream);
+          err = ddfast_cuda::deepfool_update(x0, r_tot, r, active, lo, lo_rs, lo_cs, hi, hi_rs,
+                                             hi_cs, r_tot_out, x_next, B, D, overshoot, dtype,
+                                             stream);
         }
         check(err, "deepfool_update");
       });

@@ -23,25 +23,24 @@ inline std::int64_t ref_position(const std::int64_t* cand, std::int64_t ref, std
   return -1;
 }
 
-// Given npow[j] = ||g_j - g_ref||^q (q = 2 or 1) of one row: the first minimum of the
-// distances (a candidate equal to the reference counting as +inf; ties: the first, as torch.argmin), and the step r. g_ref is null
-// when the rows are already differences.
+// Given norms[j] = ||g_j - g_ref||_q (q = 2 or 1) of one row: the first minimum of the
+// distances (a candidate equal to the reference, a zero or NaN norm and a NaN distance all
+// count as +inf; ties: the first, as torch.argmin; no finite distance: position 0), and the
+// step r. g_ref is null when the rows are already differences.
 template <int Q, typename T>
 void finish_row(const T* logits, const T* grads, const T* g_ref, std::int64_t gs_c,
                 const std::int64_t* cand, std::int64_t ref, std::int64_t C,
-                std::int64_t D, double eps, bool par, const double* npow, std::int64_t* l_out,
+                std::int64_t D, double eps, bool par, const double* norms, std::int64_t* l_out,
                 T* dist_out, T* r) {
   const double inf = std::numeric_limits<double>::infinity();
   const double f_ref = static_cast<double>(logits[ref]);
   double best = inf, best_norm = 0.0;
-  std::int64_t best_pos = -1;
+  std::int64_t best_pos = 0;
   for (std::int64_t j = 0; j < C; ++j) {
-    double dist = inf, n = 0.0;
-    if (cand[j] != ref) {  // every candidate equal to ref, not only the first at ref_pos
-      n = (Q == 2) ? std::sqrt(npow[j]) : npow[j];
-      if (n > 0.0) dist = std::fabs(static_cast<double>(logits[cand[j]]) - f_ref) / n;
-    }
-    if (best_pos < 0 || dist < best) { best = dist; best_pos = j; best_norm = n; }
+    if (cand[j] == ref) continue;  // every candidate equal to ref, not only the first at ref_pos
+    const double n = norms[j];
+    const double dist = n > 0.0 ? std::fabs(static_cast<double>(logits[cand[j]]) - f_ref) / n : inf;
+    if (dist < best) { best = dist; best_pos = j; best_norm = n; }  // NaN is never < best
   }
   *l_out = cand[best_pos];
   *dist_out = static_cast<T>(best);
@@ -88,23 +87,23 @@ void select_boundary_impl(const SelectArgs& a) {
   const std::int64_t B = a.B, K = a.K, C = a.C, D = a.D, gs_b = a.gs_b, gs_c = a.gs_c;
 
   if (!parallel_over_rows(B, D)) {  // few long rows: split each row's reductions instead
-    std::vector<double> npow(C, 0.0);
+    std::vector<double> norms(C, 0.0);
     for (std::int64_t i = 0; i < B; ++i) {
       if (!active[i]) { inactive_row(ref[i], l + i, dist + i, r + i * D, D); continue; }
       const T* g = grads + i * gs_b;
       const std::int64_t p = ref_position(cand + i * C, ref[i], C);
       const T* g_ref = a.diff ? nullptr : g + p * gs_c;
       for (std::int64_t j = 0; j < C; ++j)
-        npow[j] = j == p ? 0.0 : diff_norm_pow<Q>(g + j * gs_c, g_ref, D, true);
+        norms[j] = j == p ? 0.0 : diff_norm<Q>(g + j * gs_c, g_ref, D, true);
       finish_row<Q, T>(logits + i * K, g, g_ref, gs_c, cand + i * C, ref[i], C, D, a.eps,
-                       true, npow.data(), l + i, dist + i, r + i * D);
+                       true, norms.data(), l + i, dist + i, r + i * D);
     }
     return;
   }
   const bool par = B * C * D >= kMinParallelWork;
-  // npow[i * C + j] = ||g_ij - g_i,ref||^q over the rows in memory order (see the top).
+  // norms[i * C + j] = ||g_ij - g_i,ref||_q over the rows in memory order (see the top).
   std::vector<std::int64_t> pos(B);
-  std::vector<double> npow(B * C);
+  std::vector<double> norms(B * C);
   const bool c_major = gs_c > gs_b;
   const std::int64_t rows = B * C;
 #pragma omp parallel if (par)
@@ -115,16 +114,16 @@ void select_boundary_impl(const SelectArgs& a) {
     for (std::int64_t f = 0; f < rows; ++f) {
       const std::int64_t i = c_major ? f % B : f / C, j = c_major ? f / B : f % C;
       const T* g = grads + i * gs_b;
-      npow[i * C + j] = (!active[i] || j == pos[i])
-                            ? 0.0
-                            : diff_norm_pow<Q>(g + j * gs_c, a.diff ? nullptr : g + pos[i] * gs_c, D, false);
+      norms[i * C + j] = (!active[i] || j == pos[i])
+                             ? 0.0
+                             : diff_norm<Q>(g + j * gs_c, a.diff ? nullptr : g + pos[i] * gs_c, D, false);
     }
 #pragma omp for schedule(static)
     for (std::int64_t i = 0; i < B; ++i) {
       if (!active[i]) { inactive_row(ref[i], l + i, dist + i, r + i * D, D); continue; }
       const T* g = grads + i * gs_b;
       finish_row<Q, T>(logits + i * K, g, a.diff ? nullptr : g + pos[i] * gs_c, gs_c,
-                       cand + i * C, ref[i], C, D, a.eps, false, npow.data() + i * C,
+                       cand + i * C, ref[i], C, D, a.eps, false, norms.data() + i * C,
                        l + i, dist + i, r + i * D);
     }
   }

@@ -1,9 +1,11 @@
 // select_boundary on CUDA, two kernels (spec: ddfast.reference.select_boundary):
 //  1. sb_partial, grid (B, S): block (i, s) sums |g_j[d] - g_ref[d]|^q over the s-th chunk
 //     of d for every candidate j, kCT candidates at a time (g_ref is read once per kCT rows),
-//     into part[i, j, s] (float32).
+//     into part[i, j, s] (float64): in float32, and again in float64 for a group whose
+//     float32 sums are not trusted (overflowed or may have underflowed; cuda_common.cuh).
 //  2. sb_finish, grid (B, R): warp 0 of every block sums row i's partials and takes the
-//     exact first-index argmin of |f_j - f_ref| / ||w_j||_q; the block then writes its
+//     exact first-index argmin of |f_j - f_ref| / ||w_j||_q (a NaN distance never wins: it
+//     is never `better`); the block then writes its
 //     slice of r from the chosen row alone; block (i, 0) writes l, dist.
 // With ``diff`` the rows are already w_j = g_j - g_ref: there is no reference row to subtract,
 // ref need not be among the candidates, and a candidate equal to it is skipped.
@@ -26,12 +28,27 @@ __device__ __forceinline__ std::int64_t ref_position(const std::int64_t* cand, s
   return 0;
 }
 
+// The exact sum over d in [start, end) of |g[d] - g_ref[d]|^Q (g_ref may be null), in float64
+// (the difference too); valid in thread 0. Every thread calls it. The slow path of sb_partial.
+template <int Q, typename T>
+__device__ __forceinline__ double exact_sum(const T* g, const T* g_ref, std::int64_t start,
+                                         std::int64_t end) {
+  double acc[1] = {0.0};
+  for (std::int64_t d = start + threadIdx.x; d < end; d += blockDim.x) {
+    const double gr = g_ref ? static_cast<double>(to_f(g_ref[d])) : 0.0;
+    acc[0] += norm_term<Q>(static_cast<double>(to_f(g[d])) - gr);
+  }
+  block_sum<1>(acc);
+  return acc[0];
+}
+
 template <typename T, int Q>
 __global__ void sb_partial(const T* __restrict__ grads, const std::int64_t* __restrict__ cand,
                            const std::int64_t* __restrict__ ref, const bool* __restrict__ active,
-                           float* __restrict__ part, std::int64_t C, std::int64_t D,
+                           double* __restrict__ part, std::int64_t C, std::int64_t D,
                            std::int64_t gs_b, std::int64_t gs_c, std::int64_t chunk,
                            std::int64_t S, bool diff) {
+  __shared__ bool redo;
   const std::int64_t i = blockIdx.x, s = blockIdx.y;
   if (!active[i]) return;  // uniform over the block: no barrier is skipped by half of it
   const T* row = grads + i * gs_b;
@@ -50,6 +67,18 @@ __global__ void sb_partial(const T* __restrict__ grads, const std::int64_t* __re
     }
     block_sum<kCT>(acc);
     if (threadIdx.x == 0) {
+      bool bad = false;
+#pragma unroll
+      for (int t = 0; t < kCT; ++t) bad |= c0 + t < C && !trusted<Q>(acc[t]);
+      redo = bad;
+    }
+    __syncthreads();
+    if (redo) {  // rare, uniform over the block: the group again in float64, row by row
+      for (int t = 0; t < kCT && c0 + t < C; ++t) {
+        const double exact = exact_sum<Q>(row + (c0 + t) * gs_c, g_ref, start, end);
+        if (threadIdx.x == 0) part[(i * C + c0 + t) * S + s] = exact;
+      }
+    } else if (threadIdx.x == 0) {
 #pragma unroll
       for (int t = 0; t < kCT; ++t)
         if (c0 + t < C) part[(i * C + c0 + t) * S + s] = acc[t];
@@ -65,7 +94,7 @@ __device__ __forceinline__ bool better(float d, std::int64_t p, float bd, std::i
 template <typename T, int Q>
 __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict__ grads,
                           const std::int64_t* __restrict__ cand, const std::int64_t* __restrict__ ref,
-                          const bool* __restrict__ active, const float* __restrict__ part,
+                          const bool* __restrict__ active, const double* __restrict__ part,
                           std::int64_t* __restrict__ l, float* __restrict__ dist, T* __restrict__ r,
                           std::int64_t K, std::int64_t C, std::int64_t D, std::int64_t gs_b,
                           std::int64_t gs_c, std::int64_t S, float eps, bool diff,
@@ -90,9 +119,9 @@ __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict_
     float best = inf, best_n = 0.0f;
     std::int64_t pos = INT64_MAX;
     for (std::int64_t j = lane; j < C; j += 32) {  // ascending j: the lane's first minimum
-      float npow = 0.0f;
+      double npow = 0.0;
       for (std::int64_t s = 0; s < S; ++s) npow += part[(i * C + j) * S + s];
-      const float n = Q == 2 ? sqrtf(npow) : npow;
+      const float n = static_cast<float>(Q == 2 ? sqrt(npow) : npow);
       // every candidate equal to ref is skipped, not only the first (its row may hold anything)
       const float dj = (cand_i[j] != ref[i] && n > 0.0f) ? fabsf(logits[i * K + cand_i[j]] - f_ref) / n : inf;
       if (better(dj, j, best, pos)) { best = dj; pos = j; best_n = n; }
@@ -116,12 +145,12 @@ __global__ void sb_finish(const float* __restrict__ logits, const T* __restrict_
   const bool finite = best < INFINITY;
   const float scale = finite ? best + eps : 0.0f;
   const bool step = finite && n > 0.0f;  // else r = 0, also where w holds NaN (0 * NaN would be NaN)
-  const float coef = step ? scale / n : 0.0f;
+  const float inv_n = step ? 1.0f / n : 0.0f;  // (w / n) * scale: scale / n may overflow where r does not
   const T* g_l = grads + i * gs_b + pos * gs_c;
   const T* g_ref = diff ? nullptr : grads + i * gs_b + s_rp * gs_c;
   for (std::int64_t d = d0 + threadIdx.x; d < d1; d += blockDim.x) {
     const float w = g_ref ? to_f(g_l[d]) - to_f(g_ref[d]) : to_f(g_l[d]);
-    ri[d] = from_f<T>(Q == 2 ? (step ? coef * w : 0.0f) : scale * sign_f(w));
+    ri[d] = from_f<T>(Q == 2 ? (step ? (w * inv_n) * scale : 0.0f) : scale * sign_f(w));
   }
   if (first) { l[i] = cand_i[pos]; dist[i] = best; }
 }
@@ -134,12 +163,12 @@ void launch(std::uintptr_t logits, std::uintptr_t grads, std::uintptr_t cand, st
   const std::int64_t chunk = chunk_len(B, D), S = row_chunks(B, D);
   sb_partial<T, Q><<<dim3(static_cast<unsigned>(B), static_cast<unsigned>(S)), kThreads, 0, st>>>(
       ptr<const T>(grads), ptr<const std::int64_t>(cand), ptr<const std::int64_t>(ref),
-      ptr<const bool>(active), ptr<float>(part), C, D, gs_b, gs_c, chunk, S, diff);
+      ptr<const bool>(active), ptr<double>(part), C, D, gs_b, gs_c, chunk, S, diff);
   const std::int64_t slice = slice_len(D, kRSlice);
   const unsigned R = static_cast<unsigned>(cdiv(D, slice));
   sb_finish<T, Q><<<dim3(static_cast<unsigned>(B), R), kThreads, 0, st>>>(
       ptr<const float>(logits), ptr<const T>(grads), ptr<const std::int64_t>(cand),
-      ptr<const std::int64_t>(ref), ptr<const bool>(active), ptr<const float>(part),
+      ptr<const std::int64_t>(ref), ptr<const bool>(active), ptr<const double>(part),
       ptr<std::int64_t>(l), ptr<float>(dist), ptr<T>(r), K, C, D, gs_b, gs_c, S, eps, diff, slice);
 }
 

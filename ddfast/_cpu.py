@@ -25,9 +25,16 @@ def _code(t: Tensor) -> int:
 
 
 def _c(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``t`` in ``dtype``, contiguous, its negation bit applied (the kernels read raw memory)."""
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
-    return t.contiguous()
+    return t.resolve_neg().contiguous()
+
+
+def _rows(t: Tensor) -> Tensor:
+    """A view whose last dim is contiguous (rows may be strided), its negation bit applied."""
+    t = t.resolve_neg()
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
@@ -38,8 +45,7 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
     K = logits.shape[1]
     logits_dtype = logits.dtype
     logits = _c(logits, grads.dtype)
-    if grads.stride(2) != 1:  # rows may be strided (e.g. a transposed Jacobian), not elements
-        grads = grads.contiguous()
+    grads = _rows(grads)  # rows may be strided (e.g. a transposed Jacobian), not elements
     cand = _c(cand, torch.int64)
     ref = _c(ref, torch.int64)
     active = _c(active, torch.bool)
@@ -76,18 +82,33 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
     return out
 
 
+def bound_layout(t: Optional[Tensor], like: Tensor) -> Tuple[Optional[Tensor], int, int, int]:
+    """(bound [1 or B, D] in like's dtype, address (0: absent), row stride, column stride 0 or 1):
+    a number expanded to [1, D] keeps its column stride 0 (one value, read once a row); any
+    other layout whose columns are not contiguous is copied."""
+    if t is None:
+        return None, 0, 0, 1
+    t = t.to(dtype=like.dtype).resolve_neg()
+    if t.shape[1] > 1 and t.stride(1) not in (0, 1):
+        t = t.contiguous()
+    row = t.stride(0) if t.shape[0] > 1 else 0
+    col = t.stride(1) if t.shape[1] > 1 else 1
+    return t, t.data_ptr(), row, col
+
+
 def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,
-                    lo: Optional[float] = None, hi: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+                    lo: Optional[Tensor] = None, hi: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     code = _code(x0)
     B, D = x0.shape
     x0 = _c(x0)
     r_tot = _c(r_tot, x0.dtype)
     r = _c(r, x0.dtype)
     active = _c(active, torch.bool)
+    lo, lo_ptr, lo_rs, lo_cs = bound_layout(lo, x0)
+    hi, hi_ptr, hi_rs, hi_cs = bound_layout(hi, x0)
     r_tot_out = torch.empty_like(x0)
     x_next = torch.empty_like(x0)
     _C.deepfool_update(x0.data_ptr(), r_tot.data_ptr(), r.data_ptr(), active.data_ptr(),
-                       r_tot_out.data_ptr(), x_next.data_ptr(), B, D, float(overshoot),
-                       lo is not None, 0.0 if lo is None else float(lo),
-                       hi is not None, 0.0 if hi is None else float(hi), code)
+                       lo_ptr, lo_rs, lo_cs, hi_ptr, hi_rs, hi_cs, r_tot_out.data_ptr(),
+                       x_next.data_ptr(), B, D, float(overshoot), code)
     return r_tot_out, x_next

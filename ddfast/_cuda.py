@@ -1,7 +1,8 @@
 """The ``cuda`` backend: thin wrappers that lay tensors out for the CUDA kernels of
 ``ddfast._C_cuda`` (csrc/*.cu) with raw device addresses and the current stream.
 Semantics: :mod:`ddfast.reference`. Tensors: CUDA float32 / float16 / bfloat16, float32
-accumulation, outputs in the input dtype (``dist`` in the logits' dtype).
+accumulation (norms: float64 partial sums, see csrc/cuda_common.cuh), outputs in the input
+dtype (``dist`` in the logits' dtype).
 
 ``ddfast._C_cuda`` is imported lazily, on the first call for a CUDA tensor, so importing
 this module costs nothing on a machine without it.
@@ -63,8 +64,15 @@ def _stream(t: Tensor) -> int:
 
 
 def _on(t: Tensor, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``t`` on like's device (and ``dtype``), contiguous."""
-    return t.to(device=like.device, dtype=dtype or t.dtype).contiguous()
+    """``t`` on like's device (and ``dtype``), contiguous, its negation bit applied (the
+    kernels read raw memory)."""
+    return t.to(device=like.device, dtype=dtype or t.dtype).resolve_neg().contiguous()
+
+
+def _rows(t: Tensor) -> Tensor:
+    """A view whose last dim is contiguous (rows may be strided), its negation bit applied."""
+    t = t.resolve_neg()
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, active: Tensor,
@@ -77,14 +85,13 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor, ac
     if B == 0 or D == 0:  # nothing for the kernels to do: the reference's rule for empty rows
         return reference.select_boundary(logits, grads, _on(cand, grads, torch.int64), _on(ref, grads, torch.int64),
                                          _on(active, grads, torch.bool), norm, eps, diff)
-    if grads.stride(2) != 1 and D > 1:  # rows may be strided (a transposed Jacobian), not elements
-        grads = grads.contiguous()
+    grads = _rows(grads)  # rows may be strided (a transposed Jacobian), not elements
     logits32 = _on(logits, grads, torch.float32)
     cand = _on(cand, grads, torch.int64)
     ref = _on(ref, grads, torch.int64)
     active = _on(active, grads, torch.bool)
     dev = grads.device
-    part = torch.empty(B, C, lib.row_chunks(B, D), dtype=torch.float32, device=dev)
+    part = torch.empty(B, C, lib.row_chunks(B, D), dtype=torch.float64, device=dev)
     l = torch.empty(B, dtype=torch.int64, device=dev)
     dist = torch.empty(B, dtype=torch.float32, device=dev)
     r = torch.empty(B, D, dtype=grads.dtype, device=dev)
@@ -100,11 +107,9 @@ def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4
     code = _code(w, "w")
     lib = _lib_for(w)
     B, D = w.shape
-    w = w.detach()
-    if w.stride(1) != 1 and D > 1:
-        w = w.contiguous()
+    w = _rows(w.detach())
     fdiff32 = _on(fdiff.detach(), w, torch.float32)
-    part = torch.empty(B, lib.row_chunks(B, D), dtype=torch.float32, device=w.device)
+    part = torch.empty(B, lib.row_chunks(B, D), dtype=torch.float64, device=w.device)
     r = torch.empty(B, D, dtype=w.dtype, device=w.device)
     with torch.cuda.device(w.device):
         lib.boundary_step(fdiff32.data_ptr(), w.data_ptr(), part.data_ptr(), r.data_ptr(), B, D,
@@ -116,7 +121,7 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
     code = _code(delta, "delta")
     lib = _lib_for(delta)
     B, D = delta.shape
-    delta = delta.detach().contiguous()
+    delta = _on(delta.detach(), delta)
     x = _on(x.detach(), delta, delta.dtype)
     correct = _on(correct, delta, torch.bool)
     part = torch.empty(2, B, lib.row_chunks(B, D), dtype=torch.float64, device=delta.device)
@@ -128,20 +133,33 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
     return out
 
 
+def _bound(t: Optional[Tensor], like: Tensor) -> Tuple[Optional[Tensor], int, int, int]:
+    """(bound [1 or B, D] on like's device and in its dtype, address (0: absent), row stride,
+    column stride 0 or 1): a number expanded to [1, D] keeps its column stride 0; any other
+    layout whose columns are not contiguous is copied."""
+    if t is None:
+        return None, 0, 0, 1
+    t = t.to(device=like.device, dtype=like.dtype).resolve_neg()
+    if t.shape[1] > 1 and t.stride(1) not in (0, 1):
+        t = t.contiguous()
+    return t, t.data_ptr(), t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 1
+
+
 def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,
-                    lo: Optional[float] = None, hi: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+                    lo: Optional[Tensor] = None, hi: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     code = _code(x0, "x0")
     lib = _lib_for(x0)
     B, D = x0.shape
-    x0 = x0.contiguous()
+    x0 = _on(x0, x0)
     r_tot = _on(r_tot, x0, x0.dtype)
     r = _on(r, x0, x0.dtype)
     active = _on(active, x0, torch.bool)
+    lo, lo_ptr, lo_rs, lo_cs = _bound(lo, x0)
+    hi, hi_ptr, hi_rs, hi_cs = _bound(hi, x0)
     r_tot_out = torch.empty_like(x0)
     x_next = torch.empty_like(x0)
     with torch.cuda.device(x0.device):
         lib.deepfool_update(x0.data_ptr(), r_tot.data_ptr(), r.data_ptr(), active.data_ptr(),
-                            r_tot_out.data_ptr(), x_next.data_ptr(), B, D, float(overshoot),
-                            lo is not None, 0.0 if lo is None else float(lo),
-                            hi is not None, 0.0 if hi is None else float(hi), code, _stream(x0))
+                            lo_ptr, lo_rs, lo_cs, hi_ptr, hi_rs, hi_cs, r_tot_out.data_ptr(),
+                            x_next.data_ptr(), B, D, float(overshoot), code, _stream(x0))
     return r_tot_out, x_next

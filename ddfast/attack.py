@@ -15,6 +15,7 @@ stays in its region crosses the boundary: the sample is done), so the attack doe
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, FrozenSet, Optional, Sequence, Tuple, Union
@@ -35,8 +36,8 @@ from .reference import STEP_EPS
 from .validate import (
     NonFiniteLogitsError,
     as_labels,
+    attack_bounds,
     check_batch_size,
-    check_bounds,
     check_callable,
     check_candidates,
     check_graph_logits,
@@ -130,6 +131,8 @@ class _Active:
     logits: Tensor
     go: Tensor
     alive: Tensor
+    lo: Optional[Tensor] = None
+    hi: Optional[Tensor] = None
     jac: Optional[Tensor] = None
     pattern: Optional[regions.Pattern] = None
 
@@ -138,6 +141,10 @@ class _Active:
         for name in ("idx", "x0", "r_tot", "ref", "cand", "logits", "alive"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.go = self.go.index_select(1, rows)
+        for name in ("lo", "hi"):              # per-sample bounds follow their samples
+            bound = getattr(self, name)
+            if bound is not None and bound.shape[0] > 1:
+                setattr(self, name, bound.index_select(0, rows))
         if self.jac is not None:
             self.jac = self.jac.index_select(0, rows)
         if self.pattern is not None:
@@ -241,12 +248,14 @@ def forward_points(model: Callable, x_cur: Tensor, shape: torch.Size, graph: boo
 
 @dataclass(frozen=True)
 class Settings:
+    """DeepFool's checked settings; ``lo`` / ``hi``: clip rows [1, D] or [B, D] (or None)."""
+
     max_iter: int
     overshoot: float
     norm: float
     k: Optional[int]
-    lo: Optional[float]
-    hi: Optional[float]
+    lo: Optional[Tensor]
+    hi: Optional[Tensor]
     reuse: bool
     every: int
 
@@ -281,7 +290,7 @@ def deepfool_steps(model: Callable, x0: Tensor, shape: torch.Size, ref: Tensor, 
     cand = competing_classes(logits, ref, cfg.k)
     act = _Active(torch.arange(B, device=x0.device), x0, torch.zeros_like(x0), ref, cand, logits,
                   jacobian.directions(B, logits.shape[1], cand, logits_g, ref),
-                  torch.ones(B, dtype=torch.bool, device=x0.device) if alive is None else alive)
+                  torch.ones(B, dtype=torch.bool, device=x0.device) if alive is None else alive, cfg.lo, cfg.hi)
     constants = regions.model_constants(model) if cfg.reuse and cfg.every == 1 else None
     x_cur = x0
     for t in range(cfg.max_iter):
@@ -302,7 +311,7 @@ def deepfool_steps(model: Callable, x0: Tensor, shape: torch.Size, ref: Tensor, 
         if constants is None:
             act.jac = None
         act.r_tot, x_cur = torch.ops.ddfast.deepfool_update(act.x0, act.r_tot, r, act.alive, cfg.overshoot,
-                                                            cfg.lo, cfg.hi)
+                                                            act.lo, act.hi)
         xg, logits_g = forward_points(model, x_cur, shape, graph=t + 1 < cfg.max_iter)
         act.logits = check_logits(logits_g, act.idx.numel()).detach().to(x0.dtype)
         out.judge(act, x_cur, t)
@@ -314,6 +323,23 @@ def _attack_chunk(model: Callable, x: Tensor, y: Optional[Tensor], cfg: Settings
     """DeepFool on one chunk, and how many of its samples stopped at non-finite logits (0-d)."""
     x0, ref, out = deepfool_chunk(model, x, y, cfg)
     return out.result(x0, ref, x.shape[1:]), out.n_nonfinite
+
+
+def for_chunk(cfg, start: int, step: int):
+    """``cfg`` (a :class:`Settings`, or a dataclass holding some) for the chunk of samples
+    ``start:start + step``: per-sample bound rows cut to the chunk's."""
+    if isinstance(cfg, Settings):
+        return dataclasses.replace(cfg, lo=_chunk_rows(cfg.lo, start, step), hi=_chunk_rows(cfg.hi, start, step))
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        inner = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return dataclasses.replace(cfg, **{name: for_chunk(v, start, step) for name, v in inner.items()
+                                           if isinstance(v, Settings)})
+    return cfg
+
+
+def _chunk_rows(bound: Optional[Tensor], start: int, step: int) -> Optional[Tensor]:
+    """A chunk's clip rows: the shared [1, D] row, or its samples' rows of a [B, D] bound."""
+    return bound if bound is None or bound.shape[0] == 1 else bound[start:start + step]
 
 
 def _classes(model: Callable, x: Tensor) -> int:
@@ -372,8 +398,8 @@ def deepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor] =
 def settings(x: Tensor, y: Optional[Tensor], *, bounds, max_iter, overshoot, norm, candidates, batch_size,
              reuse_jacobians, check_every) -> Tuple[Tensor, Optional[Tensor], Settings, Optional[int]]:
     """:func:`deepfool`'s arguments checked: x, y as [B] int64 (or None), the settings, the chunk size."""
-    lo, hi = check_bounds(bounds)
-    x = check_input(x, bounds=(lo, hi))
+    x = check_input(x)
+    lo, hi = attack_bounds(bounds, x)
     reuse = REUSE_JACOBIANS if reuse_jacobians is None else bool(reuse_jacobians)
     every = CHECK_EVERY.get(x.device.type, 1) if check_every is None else check_int(check_every, "check_every", 1)
     cfg = Settings(check_max_iter(max_iter), check_nonneg(overshoot, "overshoot"), norm_value(norm),
@@ -401,7 +427,7 @@ def run_chunks(model: Callable, x: Tensor, y: Optional[Tensor], cfg, step: Optio
         check_sample_independence(model, x.detach().reshape(x.shape[0], -1), x.shape[1:], where)
         step = step or chunk_size(model, x, cfg.k or _classes(model, x))
         for s in range(0, x.shape[0], step):
-            part, bad = chunk(model, x[s:s + step], None if y is None else y[s:s + step], cfg)
+            part, bad = chunk(model, x[s:s + step], None if y is None else y[s:s + step], for_chunk(cfg, s, step))
             parts.append(part)
             n_nonfinite += int(bad)
     if n_nonfinite:

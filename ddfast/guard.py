@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .validate import check_logits
 
-__all__ = ["model_guard", "check_sample_independence", "forward", "BatchCoupledModelError"]
+__all__ = ["eval_modes", "model_guard", "check_sample_independence", "forward", "BatchCoupledModelError"]
 
 
 class BatchCoupledModelError(ValueError):
@@ -40,20 +40,28 @@ def _buffers(model: Callable) -> List[Tuple[nn.Module, str, Tensor, Tensor, int]
 
 
 @contextlib.contextmanager
+def eval_modes(model: Callable) -> Iterator[None]:
+    """Every submodule of an ``nn.Module`` in eval mode inside; each one's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
 def model_guard(model: Callable, x: Tensor, keep_rng: bool = True) -> Iterator[None]:
     """Eval mode inside; modes, buffers and (``keep_rng``) the RNG state of the CPU and of x's
     CUDA device restored after."""
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
     buffers = _buffers(model)
     devices = [x.device] if x.is_cuda else []
-    with torch.random.fork_rng(devices=devices, enabled=keep_rng):
-        for m, _ in modes:
-            m.training = False
+    with torch.random.fork_rng(devices=devices, enabled=keep_rng), eval_modes(model):
         try:
             yield
         finally:
-            for m, mode in modes:
-                m.training = mode
             with torch.no_grad():
                 for m, name, b, saved, version in buffers:
                     m._buffers[name] = b

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .guard import model_guard
+from .robustness import PixelInput, evaluate_robustness, min_norm, robust_accuracy
 from .validate import (
     as_labels,
     check_batch_size,
@@ -56,6 +57,10 @@ __all__ = [
     "rho_inf",
     "acc_at_eps",
     "evaluate",
+    "evaluate_robustness",
+    "robust_accuracy",
+    "min_norm",
+    "PixelInput",
 ]
 
 

@@ -20,8 +20,18 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from .reference import PENALTY_EXP_CAP
-from .validate import check_finite, check_rows, check_select, need, norm_value
+from .reference import PENALTY_EXP_CAP, scaled_norm2, scaled_parts
+from .validate import (
+    bound_rows,
+    check_bool,
+    check_finite,
+    check_order,
+    check_rows,
+    check_same_dtype,
+    check_select,
+    need,
+    norm_value,
+)
 
 __all__ = ["select_boundary", "boundary_step", "deepdefense_penalty", "deepfool_update"]
 
@@ -97,7 +107,7 @@ def boundary_step_backward(grad_r: Tensor, fdiff: Tensor, w: Tensor, norm: float
         g_f = torch.where(nz, gs * sgn_f / n, torch.zeros_like(n))
         g_w = torch.where(nz, -gs * absf / (n * n), torch.zeros_like(n))[:, None] * s
         return g_f, g_w
-    n = torch.linalg.vector_norm(w, dim=-1)
+    n = scaled_norm2(w)                                         # no overflow; traceable
     nz = n > 0
     n = _safe(n, nz)
     u = w / n[:, None]
@@ -144,11 +154,11 @@ def deepdefense_penalty_backward(grad_p: Tensor, delta: Tensor, x: Tensor, corre
                                  c: float, d: float) -> Tuple[Tensor, Tensor]:
     """Gradients of :func:`ddfast.reference.deepdefense_penalty` w.r.t. ``delta`` and ``x``
     ([B, D] each), in differentiable torch ops (zero where ``delta == 0`` or ``x == 0``)."""
-    dn2 = (delta * delta).sum(-1)
+    s, dn2 = scaled_parts(delta)                               # ||delta|| = s * sqrt(dn2): no overflow
     dnz = dn2 > 0
-    dn = torch.where(dnz, torch.sqrt(_safe(dn2, dnz)), torch.zeros_like(dn2))
-    xn = torch.linalg.vector_norm(x, dim=-1)
-    xnz = xn > 0
+    dn = s * torch.where(dnz, torch.sqrt(_safe(dn2, dnz)), dn2 * 0)   # 0, or NaN for a NaN row
+    xn = scaled_norm2(x)
+    xnz = xn != 0
     xn_s = _safe(xn, xnz)
     k = torch.where(correct, torch.full_like(dn, -c), torch.full_like(dn, d))
     z = k * dn / xn_s
@@ -178,7 +188,7 @@ torch.library.register_autograd("ddfast::deepdefense_penalty", _penalty_bwd,
 # --------------------------------------------------------------------------- deepfool_update
 @torch.library.custom_op("ddfast::deepfool_update", mutates_args=())
 def _deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,
-                     lo: Optional[float], hi: Optional[float]) -> Tuple[Tensor, Tensor]:
+                     lo: Optional[Tensor], hi: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     return reference.deepfool_update(x0, r_tot, r, active, overshoot, lo, hi)
 
 
@@ -216,42 +226,46 @@ def select_boundary(logits: Tensor, grads: Tensor, cand: Tensor, ref: Tensor,
     logits [B, K], grads [B, C, D], cand [B, C] int, ref [B] int, active [B] bool
     (default all) -> (l [B] int64, dist [B], r [B, D]). With ``diff=True`` the rows of
     ``grads`` are already ``g_cand - g_ref``."""
+    diff = check_bool(diff, "diff")
+    norm, eps = _scalars(norm, eps)
     if active is None and isinstance(grads, Tensor):
         active = torch.ones(grads.shape[0], dtype=torch.bool, device=grads.device)
-    check_select(logits, grads, cand, ref, active, bool(diff))
-    norm, eps = _scalars(norm, eps)
+    check_select(logits, grads, cand, ref, active, diff)
     return _run(backend, grads, torch.ops.ddfast.select_boundary, logits, grads, cand.long(), ref.long(),
-                active, norm, eps, bool(diff))
+                active, norm, eps, diff)
 
 
 def boundary_step(fdiff: Tensor, w: Tensor, norm: Union[int, float, str] = 2, eps: float = 1e-4,
                   backend: Optional[str] = None) -> Tensor:
-    """Differentiable DeepFool step ``r`` [B, D] from ``fdiff`` [B] and ``w`` [B, D]; see
-    :func:`ddfast.reference.boundary_step`."""
+    """Differentiable DeepFool step ``r`` [B, D] from ``fdiff`` [B] and ``w`` [B, D] of one
+    float dtype; see :func:`ddfast.reference.boundary_step`."""
     check_rows([("fdiff", fdiff, 1, "float"), ("w", w, 2, "float")])
+    check_same_dtype(("w", w), ("fdiff", fdiff))
     norm, eps = _scalars(norm, eps)
     return _run(backend, w, torch.ops.ddfast.boundary_step, fdiff, w, norm, eps)
 
 
 def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: float,
                         backend: Optional[str] = None) -> Tensor:
-    """Per-sample penalty [B] from ``delta``, ``x`` [B, D] and ``correct`` [B] bool; see
-    :func:`ddfast.reference.deepdefense_penalty`."""
+    """Per-sample penalty [B] from ``delta``, ``x`` [B, D] of one float dtype and ``correct``
+    [B] bool; see :func:`ddfast.reference.deepdefense_penalty`."""
     check_rows([("delta", delta, 2, "float"), ("x", x, 2, "float"), ("correct", correct, 1, "bool")])
+    check_same_dtype(("delta", delta), ("x", x))
     c, d = check_finite(c, "c"), check_finite(d, "d")
     return _run(backend, delta, torch.ops.ddfast.deepdefense_penalty, delta, x, correct, c, d)
 
 
 def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,
-                    lo: Optional[float] = None, hi: Optional[float] = None,
+                    lo: Union[None, float, Tensor] = None, hi: Union[None, float, Tensor] = None,
                     backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """(r_tot', x_next), each [B, D]; see :func:`ddfast.reference.deepfool_update`."""
+    """(r_tot', x_next), each [B, D]; see :func:`ddfast.reference.deepfool_update`.
+
+    ``lo`` / ``hi``: None, a number, or a tensor of shape [D], [1, D] or [B, D] (one row for
+    every sample, or one per sample), taken in x0's dtype and device; no NaN, lo <= hi."""
     check_rows([("x0", x0, 2, "float"), ("r_tot", r_tot, 2, "float"), ("r", r, 2, "float"),
                 ("active", active, 1, "bool")])
-    need(r_tot.dtype == x0.dtype and r.dtype == x0.dtype,
-         f"x0, r_tot and r must share one dtype, got {x0.dtype}, {r_tot.dtype} and {r.dtype}")
+    check_same_dtype(("x0", x0), ("r_tot", r_tot), ("r", r))
     overshoot = check_finite(overshoot, "overshoot")
-    lo = None if lo is None else check_finite(lo, "lo")
-    hi = None if hi is None else check_finite(hi, "hi")
-    need(lo is None or hi is None or lo <= hi, f"lo must be <= hi, got lo={lo}, hi={hi}")
-    return _run(backend, x0, torch.ops.ddfast.deepfool_update, x0, r_tot, r, active, overshoot, lo, hi)
+    lo_rows, hi_rows = bound_rows(lo, "lo", x0), bound_rows(hi, "hi", x0)
+    check_order(lo_rows, hi_rows, (lo, hi))
+    return _run(backend, x0, torch.ops.ddfast.deepfool_update, x0, r_tot, r, active, overshoot, lo_rows, hi_rows)

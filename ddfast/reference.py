@@ -8,8 +8,17 @@ Conventions shared by all ops:
 
 * ``norm`` is ``2`` or ``inf`` (float). For ``norm=2`` distances use ``||w||_2``; for
   ``norm=inf`` they use the dual norm ``||w||_1`` and steps follow ``sign(w)``.
+* Norms never overflow or underflow unless the norm itself lies outside the dtype's range
+  (:func:`norm2`): a row whose plain sum of squares may have overflowed (an entry past
+  ~1.8e19 in float32) or lost digits to underflow is divided by a power of two near its
+  largest ``|entry|`` (exact) before squaring. So scaling the inputs by 1e20 or 1e-20 in
+  float32 scales every norm and changes no choice. Backends may instead accumulate squares
+  in a type where they cannot overflow (float64 for float32 rows); the fast float32 sum is
+  kept where it is exact enough, as here.
 * A row whose boundary normal ``w`` is exactly zero never produces NaN or Inf: its
   distance is ``+inf`` and its step ``r`` is 0.
+* A NaN distance (NaN logits, say) counts as ``+inf``: it never wins, and a row without a
+  finite distance gets ``dist = inf`` and ``r = 0`` (a NaN ``w`` already has no ``norm > 0``).
 * Inactive rows (``active[i] == False``) get ``l = ref``, ``dist = 0`` and ``r = 0``.
 """
 from __future__ import annotations
@@ -27,6 +36,7 @@ __all__ = [
     "deepfool_update",
     "deepfool_ref",
     "deepdefense_ref",
+    "norm2",
     "PENALTY_EXP_CAP",
 ]
 
@@ -46,11 +56,72 @@ def _check_norm(norm: float) -> float:
     return norm
 
 
+def row_scale(w: Tensor) -> Tensor:
+    """[..., 1]: a power of two ``s`` with ``max |w| / s`` in [1, 2) for each row of ``w``
+    (1/2 for a row that is zero, holds Inf or NaN, or is empty). No gradient."""
+    if w.shape[-1] == 0:
+        return w.new_full(w.shape[:-1] + (1,), 0.5)
+    m = w.detach().abs().amax(-1, keepdim=True)
+    _, e = torch.frexp(m)
+    return torch.ldexp(torch.ones_like(m), e - 1)
+
+
+def scaled_norm2(w: Tensor) -> Tensor:
+    """||w||_2 over the last dim as ``s * ||w / s||_2``, ``s`` :func:`row_scale`: no square
+    overflows or underflows (the division by a power of two is exact); Inf rows give inf,
+    NaN rows NaN. No host synchronisation (traceable: the ops' backward formulas use it)."""
+    s = row_scale(w)
+    return s.squeeze(-1) * torch.linalg.vector_norm(w / s, dim=-1)
+
+
+def scaled_parts(w: Tensor) -> Tuple[Tensor, Tensor]:
+    """(s, q) with ||w||_2 = s * sqrt(q) over the last dim, s :func:`row_scale` and q the sum
+    of squares of w / s; as :func:`scaled_norm2`, traceable."""
+    s = row_scale(w)
+    return s.squeeze(-1), ((w / s) ** 2).sum(-1)
+
+
+def _tiny_norm(dtype: torch.dtype) -> float:
+    """Below this a norm summed plainly may have lost digits to squares under the smallest
+    normal number (float32 sums for float32 and half rows)."""
+    return 2.0 ** (-500 if dtype == torch.float64 else -50)
+
+
+def norm2(w: Tensor) -> Tensor:
+    """||w||_2 over the last dim: ``torch.linalg.vector_norm``, and :func:`scaled_norm2` for
+    the rows where that is not finite or is below :func:`_tiny_norm`. Differentiable as
+    ``vector_norm`` (0 at w == 0)."""
+    if w.dim() == 1:
+        return norm2(w[None])[0]
+    n = torch.linalg.vector_norm(w, dim=-1)
+    redo = ~(torch.isfinite(n) & (n >= _tiny_norm(w.dtype)))
+    if w.shape[-1] == 0 or not bool(redo.any()):
+        return n
+    return n.index_put((redo,), scaled_norm2(w[redo]))
+
+
+def norm2_parts(w: Tensor) -> Tuple[Tensor, Tensor]:
+    """(s, q) [...] with ||w||_2 = s * sqrt(q) over the last dim: s = 1 and q the plain sum of
+    squares where that neither overflowed nor may have underflowed, else s :func:`row_scale`
+    and q the sum of squares of w / s. For formulas that need sqrt(q) guarded at q == 0."""
+    if w.dim() == 1:
+        s1, q1 = norm2_parts(w[None])
+        return s1[0], q1[0]
+    q = (w * w).sum(-1)
+    s = torch.ones_like(q)
+    redo = ~(torch.isfinite(q) & (q >= _tiny_norm(w.dtype) ** 2))
+    if w.shape[-1] == 0 or not bool(redo.any()):
+        return s, q
+    s_r, q_r = scaled_parts(w[redo])
+    return s.index_put((redo,), s_r), q.index_put((redo,), q_r)
+
+
 def dual_norm(w: Tensor, norm: float) -> Tensor:
-    """||w||_q over the last dim, q the dual of ``norm`` (2 -> 2, inf -> 1)."""
+    """||w||_q over the last dim, q the dual of ``norm`` (2 -> 2, inf -> 1); see :func:`norm2`.
+    The sum of |w| overflows only where the norm itself does."""
     if math.isinf(norm):
         return w.abs().sum(-1)
-    return torch.linalg.vector_norm(w, dim=-1)
+    return norm2(w)
 
 
 def step_direction(w: Tensor, norm: float) -> Tensor:
@@ -58,7 +129,7 @@ def step_direction(w: Tensor, norm: float) -> Tensor:
     ``sign(w)``. Shape of ``w``."""
     if math.isinf(norm):
         return torch.sign(w)
-    n2 = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+    n2 = norm2(w)[..., None]
     return torch.where(n2 > 0, w / torch.where(n2 > 0, n2, torch.ones_like(n2)), torch.zeros_like(w))
 
 
@@ -89,8 +160,11 @@ def select_boundary(
 
     Returns:
         l: [B] int64, the chosen class ``argmin_k |f_k - f_ref| / ||g_k - g_ref||_q``
-           over candidates ``k != ref`` (first index on ties).
-        dist: [B] in the logits' dtype, that distance (``inf`` where every ``w`` is zero).
+           over candidates ``k != ref`` (first index on ties; a NaN distance counts as inf,
+           so a row without a finite distance takes its first candidate).
+        dist: [B] in the logits' dtype (computed in the wider of the logits' and the grads'
+           dtypes), that distance (``inf`` where no candidate has a finite one: every ``w``
+           zero or NaN, or NaN logits).
         r: [B, D] in the grads' dtype, ``(dist + eps) * w_l / ||w_l||_2`` (norm 2) or
            ``(dist + eps) * sign(w_l)`` (norm inf); 0 where ``w_l == 0`` or inactive.
     """
@@ -103,12 +177,13 @@ def select_boundary(
         ref_pos = is_ref.to(torch.int64).argmax(dim=1)              # [B]
         g_ref = grads[torch.arange(B, device=grads.device), ref_pos]  # [B, D]
         w = grads - g_ref[:, None, :]                               # [B, C, D]
-    f_cand = logits.gather(1, cand)                                 # [B, C]
-    fdiff = f_cand - logits.gather(1, ref[:, None])                 # [B, C]
-    wn = dual_norm(w, norm).to(fdiff.dtype)                         # [B, C]
+    work = torch.promote_types(logits.dtype, grads.dtype)          # the wider of the two
+    f = logits.to(work)
+    fdiff = f.gather(1, cand) - f.gather(1, ref[:, None])           # [B, C]
+    wn = dual_norm(w, norm).to(work)                                # [B, C]
     inf = torch.full_like(fdiff, math.inf)
     dist_all = torch.where(wn > 0, fdiff.abs() / torch.where(wn > 0, wn, torch.ones_like(wn)), inf)
-    dist_all = torch.where(is_ref, inf, dist_all)
+    dist_all = torch.where(is_ref | torch.isnan(dist_all), inf, dist_all)   # NaN never wins
     pos = dist_all.argmin(dim=1)                                    # first minimum
     rows = torch.arange(B, device=grads.device)
     dist = dist_all[rows, pos]
@@ -119,7 +194,7 @@ def select_boundary(
     r = torch.where(step[:, None], scale.to(grads.dtype)[:, None] * step_direction(w_l, norm),
                     torch.zeros_like(w_l))                      # 0, not 0 * NaN, where no step
     l = torch.where(active, l, ref)
-    dist = torch.where(active, dist, torch.zeros_like(dist))
+    dist = torch.where(active, dist, torch.zeros_like(dist)).to(logits.dtype)
     r = torch.where(active[:, None], r, torch.zeros_like(r))
     return l, dist, r
 
@@ -128,15 +203,16 @@ def boundary_step(fdiff: Tensor, w: Tensor, norm: float = 2.0, eps: float = 1e-4
     """Differentiable DeepFool step towards one boundary.
 
     Args:
-        fdiff: [B] logit difference ``f_l - f_ref`` (usually negative).
+        fdiff: [B] logit difference ``f_l - f_ref`` (usually negative), taken in w's dtype.
         w: [B, D] boundary normal ``g_l - g_ref``.
 
     Returns:
-        r: [B, D], ``(|fdiff| / ||w||_q + eps) * w / ||w||_2`` (norm 2) or
+        r: [B, D] in w's dtype, ``(|fdiff| / ||w||_q + eps) * w / ||w||_2`` (norm 2) or
         ``(|fdiff| / ||w||_1 + eps) * sign(w)`` (norm inf); 0 where ``w == 0``.
         Differentiable twice in ``fdiff`` and ``w`` (the gradient at ``w == 0`` is 0).
     """
     norm = _check_norm(norm)
+    fdiff = fdiff.to(w.dtype)
     wn = dual_norm(w, norm)
     nz = wn > 0
     wn_safe = torch.where(nz, wn, torch.ones_like(wn))
@@ -150,19 +226,24 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
 
     Args:
         delta: [B, D] the DeepFool perturbation ``D_i``.
-        x: [B, D] the clean input.
+        x: [B, D] the clean input, taken in delta's dtype.
         correct: [B] bool, sample classified correctly.
 
     Returns:
-        [B]: ``exp(-c * ||delta|| / ||x||)`` where correct, ``exp(d * ||delta|| / ||x||)``
-        elsewhere; exponents above :data:`PENALTY_EXP_CAP` continue linearly. The gradient
-        of ``||delta||`` at ``delta == 0`` is 0 and ``||x|| == 0`` counts as ratio 0.
+        [B] in delta's dtype: ``exp(-c * ||delta|| / ||x||)`` where correct,
+        ``exp(d * ||delta|| / ||x||)`` elsewhere; exponents above :data:`PENALTY_EXP_CAP`
+        continue linearly. The gradient of ``||delta||`` at ``delta == 0`` is 0 and
+        ``||x|| == 0`` counts as ratio 0. Norms as :func:`norm2` (no overflow); a NaN in
+        delta or x gives NaN.
     """
-    dn2 = (delta * delta).sum(-1)
+    x = x.to(delta.dtype)
+    s, dn2 = norm2_parts(delta)                                     # ||delta|| = s * sqrt(dn2)
     nz = dn2 > 0
-    dn = torch.where(nz, torch.sqrt(torch.where(nz, dn2, torch.ones_like(dn2))), torch.zeros_like(dn2))
-    xn = torch.linalg.vector_norm(x, dim=-1)
-    ratio = torch.where(xn > 0, dn / torch.where(xn > 0, xn, torch.ones_like(xn)), torch.zeros_like(dn))
+    dn = s * torch.where(nz, torch.sqrt(torch.where(nz, dn2, torch.ones_like(dn2))),
+                         dn2 * 0)                                   # 0, or NaN for a NaN row
+    xn = norm2(x)
+    x0 = xn == 0
+    ratio = torch.where(x0, torch.zeros_like(dn), dn / torch.where(x0, torch.ones_like(xn), xn))
     z = torch.where(correct, -c * ratio, d * ratio)
     cap = PENALTY_EXP_CAP
     over = z > cap
@@ -177,8 +258,8 @@ def deepfool_update(
     r: Tensor,
     active: Tensor,
     overshoot: float,
-    lo: Optional[float] = None,
-    hi: Optional[float] = None,
+    lo: Optional[Tensor] = None,
+    hi: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Accumulate a DeepFool step and form the next iterate.
 
@@ -186,16 +267,25 @@ def deepfool_update(
         x0: [B, D] the clean input; r_tot: [B, D] accumulated steps; r: [B, D] this step.
         active: [B] bool; inactive rows keep their ``r_tot``.
         overshoot: the iterate is ``x0 + (1 + overshoot) * r_tot``.
-        lo, hi: optional clip bounds of the iterate.
+        lo, hi: optional clip bounds of the iterate, [1, D] (one row for every sample) or
+            [B, D], in x0's dtype, without NaN, ``lo <= hi``.
 
     Returns:
-        (r_tot', x_next), both [B, D].
+        (r_tot', x_next), both [B, D]; ``x_next = min(max(x, lo), hi)`` (a NaN x stays NaN).
     """
     r_new = torch.where(active[:, None], r_tot + r, r_tot)
     x_next = x0 + (1.0 + overshoot) * r_new
     if lo is not None or hi is not None:
         x_next = torch.clamp(x_next, min=lo, max=hi)
     return r_new, x_next
+
+
+def bound_row(value, x: Tensor) -> Optional[Tensor]:
+    """A bound (None, a number, or a tensor that broadcasts to x [B, ...]) as the [B, D] rows
+    :func:`deepfool_update` takes (None stays None)."""
+    if value is None:
+        return None
+    return torch.as_tensor(value, dtype=x.dtype, device=x.device).broadcast_to(x.shape).reshape(x.shape[0], -1)
 
 
 # ------------------------------------------------------------------ the attack and the regularizer
@@ -227,12 +317,12 @@ def _class_grads(logits: Tensor, x: Tensor, cand: Tensor, create_graph: bool) ->
 
 def deepfool_ref(model, x: Tensor, y: Optional[Tensor] = None, *, max_iter: int = 50,
                  overshoot: float = 0.02, norm: float = 2.0, candidates: Optional[int] = None,
-                 bounds: Optional[Tuple[Optional[float], Optional[float]]] = None):
+                 bounds=None):
     """DeepFool, slowly: the whole batch every step (done samples masked), every candidate's
     gradient by its own autograd call, the step by :func:`select_boundary` and
     :func:`deepfool_update`. Returns ``(delta, iterations, success, label, adv_label)`` as
     :class:`ddfast.DeepFoolResult` defines them."""
-    lo, hi = bounds if bounds is not None else (None, None)
+    lo, hi = (bound_row(v, x) for v in (bounds if bounds is not None else (None, None)))
     modes = _eval_modes(model)
     try:
         B, shape = x.shape[0], x.shape[1:]

@@ -75,6 +75,9 @@ def superdeepfool(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tens
     x, y, df, step = settings(x, y, bounds=bounds, max_iter=check_max_iter(df_steps, "df_steps"),
                               overshoot=overshoot, norm=2, candidates=candidates, batch_size=batch_size,
                               reuse_jacobians=None, check_every=None)
+    if any(b is not None and b.shape[0] > 1 for b in (df.lo, df.hi)):
+        raise ValueError("superdeepfool takes bounds shared by every sample (numbers, per channel or per "
+                         "pixel); per-sample bounds (a bound of x's batch size) are not supported yet")
     first = df if max_iter else dataclasses.replace(df, max_iter=0)
     k = RESTART_CANDIDATES if df.k is None else min(df.k, RESTART_CANDIDATES)
     cfg = _Settings(max_iter, first, dataclasses.replace(df, k=k))

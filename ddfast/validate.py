@@ -161,12 +161,13 @@ def _bound(value, bounds) -> Optional[float]:
     return v
 
 
-def bound_rows(bounds, x: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """``bounds = (lo, hi)`` as rows in x's dtype and device: each None, or a tensor ``[1, D]``
-    (one row for every sample) or ``[B, D]`` (a row per sample). Each end may be None, a number
-    or a tensor that broadcasts to x (per channel ``[C, 1, 1]``, per pixel ``[C, H, W]``, per
-    sample ``[B, ...]``). No NaN, ``lo <= hi`` everywhere, and x within them up to 4 units of
-    rounding of its dtype (a clip that moves x would read as perturbation)."""
+def attack_bounds(bounds, x: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``bounds = (lo, hi)`` of an attack on x [B, ...] as rows for ``deepfool_update``: each
+    None, or ``[1, D]`` (every sample) / ``[B, D]`` (a row per sample) in x's dtype and device.
+    Each end may be None, a number or a tensor that broadcasts to x (per channel ``[C, 1, 1]``,
+    per pixel ``[C, H, W]``, per sample ``[B, ...]``). No NaN, ``lo <= hi`` everywhere (numbers:
+    ``lo < hi``), and x within them up to 4 units of rounding of its dtype (a clip that moves x
+    would read as perturbation)."""
     if bounds is None:
         return None, None
     try:
@@ -175,10 +176,10 @@ def bound_rows(bounds, x: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         raise ValueError(f"bounds must be a pair (lo, hi), got {_describe(bounds)}") from None
     if not isinstance(lo, Tensor) and not isinstance(hi, Tensor):
         check_bounds(bounds)                      # numbers: the scalar rules (lo < hi)
-    rows = [_bound_rows(v, x, end) for v, end in ((lo, "lo"), (hi, "hi"))]
-    if rows[0] is not None and rows[1] is not None:
-        _no_where(rows[0] > rows[1], "bounds: lo > hi")
-    _check_x_within(x, rows[0], rows[1])
+    flat = x.detach().reshape(x.shape[0], -1)
+    rows = [bound_rows(_per_row(v, x, end), f"bounds {end}", flat) for v, end in ((lo, "lo"), (hi, "hi"))]
+    check_order(rows[0], rows[1], (lo, hi))
+    _check_x_within(flat, rows[0], rows[1])
     return rows[0], rows[1]
 
 
@@ -192,42 +193,35 @@ def _describe(v) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _no_where(mask: Tensor, what: str) -> None:
-    """Raise ``ValueError(what ...)`` with the count and the first flat index where ``mask``."""
-    if bool(mask.any()):
-        first = int(mask.flatten().nonzero()[0])
-        raise ValueError(f"{what} at {int(mask.sum())} of {mask.numel()} entries (first at flat index {first})")
-
-
-def _bound_rows(v, x: Tensor, end: str) -> Optional[Tensor]:
-    if v is None:
-        return None
-    B, D = x.shape[0], x[0].numel()
+def _per_row(v, x: Tensor, end: str):
+    """A bound broadcastable to x as ``[1, D]`` or ``[B, D]`` (numbers and None as they are)."""
     if not isinstance(v, Tensor):
-        return torch.full((1, D), check_finite(v, f"bounds {end}"), dtype=x.dtype, device=x.device)
+        return v
     if v.is_complex() or v.dtype == torch.bool:
         raise TypeError(f"bounds {end} must be a real tensor, got dtype {v.dtype}")
     try:
-        full = torch.broadcast_to(v.detach().to(device=x.device, dtype=x.dtype), x.shape)
+        full = torch.broadcast_to(v.detach().to(device=x.device), x.shape)
     except RuntimeError:
         raise ValueError(f"bounds {end} of shape {list(v.shape)} does not broadcast to x's shape "
                          f"{list(x.shape)}") from None
+    B = x.shape[0]
     per_sample = v.dim() == x.dim() and v.shape[0] == B and B > 1
-    rows = full.reshape(B, D) if per_sample else full[:1].reshape(1, D)
-    _no_where(torch.isnan(rows), f"bounds {end} is NaN")
-    return rows.contiguous()
+    return full.reshape(B, -1) if per_sample else full[:1].reshape(1, -1)
 
 
-def _check_x_within(x: Tensor, lo: Optional[Tensor], hi: Optional[Tensor]) -> None:
-    if not x.numel():
+def _check_x_within(flat: Tensor, lo: Optional[Tensor], hi: Optional[Tensor]) -> None:
+    if not flat.numel():
         return
-    eps = 4 * torch.finfo(x.dtype).eps
-    flat = x.detach().reshape(x.shape[0], -1)
-    for rows, outside, word in ((lo, lambda b: flat < b - eps * b.abs().clamp(min=1), "below lo"),
-                                (hi, lambda b: flat > b + eps * b.abs().clamp(min=1), "above hi")):
-        if rows is not None:
-            _no_where(outside(rows), f"x lies outside bounds ({word}; pixels in [0, 255] with bounds (0, 1)? "
-                                     f"rescale x or widen bounds)")
+    eps = 4 * torch.finfo(flat.dtype).eps
+    for rows, sign, word in ((lo, -1, "below lo"), (hi, 1, "above hi")):
+        if rows is None:
+            continue
+        outside = (flat - rows) * sign > eps * rows.abs().clamp(min=1)
+        if bool(outside.any()):
+            first = int(outside.flatten().nonzero()[0])
+            raise ValueError(f"x lies outside bounds ({word}) at {int(outside.sum())} of {outside.numel()} entries "
+                             f"(first at flat index {first}; pixels in [0, 255] with bounds (0, 1)?): rescale x "
+                             "or widen bounds")
 
 
 def check_choice(value, name: str, choices: Tuple[str, ...]) -> str:
@@ -329,17 +323,51 @@ def need(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+#: The dtypes each kind of op argument may have (the kernels read no other).
+OP_DTYPES = {
+    "float": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "int": (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64),
+    "bool": (torch.bool,),
+}
+
+
 def check_tensor(t, name: str, ndim: int, kind: str) -> Tensor:
-    """``t`` is a ``kind`` ("float", "int", "bool") tensor of ``ndim`` dims with values."""
+    """``t`` is a dense ``kind`` ("float", "int", "bool"; :data:`OP_DTYPES`) tensor of
+    ``ndim`` dims with values (not on the meta device)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dtype not in OP_DTYPES[kind]:
+        names = ", ".join(str(d).replace("torch.", "") for d in OP_DTYPES[kind])
+        raise TypeError(f"{name} must be a {kind} tensor ({names}), got dtype {t.dtype}")
     need(t.device.type != "meta", f"{name} is on the meta device: it holds no values")
     need(t.dim() == ndim, f"{name} must be {ndim}-d, got shape {list(t.shape)}")
-    ok = {"float": t.is_floating_point(), "int": not t.is_floating_point() and not t.is_complex()
-          and t.dtype != torch.bool, "bool": t.dtype == torch.bool}[kind]
-    if not ok:
-        raise TypeError(f"{name} must be a {kind} tensor, got dtype {t.dtype}")
     return t
+
+
+def check_same_dtype(*named: Tuple[str, Tensor]) -> None:
+    """The tensors share the dtype of the first (a TypeError names the first that does not)."""
+    first, t0 = named[0]
+    for name, t in named[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{name} must have the dtype of {first} ({t0.dtype}), got {t.dtype}")
+
+
+def check_bool(value, name: str) -> bool:
+    """A Python or numpy bool."""
+    if not isinstance(value, (bool, np_bool())):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def np_bool():
+    """numpy's bool type, or bool where numpy is absent."""
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover
+        return bool
+    return numpy.bool_
 
 
 def check_same_device(*named: Tuple[str, Tensor]) -> None:
@@ -357,7 +385,7 @@ def check_rows(named, B: Optional[int] = None, D: Optional[int] = None) -> None:
         need(t.shape[0] == B, f"{name} must have {B} rows like {first} (one per sample), got shape {list(t.shape)}")
         if ndim == 2:
             D = t.shape[1] if D is None else D
-            need(t.shape[1] == D, f"{name} must have shape [{B}, {D}], got {list(t.shape)}")
+            need(t.shape[1] == D, f"{name} must have shape [{B}, {D}] like {first}, got {list(t.shape)}")
     check_same_device(*[(n, t) for n, t, _, _ in named])
 
 
@@ -403,10 +431,61 @@ def norm_value(norm) -> float:
     return value
 
 
-def check_finite(value, name: str) -> float:
-    """A real number (Python or numpy, not bool) that is not NaN or Inf."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+def check_real(value, name: str) -> float:
+    """A real number (Python or numpy; not a bool), as a float."""
+    if isinstance(value, (bool, np_bool())) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def check_finite(value, name: str) -> float:
+    """A real number that is not NaN or Inf."""
+    v = check_real(value, name)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def bound_rows(value, name: str, x0: Tensor) -> Optional[Tensor]:
+    """A clip bound of ``deepfool_update`` for x0 [B, D]: None, a number (not NaN), or a real
+    tensor of shape [], [D], [1, D] or [B, D] without NaN, as a [1, D] or [B, D] tensor in x0's
+    dtype and on its device whose columns are contiguous, or of stride 0 (a number, expanded)."""
+    if value is None:
+        return None
+    B, D = x0.shape
+    if not isinstance(value, Tensor):
+        v = check_real(value, name)
+        need(not math.isnan(v), f"{name} must not be NaN")
+        return x0.new_full((1, 1), v).expand(1, D)
+    if value.layout != torch.strided or value.dtype not in OP_DTYPES["float"] + OP_DTYPES["int"]:
+        raise TypeError(f"{name} must be a dense real tensor, got {value.layout} {value.dtype}")
+    need(value.device.type != "meta", f"{name} is on the meta device: it holds no values")
+    shape = list(value.shape)
+    need(shape in ([], [D], [1, D], [B, D]),
+         f"{name} must have shape [D], [1, D] or [B, D] = [{D}], [1, {D}] or [{B}, {D}], got {shape}")
+    bad = torch.isnan(value.detach())
+    if bool(bad.any()):
+        first = [int(i) for i in bad.nonzero()[0]] if shape else []
+        raise ValueError(f"{name} holds NaN at {int(bad.sum())} of {bad.numel()} entries "
+                         f"(first at {first}, shape {shape})")
+    rows = value.detach().to(device=x0.device, dtype=x0.dtype)
+    rows = rows.reshape(1, 1).expand(1, D) if not shape else rows.view(1, D) if len(shape) == 1 else rows
+    return rows if D <= 1 or rows.stride(1) in (0, 1) else rows.contiguous()
+
+
+def check_order(lo: Optional[Tensor], hi: Optional[Tensor], given=(None, None)) -> None:
+    """lo <= hi wherever both bounds are given ([1, D] or [B, D] rows, broadcast); ``given``:
+    the bounds as passed, compared as numbers where both are numbers (no tensor op)."""
+    if lo is None or hi is None:
+        return
+    if not any(isinstance(v, Tensor) for v in given) and None not in given:
+        need(float(given[0]) <= float(given[1]), f"lo must be <= hi, got lo={float(given[0]):.6g}, "
+                                                 f"hi={float(given[1]):.6g}")
+        return
+    bad = lo > hi
+    if bool(bad.any()):
+        i = [int(k) for k in bad.nonzero()[0]]
+        lo_i, hi_i = lo.expand_as(bad)[tuple(i)], hi.expand_as(bad)[tuple(i)]
+        raise ValueError(f"lo must be <= hi, got lo > hi at {int(bad.sum())} of {bad.numel()} entries "
+                         f"(first at {i}: lo={float(lo_i):.6g}, hi={float(hi_i):.6g}; "
+                         f"shapes {list(lo.shape)} and {list(hi.shape)})")

@@ -91,7 +91,7 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
 
 
 def deepfool_update(x0: Tensor, r_tot: Tensor, r: Tensor, active: Tensor, overshoot: float,
-                    lo: Optional[float] = None, hi: Optional[float] = None,
+                    lo: Optional[Tensor] = None, hi: Optional[Tensor] = None,
                     **config) -> Tuple[Tensor, Tensor]:
     """See :func:`ddfast.reference.deepfool_update`."""
     return _op("deepfool_update")(x0, r_tot, r, active, overshoot, lo, hi, **config)

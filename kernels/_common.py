@@ -2,8 +2,13 @@
 per-(row, chunk) partial norm kernel, and the checks every launcher makes.
 
 Long rows (D up to 150528 for ImageNet) are cut into ``S`` chunks of ``chunk`` elements
-(a multiple of the block); one program reduces one (row, chunk) into a float32 partial,
-and a finishing kernel sums a row's ``S`` partials. Partial sums are float32.
+(a multiple of the block); one program reduces one (row, chunk) into a float64 partial,
+and a finishing kernel sums a row's ``S`` partials.
+
+Overflow and underflow (the rule of :mod:`ddfast.reference`): a chunk is summed in float32
+where that is exact enough, and again in float64 (where no float32 / bfloat16 / float16
+square overflows or underflows) when its float32 sum is not :func:`trusted`: it overflowed
+(gradients past ~1.8e19) or, for squares, is so small that digits may have been lost.
 """
 from __future__ import annotations
 
@@ -52,38 +57,76 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def rows(t: Tensor) -> Tensor:
-    """A [B, D] view whose rows may be strided but whose elements are contiguous."""
+    """A [B, D] view whose rows may be strided but whose elements are contiguous (its
+    negation bit applied: the kernels read raw memory)."""
+    t = t.resolve_neg()
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def dense(t: Tensor, **to) -> Tensor:
+    """``t.to(**to)``, contiguous, its negation bit applied."""
+    return t.to(**to).resolve_neg().contiguous()
+
+
+#: Below this a float32 sum of squares may have lost digits to underflow (squares under
+#: FLT_MIN = 1.2e-38): such chunks are summed again in float64.
+TINY_F32 = tl.constexpr(1e-20)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
 @triton.jit
-def partial_norm_kernel(x_ptr, out_ptr, D, stride_b, chunk, S,
-                        Q: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i, s] = sum over the s-th chunk of row i of x[i, d]^2 (Q = 2) or |x[i, d]| (Q = 1),
-    accumulated in out's dtype (float32 or float64). Grid (B, S)."""
-    acc_t = out_ptr.dtype.element_ty
-    i = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64)   # s * chunk and the offsets may pass 2**31
-    start = s * chunk
-    end = tl.minimum(start + chunk, D)
-    acc = tl.zeros([BLOCK], dtype=acc_t)
-    base = x_ptr + i * stride_b
+def trusted(s, Q: tl.constexpr):
+    """Whether the float32 power sum(s) ``s`` neither overflowed nor (Q = 2) may have
+    underflowed; False for NaN (a NaN row sums to NaN in float64 too)."""
+    ok = s <= FLT_MAX
+    if Q == 2:
+        ok = ok & (s >= TINY_F32)
+    return ok
+
+
+@triton.jit
+def _chunk_sum(base, start, end, ACC: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr):
+    """sum of |base[d]|^Q over d in [start, end), accumulated in ACC (float32 or float64)."""
+    acc = tl.zeros([BLOCK], dtype=ACC)
     for d0 in range(start, end, BLOCK):
         offs = d0 + tl.arange(0, BLOCK)
-        v = tl.load(base + offs, mask=offs < end, other=0.0).to(tl.float32).to(acc_t)
+        v = tl.load(base + offs, mask=offs < end, other=0.0).to(tl.float32).to(ACC)
         if Q == 2:
             acc += v * v
         else:
             acc += tl.abs(v)
-    tl.store(out_ptr + i * S + s, tl.sum(acc, axis=0))
+    return tl.sum(acc, axis=0)
 
 
-def partial_norms(x: Tensor, q: int, block: int, acc_dtype: torch.dtype = torch.float32) -> tuple[Tensor, int]:
-    """[B, S] partial sums of |x|^q over chunks of each row of x [B, D] (q = 1, 2), accumulated
-    and returned in ``acc_dtype`` (float32, or float64 where a ratio of norms feeds an exp)."""
+@triton.jit
+def partial_norm_kernel(x_ptr, out_ptr, D, stride_b, chunk, S,
+                        Q: tl.constexpr, BLOCK: tl.constexpr, ACC64: tl.constexpr):
+    """out[i, s] (float64) = sum over the s-th chunk of row i of x[i, d]^2 (Q = 2) or
+    |x[i, d]| (Q = 1): in float64 (ACC64), else in float32 and again in float64 where that is
+    not :func:`trusted`. Grid (B, S)."""
+    i = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)   # s * chunk and the offsets may pass 2**31
+    start = s * chunk
+    end = tl.minimum(start + chunk, D)
+    base = x_ptr + i * stride_b
+    if ACC64:
+        total = _chunk_sum(base, start, end, tl.float64, Q, BLOCK)
+    else:
+        fast = _chunk_sum(base, start, end, tl.float32, Q, BLOCK)
+        total = fast.to(tl.float64)
+        if not trusted(fast, Q):
+            total = _chunk_sum(base, start, end, tl.float64, Q, BLOCK)
+    tl.store(out_ptr + i * S + s, total)
+
+
+def partial_norms(x: Tensor, q: int, block: int, acc64: bool = False) -> tuple[Tensor, int]:
+    """[B, S] float64 partial sums of |x|^q over chunks of each row of x [B, D] (q = 1, 2),
+    accumulated in float64 (``acc64``: where a ratio of norms feeds an exp) or in float32 with
+    the float64 fallback."""
     B, D = x.shape
     chunk, S = split_rows(B, D, block)
-    out = torch.empty(B, S, dtype=acc_dtype, device=x.device)
+    out = torch.empty(B, S, dtype=torch.float64, device=x.device)
     if B:
-        partial_norm_kernel[(B, S)](x, out, D, x.stride(0), chunk, S, Q=q, BLOCK=block, **LAUNCH)
+        partial_norm_kernel[(B, S)](x, out, D, x.stride(0), chunk, S, Q=q, BLOCK=block, ACC64=acc64,
+                                    **LAUNCH)
     return out, S

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import PENALTY_EXP_CAP
-from ._common import BLOCK_D, LAUNCH, partial_norms, rows, store_dtype
+from ._common import BLOCK_D, LAUNCH, dense, partial_norms, rows, store_dtype
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _penalty_kernel(dpart_ptr, xpart_ptr, correct_ptr, out_ptr, B, S, c, d, cap,
     # on GPUs, and exp multiplies the relative error of its argument by up to ~60)
     dn = tl.sqrt(dn2)
     xn = tl.sqrt(xn2)
-    ratio = tl.where(xn > 0, dn / tl.where(xn > 0, xn, 1.0), 0.0)
+    ratio = tl.where(xn == 0, 0.0, dn / tl.where(xn == 0, 1.0, xn))    # NaN stays NaN
     corr = tl.load(correct_ptr + i, mask=im, other=0) != 0
     z = tl.where(corr, -c * ratio, d * ratio)
     over = z > cap
@@ -50,13 +50,13 @@ def deepdefense_penalty(delta: Tensor, x: Tensor, correct: Tensor, c: float, d: 
     B, D = delta.shape
     delta = rows(delta.detach())
     x = rows(x.detach().to(delta.dtype))
-    corr = correct.to(device=delta.device, dtype=torch.int8).contiguous()
+    corr = dense(correct, device=delta.device, dtype=torch.int8)
     out = torch.empty(B, dtype=store_dtype(delta.dtype), device=delta.device)
     if B == 0:
         return out.to(delta.dtype)
     # float64 partials: exp(d * ratio) multiplies the ratio's relative error by d * ratio
-    dpart, S = partial_norms(delta, 2, block_d, torch.float64)
-    xpart, _ = partial_norms(x, 2, block_d, torch.float64)
+    dpart, S = partial_norms(delta, 2, block_d, acc64=True)
+    xpart, _ = partial_norms(x, 2, block_d, acc64=True)
     block_b = min(triton.next_power_of_2(B), 64)
     _penalty_kernel[(triton.cdiv(B, block_b),)](dpart, xpart, corr, out, B, S, float(c), float(d),
                                                float(PENALTY_EXP_CAP), BLOCK_B=block_b,

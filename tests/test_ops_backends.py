@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import ddfast
-from ddfast import backends, ops, reference
+from ddfast import backends, ops, reference, validate
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_GPU = torch.cuda.is_available()
@@ -263,21 +263,48 @@ def test_deepdefense_penalty_conforms(backend, device):
 
 
 # ------------------------------------------------------------------------ deepfool_update
+def bound_rows(kind: str, which: str, B: int, D: int, gen: torch.Generator):
+    """A bound as the public op takes it: None, a number, or rows of shape [D], [1, D], [B, D]
+    (lo below -0.2, hi above 0.2, so lo <= hi)."""
+    sign = -1.0 if which == "lo" else 1.0
+    if kind == "none":
+        return None
+    if kind == "number":
+        return sign * 0.5
+    rows = sign * (0.2 + torch.rand(B if kind == "rows" else 1, D, generator=gen))
+    return rows[0] if kind == "vector" else rows
+
+
+BOUND_KINDS = [("none", "none"), ("number", "number"), ("row", "row"), ("rows", "rows"),
+               ("vector", "rows"), ("none", "row"), ("rows", "none"), ("number", "rows")]
+
+
 @pytest.mark.parametrize("backend,device", COMBOS)
-@pytest.mark.parametrize("bounds", [(None, None), (-0.5, 0.5), (None, 0.3), (-0.2, None)])
+@pytest.mark.parametrize("bounds", BOUND_KINDS, ids=["-".join(b) for b in BOUND_KINDS])
 def test_deepfool_update_conforms(backend, device, bounds):
+    """Bounds: none, numbers, one row [1, D] for every sample, one row per sample [B, D], a
+    vector [D] (broadcast), either bound alone: every backend against the reference, whose
+    bounds are the [1, D] / [B, D] rows the public op makes of them."""
     for dtype in dtypes_of(backend):
         need(backend, device, dtype)
         for s, (B, _, _, D) in enumerate(shapes_of(backend, device)):
             gen = torch.Generator().manual_seed(s)
             x0, rt, r = (torch.randn(B, D, generator=gen).to(device, dtype) for _ in range(3))
             active = (torch.rand(B, generator=gen) > 0.3).to(device)
-            out = ops.deepfool_update(x0, rt, r, active, 0.02, *bounds, backend=backend)
-            lo = reference.deepfool_update(x0, rt, r, active, 0.02, *bounds)
-            hi = reference.deepfool_update(x0.double(), rt.double(), r.double(), active, 0.02, *bounds)
-            for o, a, b, name in zip(out, lo, hi, ("r_tot", "x_next")):
+            lo, hi = (bound_rows(k, w, B, D, gen) for k, w in zip(bounds, ("lo", "hi")))
+            lo, hi = (v.to(device) if isinstance(v, torch.Tensor) else v for v in (lo, hi))
+            out = ops.deepfool_update(x0, rt, r, active, 0.02, lo, hi, backend=backend)
+            rows = lambda v, like: validate.bound_rows(v, "bound", like)
+            want = reference.deepfool_update(x0, rt, r, active, 0.02, rows(lo, x0), rows(hi, x0))
+            x64 = x0.double()
+            want64 = reference.deepfool_update(x64, rt.double(), r.double(), active, 0.02, rows(lo, x64),
+                                               rows(hi, x64))
+            for o, a, b, name in zip(out, want, want64, ("r_tot", "x_next")):
                 assert o.dtype == dtype
                 assert_rule(o, a, b, name)
+            lo_t, hi_t = rows(lo, x0), rows(hi, x0)       # the clip holds exactly, in x0's dtype
+            assert lo_t is None or bool((out[1] >= lo_t).all())
+            assert hi_t is None or bool((out[1] <= hi_t).all())
 
 
 # ------------------------------------------------------------- rows longer than the grid
@@ -299,9 +326,12 @@ def test_rows_longer_than_the_grid(backend, device, monkeypatch):
     gen = torch.Generator().manual_seed(7)
     x0, r_tot, r = (torch.randn(2, D, generator=gen).to(device) for _ in range(3))
     active = torch.tensor([True, False], device=device)
-    for got, want in zip(impl.deepfool_update(x0, r_tot, r, active, 0.02, -1.0, 1.0, **config),
-                         reference.deepfool_update(x0, r_tot, r, active, 0.02, -1.0, 1.0)):
+    lo = torch.full((1, D), -1.0, device=device)
+    hi = torch.rand(2, D, generator=gen).to(device) + 0.5      # one row per sample
+    for got, want in zip(impl.deepfool_update(x0, r_tot, r, active, 0.02, lo, hi, **config),
+                         reference.deepfool_update(x0, r_tot, r, active, 0.02, lo, hi)):
         torch.testing.assert_close(got, want)
+    del lo, hi
     fdiff = torch.tensor([0.5, -2.0], device=device)
     close = dict(rtol=1e-4, atol=0)   # relative: the norm-2 steps of a 67M row are ~1e-8 an element
     for norm in NORMS:
@@ -430,14 +460,20 @@ def test_opcheck(backend, device):
     delta = torch.randn(3, 9, generator=gen).to(device, dtype).requires_grad_()
     x = torch.randn(3, 9, generator=gen).to(device, dtype)
     x0, rt, r = (torch.randn(3, 9, generator=gen).to(device, dtype) for _ in range(3))
+    lo_row = torch.full((1, 9), -1.0, device=device, dtype=dtype)
+    hi_rows = (torch.rand(3, 9, generator=gen) + 0.5).to(device, dtype)
     cases = [
         (torch.ops.ddfast.select_boundary.default, (logits, grads, cand, ref, active, 2.0, 1e-4, False)),
         (torch.ops.ddfast.select_boundary.default, (logits, grads, cand, ref, active, math.inf, 1e-4, True)),
         (torch.ops.ddfast.boundary_step.default, (fdiff, w, 2.0, 1e-4)),
         (torch.ops.ddfast.boundary_step.default, (fdiff, w, math.inf, 1e-4)),
         (torch.ops.ddfast.deepdefense_penalty.default, (delta, x, active, 25.0, 5.0)),
-        (torch.ops.ddfast.deepfool_update.default, (x0, rt, r, active, 0.02, -1.0, 1.0)),
+        (torch.ops.ddfast.deepfool_update.default, (x0, rt, r, active, 0.02, lo_row, hi_rows)),
+        (torch.ops.ddfast.deepfool_update.default, (x0, rt, r, active, 0.02, None, hi_rows)),
+        (torch.ops.ddfast.deepfool_update.default, (x0, rt, r, active, 0.02, lo_row, None)),
         (torch.ops.ddfast.deepfool_update.default, (x0, rt, r, active, 0.02, None, None)),
+        (torch.ops.ddfast.deepfool_update.default,                  # a number: [1, D] of stride 0
+         (x0, rt, r, active, 0.02, torch.full((1, 1), -0.5, device=device, dtype=dtype).expand(1, 9), hi_rows)),
     ]
     with ddfast.set_backend(backend):
         for op, args in cases:

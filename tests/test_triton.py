@@ -6,7 +6,8 @@ interpreter, which needs ``TRITON_INTERPRET=1`` before triton is imported. Setti
 the whole pytest session (e.g. in conftest.py) would make ``available_backends()`` list the
 interpreted triton for CPU tensors and every other test pick it as the default: slow and
 not what those tests are about. So :func:`test_triton_cases_in_interpreter_subprocess`
-runs this module and the triton cases of ``test_ops_backends.py`` in a child pytest with
+runs this module and the triton cases of ``test_ops_backends.py`` and
+``test_ops_numerics.py`` in a child pytest with
 the variable set, and the in-process cases skip (a run with ``TRITON_INTERPRET=1`` already
 set, like that child or a CI job, runs them directly).
 """
@@ -45,7 +46,7 @@ def test_triton_cases_in_interpreter_subprocess():
     env = child_env(TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            str(ROOT / "tests" / "test_triton.py"), str(ROOT / "tests" / "test_ops_backends.py"),
-           "-k", "triton"]
+           str(ROOT / "tests" / "test_ops_numerics.py"), "-k", "triton"]
     proc = subprocess.run(cmd, cwd=CHILD_CWD, env=env, capture_output=True, text=True, timeout=600)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
@@ -143,42 +144,49 @@ def _kernel_specs(dtypes, norms):
     sb, bs = k.module("select_boundary"), k.module("boundary_step")
     dp, du = k.module("deepdefense_penalty"), k.module("deepfool_update")
     from ddfast.kernels import _common
-    i32, i64, f32 = "i32", "*i64", "*fp32"
+    i32, i64, f32, f64 = "i32", "*i64", "*fp32", "*fp64"
     specs = []
     for dt in dtypes:
         for q in norms:
             for diff in (False, True):
                 specs += [
                     (sb._partial_kernel, dict(grads_ptr=dt, cand_ptr=i64, ref_ptr=i64, active_ptr="*i8",
-                                              part_ptr=f32, C=i32, D=i32, gs_b=i32, gs_c=i32, chunk=i32,
+                                              part_ptr=f64, C=i32, D=i32, gs_b=i32, gs_c=i32, chunk=i32,
                                               S=i32, Q="constexpr", BLOCK_C="constexpr",
                                               BLOCK_D="constexpr", DIFF="constexpr"),
                      dict(Q=q, BLOCK_C=8, BLOCK_D=128, DIFF=diff)),
                     (sb._finish_kernel, dict(logits_ptr=dt, grads_ptr=dt, cand_ptr=i64, ref_ptr=i64,
-                                             active_ptr="*i8", part_ptr=f32, l_ptr=i64, dist_ptr=dt,
+                                             active_ptr="*i8", part_ptr=f64, l_ptr=i64, dist_ptr=dt,
                                              r_ptr=dt, K=i32, C=i32, D=i32, gs_b=i32, gs_c=i32, S=i32,
                                              eps="fp32", tiles=i32, Q="constexpr", BLOCK_C="constexpr",
                                              BLOCK_S="constexpr", BLOCK_R="constexpr", DIFF="constexpr"),
                      dict(Q=q, BLOCK_C=8, BLOCK_S=16, BLOCK_R=1024, DIFF=diff)),
                 ]
             specs += [
-                (_common.partial_norm_kernel, dict(x_ptr=dt, out_ptr=f32, D=i32, stride_b=i32,
-                                                   chunk=i32, S=i32, Q="constexpr", BLOCK="constexpr"),
-                 dict(Q=q, BLOCK=1024)),
-                (bs._step_kernel, dict(fdiff_ptr=dt, w_ptr=dt, part_ptr=f32, r_ptr=dt, D=i32,
+                (_common.partial_norm_kernel, dict(x_ptr=dt, out_ptr=f64, D=i32, stride_b=i32,
+                                                   chunk=i32, S=i32, Q="constexpr", BLOCK="constexpr",
+                                                   ACC64="constexpr"),
+                 dict(Q=q, BLOCK=1024, ACC64=acc64))
+                for acc64 in (False, True)
+            ] + [
+                (bs._step_kernel, dict(fdiff_ptr=dt, w_ptr=dt, part_ptr=f64, r_ptr=dt, D=i32,
                                        stride_b=i32, S=i32, eps="fp32", tiles=i32, Q="constexpr",
                                        BLOCK_S="constexpr", BLOCK="constexpr"),
                  dict(Q=q, BLOCK_S=16, BLOCK=1024)),
             ]
         specs += [
-            (dp._penalty_kernel, dict(dpart_ptr=f32, xpart_ptr=f32, correct_ptr="*i8", out_ptr=dt,
+            (dp._penalty_kernel, dict(dpart_ptr=f64, xpart_ptr=f64, correct_ptr="*i8", out_ptr=dt,
                                       B=i32, S=i32, c="fp32", d="fp32", cap="fp32",
                                       BLOCK_B="constexpr", BLOCK_S="constexpr"),
              dict(BLOCK_B=64, BLOCK_S=16)),
-            (du._update_kernel, dict(x0_ptr=dt, rt_ptr=dt, r_ptr=dt, active_ptr="*i8", rt_out_ptr=dt,
-                                     x_out_ptr=dt, D=i32, k="fp32", lo="fp32", hi="fp32", tiles=i32,
-                                     HAS_LO="constexpr", HAS_HI="constexpr", BLOCK="constexpr"),
-             dict(HAS_LO=True, HAS_HI=True, BLOCK=1024)),
+        ]
+        specs += [
+            (du._update_kernel, dict(x0_ptr=dt, rt_ptr=dt, r_ptr=dt, active_ptr="*i8", lo_ptr=dt, hi_ptr=dt,
+                                     rt_out_ptr=dt, x_out_ptr=dt, D=i32, k="fp32", lo_rs=i32, lo_cs=i32,
+                                     hi_rs=i32, hi_cs=i32, tiles=i32, HAS_LO="constexpr", HAS_HI="constexpr",
+                                     BLOCK="constexpr"),
+             dict(HAS_LO=has_lo, HAS_HI=has_hi, BLOCK=1024))
+            for has_lo, has_hi in ((True, True), (False, True), (False, False))
         ]
     return specs
 

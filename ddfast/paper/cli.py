@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 __all__ = ["main", "build_parser"]
 
@@ -47,6 +47,20 @@ def _common(p: argparse.ArgumentParser, threads_default) -> None:
                    help="no progress bars and no per-epoch lines (train: OUT/log.json has every epoch)")
 
 
+def _robustness_training_args(t: argparse.ArgumentParser, d) -> None:
+    """``train``'s settings of the pgd_at / trades baselines and of DeepDefense's lambda warm-up."""
+    t.add_argument("--pgd-norm", choices=("l2", "linf"), default=d.pgd_norm,
+                   help="pgd_at / trades: the inner attack's norm (default %(default)s)")
+    t.add_argument("--pgd-eps", type=float, default=d.pgd_eps,
+                   help="pgd_at / trades: radius in [0,1] pixel units (default %(default)s)")
+    t.add_argument("--pgd-steps", type=int, default=d.pgd_steps,
+                   help="pgd_at / trades: PGD steps (default %(default)s)")
+    t.add_argument("--trades-beta", type=float, default=d.trades_beta, help="trades: weight of the KL term")
+    t.add_argument("--lam-warmup", type=_ints, default=d.lam_warmup,
+                   help="deepdefense: OFF,RAMP epochs: no regularizer for OFF epochs, then lambda ramps to --lam over "
+                        "RAMP epochs (training from scratch: docs/robustness.md; default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import METHODS, TrainConfig
 
@@ -73,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=lambda s: tuple(s.split(",")), default=None,
                    help="with --method deepdefense: regularize only these layers, e.g. fc1 (paper Fig. 5)")
     t.add_argument("--parseval-beta", type=float, default=d.parseval_beta)
+    _robustness_training_args(t, d)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite)
     t.add_argument("--eval-subset", type=int, default=d.eval_subset, help="test images for the per-epoch rho_2")
@@ -88,16 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-iter", type=int, default=50, help="DeepFool iterations (default %(default)s)")
     e.add_argument("--limit", type=int, default=None, help="first N test images only")
     e.add_argument("--json", type=Path, default=None, help="also write the row to this file")
+    e.add_argument("--robust", action="store_true",
+                   help="also robust accuracy (L2 eps 0.5-2.0, Linf 0.05-0.3, [0,1] pixels) and the median minimal L2 "
+                        "norm under adv-lib's attacks (pip install --no-deps adv-lib; docs/robustness.md)")
+    e.add_argument("--robust-limit", type=int, default=1000,
+                   help="with --robust: attack the first N evaluated images (default %(default)s; 0: all)")
     _common(e, 0)
 
     r = sub.add_parser("reproduce", help="the paper's MNIST table, plots and a c sweep")
-    r.add_argument("experiment", help="mnist-mlp or mnist-lenet")
+    r.add_argument("experiment", help="mnist-mlp, mnist-lenet or fashion-mlp (needs --data)")
     r.add_argument("--out", type=Path, required=True, help="output directory (rerun to resume)")
     r.add_argument("--init", type=Path, default=None, help="reference weights instead of training one")
     r.add_argument("--sweep", type=_floats, default=None, help="c values of the sweep ('' for none)")
     r.add_argument("--methods", type=lambda s: tuple(v for v in s.split(",") if v), default=None,
                    help="fine-tuned rows to run (default: clean,deepdefense,adversarial,parseval)")
     r.add_argument("--eval-max-iter", type=int, default=50)
+    r.add_argument("--robust-limit", type=int, default=1000,
+                   help="adv-lib evaluation of every row on the first N test images (default %(default)s; "
+                        "-1: all; 0: none, then adv-lib is not needed)")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where to train and evaluate (default cpu)")
     _common(r, 1)
     return ap
@@ -168,7 +191,8 @@ def _cmd_train(a) -> int:
     cfg = TrainConfig(method=a.method, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                       lr_milestones=a.lr_milestones, momentum=a.momentum, weight_decay=a.weight_decay,
                       lam=a.lam, c=a.c, d=a.d, layers=a.layers, parseval_beta=a.parseval_beta, seed=a.seed,
-                      on_nonfinite=a.on_nonfinite, eval_subset=a.eval_subset)
+                      on_nonfinite=a.on_nonfinite, eval_subset=a.eval_subset, pgd_norm=a.pgd_norm,
+                      pgd_eps=a.pgd_eps, pgd_steps=a.pgd_steps, trades_beta=a.trades_beta, lam_warmup=a.lam_warmup)
     import torch
 
     env = _dist_env()
@@ -184,7 +208,7 @@ def _cmd_train(a) -> int:
         x_train, y_train, x_test, y_test = (t.to(dev) for t in
                                             (prep.x_train, prep.y_train, prep.x_test, prep.y_test))
         log = fit(model, x_train, y_train, x_test, y_test, cfg, out_dir=a.out, resume=a.resume, scale=prep.scale,
-                  start_tag=start, progress=not a.no_progress)
+                  start_tag=start, progress=not a.no_progress, bounds=prep.bounds)
     if env is None or env["rank"] == 0:
         last = log[-1]
         print(f"done: epoch {last['epoch']} test acc {100 * last['test_acc']:.2f}% rho_2 (subset) "
@@ -209,8 +233,19 @@ def _cmd_eval(a) -> int:
         if a.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {a.limit}")
         x, y = x[: a.limit], y[: a.limit]
-    row = metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
-                           progress=not a.no_progress)
+    if a.robust:
+        from ..robustness import load_adv_lib
+
+        if a.robust_limit < 0:
+            raise ValueError(f"--robust-limit must be >= 0, got {a.robust_limit}")
+        load_adv_lib()  # ImportError naming the pip command, before the other metrics run
+    row = cast(Dict[str, Any], metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
+                                                progress=not a.no_progress))
+    if a.robust:
+        from .reproduce import robust_fields
+
+        row.update(robust_fields(model, prep, x, y, a.robust_limit or None,
+                                 log=(lambda _m: None) if a.no_progress else print))
     from .train import atomic_save, finite_or_none
 
     print(json.dumps(finite_or_none(row), indent=1))  # strict JSON, as the file
@@ -223,8 +258,11 @@ def _cmd_reproduce(a) -> int:
     from .reproduce import reproduce
 
     kw = {} if a.methods is None else {"methods": a.methods}
+    if a.robust_limit < -1:
+        raise ValueError(f"--robust-limit must be -1 (all), 0 (none) or a number of images, got {a.robust_limit}")
     reproduce(a.experiment, a.out, data_root=a.data, init=a.init, sweep=a.sweep, eval_max_iter=a.eval_max_iter,
-              progress=not a.no_progress, device=a.device, **kw)
+              progress=not a.no_progress, device=a.device,
+              robust_limit=None if a.robust_limit == -1 else a.robust_limit, **kw)
     return 0
 
 

@@ -30,7 +30,7 @@ from typing import BinaryIO, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "ChecksumError",
@@ -418,6 +418,22 @@ class Prepared:
         m = self.mean.to(self.x_train.dtype)
         m = m.unsqueeze(0).unsqueeze(0) if m.ndim == 2 else m.unsqueeze(0)
         return (0 - m) * self.scale, (255 - m) * self.scale
+
+    def _mean01(self) -> Tensor:
+        m = self.mean.to(torch.float32) / 255.0
+        return m.unsqueeze(0).unsqueeze(0) if m.ndim == 2 else m.unsqueeze(0)
+
+    def pixels(self, x: Tensor) -> Tensor:
+        """Preprocessed ``x [N, C, H, W]`` back to images in [0, 1] (``pixels / 255``; clamped: rounding)."""
+        return (x.to(torch.float32) / (255.0 * self.scale) + self._mean01().to(x.device)).clamp(0, 1)
+
+    def pixel_model(self, net: nn.Module) -> nn.Module:
+        """``net`` taking images in [0, 1] (what :func:`pixels` returns): a
+        :class:`ddfast.robustness.PixelInput` that applies this preprocessing first."""
+        from ..robustness import PixelInput
+
+        dev = next(net.parameters()).device
+        return PixelInput(net, self._mean01(), 1.0 / (255.0 * self.scale)).to(dev)
 
 
 def prepare(dataset: str = "mnist", root: Optional[PathLike] = None, scale: float = UNIT,

@@ -20,7 +20,7 @@ __all__ = ["convergence", "example_grid", "histograms", "c_sweep"]
 
 #: one colour per method in every figure
 COLORS = {"reference": "tab:gray", "clean": "tab:blue", "deepdefense": "tab:orange", "adversarial": "tab:green",
-          "parseval": "tab:red"}
+          "parseval": "tab:red", "pgd_at": "tab:purple", "trades": "tab:brown", "deepdefense_scratch": "tab:olive"}
 
 
 def _plt():
@@ -109,3 +109,21 @@ def c_sweep(points: Sequence[Dict], path: Path, reference: Optional[Dict] = None
         ax.scatter([reference["rho2"]], [100 * reference["acc"]], marker="*", s=120, color="k", label="reference")
     ax.set(xlabel=r"$\rho_2$", ylabel="test accuracy (%)")
     return _save(plt, fig, path, [ax])
+
+
+def robust_accuracy(rows: Sequence[Dict], path: Path, title: str = "") -> Path:
+    """Two panels, L2 and Linf: robust accuracy (%, adv-lib's attacks) against eps ([0, 1] pixels),
+    one line per row that has ``robust_acc``; eps 0 is the clean accuracy of the evaluated images."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, norm, label in zip(axes, ("l2", "linf"), ("L2", r"L$\infty$")):
+        for r in rows:
+            acc = r.get("robust_acc")
+            if not acc:
+                continue
+            eps = [0.0] + [float(k) for k in acc[norm]]
+            vals = [100 * r["evaluator"]["clean_acc"]] + [100 * v for v in acc[norm].values()]
+            ax.plot(eps, vals, marker="o", label=r["method"], color=COLORS.get(r["method"]))
+        ax.set(xlabel=f"{label} eps ([0, 1] pixels)", ylabel="robust accuracy (%)",
+               title=f"{title} {label} (adv-lib)".strip())
+    return _save(plt, fig, path, axes)

@@ -40,24 +40,44 @@ from .train import TrainConfig, atomic_save, fit, load_state, read_tensor_file, 
 
 __all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
 
-ROWS = ("reference", "clean", "deepdefense", "adversarial", "parseval")
+ROWS = ("reference", "clean", "deepdefense", "adversarial", "parseval", "pgd_at", "trades", "deepdefense_scratch")
 
-#: experiment -> model name, reference training, fine-tuning (shared by all methods), DeepDefense's c,
-#: c values of the sweep (lambda 15 and d 5 stay the paper's)
+#: test images of the independent (adv-lib) evaluation in ``reproduce``: the first 1000 (the whole
+#: set would take ~10x longer per row on a 2-core CPU; docs/robustness.md)
+ROBUST_LIMIT = 1000
+
+#: DeepDefense from random init (docs/robustness.md): the reference's lr 0.05, no regularizer for 3
+#: epochs, lambda ramped over the 4th, then 6 epochs with it; lr halved after epochs 5 and 8
+SCRATCH_MLP = TrainConfig(method="deepdefense", epochs=10, lr=0.05, lr_milestones=(5, 8), c=10.0, lam_warmup=(3, 1))
+
+#: experiment -> model name, dataset, the paper's numbers to print beside ours (a key of PAPER or
+#: None), reference training, fine-tuning (shared by all methods), DeepDefense's c, c values of the
+#: sweep (lambda 15 and d 5 stay the paper's), DeepDefense from scratch (None: no such row)
 EXPERIMENTS: Dict[str, Dict[str, Any]] = {
     "mnist-mlp": dict(
-        model="mlp",
+        model="mlp", dataset="mnist", paper="mlp",
         reference=TrainConfig(method="clean", epochs=12, lr=0.05, lr_milestones=(6, 9)),
         finetune=TrainConfig(method="clean", epochs=5, lr=0.01, lr_milestones=(4,)),
         c=10.0,
         sweep=(5.0, 25.0),
+        scratch=SCRATCH_MLP,
     ),
     "mnist-lenet": dict(
-        model="lenet",
+        model="lenet", dataset="mnist", paper="lenet",
         reference=TrainConfig(method="clean", epochs=10, lr=0.02, lr_milestones=(5, 8)),
         finetune=TrainConfig(method="clean", epochs=5, lr=0.005, lr_milestones=(4,)),
         c=25.0,
         sweep=(10.0,),
+        scratch=None,
+    ),
+    # Fashion-MNIST (not shipped: --data DIR): the MNIST MLP's settings, not tuned for this data
+    "fashion-mlp": dict(
+        model="mlp", dataset="fashion-mnist", paper=None,
+        reference=TrainConfig(method="clean", epochs=12, lr=0.05, lr_milestones=(6, 9)),
+        finetune=TrainConfig(method="clean", epochs=5, lr=0.01, lr_milestones=(4,)),
+        c=10.0,
+        sweep=(),
+        scratch=SCRATCH_MLP,
     ),
 }
 
@@ -98,7 +118,19 @@ def _run(model, prep, cfg, out: Path, progress: bool) -> List[dict]:
     weights (another reference) is refused, not mixed in."""
     resume = (out / "checkpoint.pt").exists()
     return fit(model, prep.x_train, prep.y_train, prep.x_test, prep.y_test, cfg, out_dir=out, resume=resume,
-               scale=prep.scale, progress=progress, start_tag=weights_fingerprint(model))
+               scale=prep.scale, progress=progress, start_tag=weights_fingerprint(model), bounds=prep.bounds)
+
+
+def robust_fields(model: torch.nn.Module, prep: ddata.Prepared, x: torch.Tensor, y: torch.Tensor,
+                  limit: Optional[int] = ROBUST_LIMIT, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """``robust_acc``, ``min_norm_l2_median`` and ``evaluator`` of ``model`` (preprocessed inputs) on
+    the first ``limit`` (None: all) of the preprocessed ``x, y``: :func:`ddfast.robustness.evaluate_robustness`
+    in [0, 1] pixel units (the model wrapped by :meth:`Prepared.pixel_model`)."""
+    from ..robustness import evaluate_robustness
+
+    n = x.shape[0] if limit is None else min(limit, x.shape[0])
+    res = evaluate_robustness(prep.pixel_model(model), prep.pixels(x[:n]), y[:n], log=log)
+    return res.row()
 
 
 def _device(device: str) -> torch.device:
@@ -123,11 +155,13 @@ def _fmt_row(r: dict) -> List[str]:
 
 def _markdown(results: dict) -> str:
     name = results["model"]
-    paper = PAPER.get(name, {})
+    paper = {m: (v["acc"], v["rho2"], v["rho_inf"], v["acc_at_eps"], v["rho2_prime"])
+             for m, v in results.get("paper", {}).items()}
     rows = {r["method"]: r for r in results["rows"]}
     ref = rows["reference"]
-    lines = [f"# DeepDefense reproduction: MNIST {name.upper()}", "",
-             "Ours: full MNIST test set (10,000 images). rho_2 = mean ||D||_2/||x||_2 under DeepFool "
+    data = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}.get(results["settings"].get("dataset", "mnist"), "")
+    lines = [f"# DeepDefense reproduction: {data} {name.upper()}", "",
+             f"Ours: full {data} test set (10,000 images). rho_2 = mean ||D||_2/||x||_2 under DeepFool "
              f"(max_iter {results['settings']['eval_max_iter']}, overshoot 0.02, from each image's prediction); "
              "rho_inf from FGS with eps bisected to 50% error; Acc@eps_ref with eps_ref the DeepDefense model's "
              "50% FGS eps; rho'_2 = mean ||D||_2 in 0..255 pixel units; 'fooled' = DeepFool success rate.", "",
@@ -143,6 +177,7 @@ def _markdown(results: dict) -> str:
             gain = p[1] / paper["reference"][1]
             lines.append(f"| {m} | paper | {p[0]:.2f} | {p[1]:.3f} | {p[2]:.4f} | "
                          + " / ".join(f"{v:.2f}" for v in p[3]) + f" | {p[4]:.2f} | - | {gain:.2f}x |")
+    lines += _robust_markdown(results)
     if results.get("sweep"):
         lines += ["", "## DeepDefense with varying c (lambda 15, d 5; paper Fig. 4)", "",
                   "| c | acc % | rho_2 | rho_2 gain |", "|---|---|---|---|"]
@@ -151,12 +186,37 @@ def _markdown(results: dict) -> str:
     s = results["settings"]
     lines += ["", "## Settings", "", f"- reference: {json.dumps(s['reference'])}",
               f"- fine-tuning (all methods): {json.dumps(s['finetune'])}; DeepDefense c = {s['deepdefense_c']:g}",
+              f"- deepdefense_scratch (random init): {json.dumps(s.get('scratch'))}",
               f"- preprocessing: pixels/255 minus the training mean image (scale {s['scale']:.6f}); "
               "rho'_2 converted to 0..255 units",
               f"- device: {s.get('device', 'cpu')}; threads: {s['threads']}; "
               f"total time {results['time_s'] / 60:.1f} min", "",
               "Plots: convergence.png (Fig. 2), examples.png (Fig. 3), histograms.png, c_sweep.png (Fig. 4).", ""]
     return "\n".join(lines)
+
+
+def _robust_markdown(results: dict) -> List[str]:
+    """The independent evaluation's table (rows with ``robust_acc``) and the cost column."""
+    rows = [r for r in results["rows"] if r.get("robust_acc")]
+    if not rows:
+        return []
+    ev = rows[0]["evaluator"]
+    lines = ["", "## Independent evaluation (adv-lib) and cost", "",
+             f"Robust accuracy (% of the first {ev['n']} test images) under {ev['library']} {ev['version']}'s "
+             f"attacks (L2: {'+'.join(ev['attacks']['l2'])}; Linf: {'+'.join(ev['attacks']['linf'])}; steps "
+             f"{json.dumps(ev['steps'])}), eps in [0, 1] pixel units; min L2 = median smallest L2 adversarial "
+             "perturbation found by FAB+FMN (same units); s/epoch = mean wall seconds of an epoch's training "
+             "steps on this machine (machine load varies: compare within one run).", "",
+             "| method | acc % | L2 0.5 / 1.0 / 1.5 / 2.0 | Linf 0.05 / 0.1 / 0.2 / 0.3 | min L2 | rho_2 | s/epoch |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = r["robust_acc"]
+        sec = "-" if r.get("epoch_seconds") is None else f"{r['epoch_seconds']:.1f}"
+        lines.append(f"| {r['method']} | {100 * r['evaluator']['clean_acc']:.1f} | "
+                     + " / ".join(f"{100 * v:.1f}" for v in acc["l2"].values()) + " | "
+                     + " / ".join(f"{100 * v:.1f}" for v in acc["linf"].values())
+                     + f" | {r['min_norm_l2_median']:.3f} | {r['rho2']:.3f} | {sec} |")
+    return lines + ["", "Plot: robust_accuracy.png."]
 
 
 def _examples(trained: Dict[str, torch.nn.Module], prep, out: Path, n: int = 3) -> None:
@@ -177,35 +237,46 @@ def _examples(trained: Dict[str, torch.nn.Module], prep, out: Path, n: int = 3) 
 
 def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, init: Optional[Path] = None,
               sweep: Optional[Sequence[float]] = None, methods: Sequence[str] = ROWS[1:], eval_max_iter: int = 50,
-              progress: bool = True, device: str = "cpu", log: Callable[[str], None] = print) -> dict:
+              progress: bool = True, device: str = "cpu", log: Callable[[str], None] = print,
+              robust_limit: Optional[int] = ROBUST_LIMIT) -> dict:
     """Run ``experiment`` (a key of :data:`EXPERIMENTS`) into ``out`` and return the results dict.
 
     ``init``: reference weights to start from instead of training one. ``sweep``: c values
     of the DeepDefense sweep (default: the experiment's; ``()`` for none). Rerunning with the
     same ``out`` continues interrupted trainings and reuses finished ones. ``methods``: the
-    fine-tuned rows to run (a subset of ``clean, deepdefense, adversarial, parseval``); without
-    ``deepdefense`` there is no eps_ref, no Acc@eps and no sweep. Needs matplotlib, and tqdm with
-    ``progress`` (``ImportError`` before any work: ``pip install "ddfast[paper]"``).
+    rows to run besides the reference (a subset of ``ROWS[1:]``: fine-tuned ``clean, deepdefense,
+    adversarial, parseval, pgd_at, trades``, and ``deepdefense_scratch`` from random init); without
+    ``deepdefense`` there is no eps_ref, no Acc@eps and no sweep. ``robust_limit``: every row's
+    independent evaluation (:func:`ddfast.robustness.evaluate_robustness`) on the first that many
+    test images (None: all; 0: none). Needs matplotlib, tqdm with ``progress``, adv-lib with
+    ``robust_limit`` (``ImportError`` before any work).
     """
     exp, methods, sweep, dev = _checked_settings(experiment, methods, sweep, eval_max_iter, device)
     require_extras(progress_bars=progress, plots=True)  # not after hours of training
+    if robust_limit != 0:
+        from ..robustness import load_adv_lib
+
+        load_adv_lib()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    prep = ddata.prepare("mnist", data_root)
+    prep = ddata.prepare(exp["dataset"], data_root)
     prep = replace(prep, **{k: getattr(prep, k).to(dev) for k in ("x_train", "y_train", "x_test", "y_test")})
     trained, sweep_models, logs = _train_all(exp, methods, sweep, prep, out, init, dev, progress, log)
 
     log("evaluating on the full test set")
     rows, ratios, eps_ref = _table_rows(exp, trained, prep, eval_max_iter, progress, log)
+    _add_cost_and_robustness(rows, logs, trained, prep, robust_limit, log)
     points = _sweep_points(exp, rows, sweep_models, prep, eval_max_iter, progress)
     results = {
         "experiment": experiment, "model": exp["model"], "rows": rows, "eps_ref": eps_ref,
         "sweep": points if len(points) > 1 else [],
         "paper": {m: dict(zip(("acc", "rho2", "rho_inf", "acc_at_eps", "rho2_prime"), v))
-                  for m, v in PAPER.get(exp["model"], {}).items()},
+                  for m, v in PAPER.get(exp["paper"], {}).items()},
         "settings": {"reference": exp["reference"].to_dict() if init is None else {"init": str(init)},
                      "finetune": exp["finetune"].to_dict(), "deepdefense_c": exp["c"], "scale": prep.scale,
+                     "dataset": exp["dataset"], "robust_images": _robust_n(robust_limit, prep),
+                     "scratch": exp["scratch"].to_dict() if exp.get("scratch") else None,
                      "eval_max_iter": eval_max_iter, "threads": torch.get_num_threads(),
                      "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
         "logs": logs,
@@ -229,9 +300,9 @@ def _checked_settings(experiment: str, methods: Sequence[str], sweep: Optional[S
     bad = [m for m in methods if m not in ROWS[1:]]
     if bad or not methods:
         raise ValueError(f"methods must be a non-empty subset of {ROWS[1:]}, got {methods}")
-    methods = tuple(m for m in ROWS[1:] if m in methods)
-    dev = _device(device)
     exp = EXPERIMENTS[experiment]
+    methods = tuple(m for m in ROWS[1:] if m in methods and (m != "deepdefense_scratch" or exp.get("scratch")))
+    dev = _device(device)
     sweep = exp["sweep"] if sweep is None else tuple(sweep)
     if "deepdefense" not in methods:
         sweep = ()
@@ -258,6 +329,11 @@ def _train_all(exp: dict, methods: Sequence[str], sweep: Sequence[float], prep, 
     ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
     ft = exp["finetune"]
     for method in methods:
+        if method == "deepdefense_scratch":
+            log(f"{method}: DeepDefense from random init ({exp['scratch'].epochs} epochs)")
+            trained[method] = _new_model(exp["model"], dev)
+            logs[method] = _run(trained[method], prep, exp["scratch"], out / method, progress)
+            continue
         log(f"{method}: fine-tuning from the reference ({ft.epochs} epochs)")
         cfg = replace(ft, method=method, c=exp["c"]) if method == "deepdefense" else replace(ft, method=method)
         trained[method] = _new_model(exp["model"], dev, ref_state)
@@ -297,6 +373,31 @@ def _table_rows(exp: dict, trained: Dict[str, torch.nn.Module], prep, eval_max_i
     return rows, ratios, eps_ref
 
 
+def _robust_n(robust_limit: Optional[int], prep) -> int:
+    n = prep.x_test.shape[0]
+    return n if robust_limit is None else min(robust_limit, n)
+
+
+def epoch_seconds(log: List[dict]) -> Optional[float]:
+    """Mean wall seconds of the training steps per epoch (``train_s``; ``time_s``, which adds the
+    per-epoch evaluation, for logs written before ``train_s`` existed); None without epochs."""
+    times: List[float] = [float(t) for t in (e.get("train_s", e.get("time_s")) for e in log if e.get("epoch", 0) >= 1)
+                          if t is not None]
+    return sum(times) / len(times) if times else None
+
+
+def _add_cost_and_robustness(rows: List[dict], logs: Dict[str, List[dict]], trained: Dict[str, torch.nn.Module],
+                             prep, robust_limit: Optional[int], log: Callable[[str], None]) -> None:
+    """Each row gains ``epoch_seconds`` (None for a loaded reference) and, unless ``robust_limit == 0``,
+    the independent evaluation's ``robust_acc``, ``min_norm_l2_median``, ``evaluator``."""
+    for row in rows:
+        method = row["method"]
+        row["epoch_seconds"] = epoch_seconds(logs[method]) if method in logs else None
+        if robust_limit != 0:
+            log(f"  {method}: adv-lib evaluation on {_robust_n(robust_limit, prep)} test images")
+            row.update(robust_fields(trained[method], prep, prep.x_test, prep.y_test, robust_limit, log=log))
+
+
 def _sweep_points(exp: dict, rows: List[dict], sweep_models: Dict[float, torch.nn.Module], prep,
                   eval_max_iter: int, progress: bool) -> List[dict]:
     """Points of the c sweep (paper Fig. 4): the DeepDefense row's c first, then each sweep model's."""
@@ -315,5 +416,7 @@ def _plot(exp: dict, logs: Dict[str, List[dict]], ratios: dict, points: List[dic
     plots.convergence({k: v for k, v in logs.items() if k != "reference"}, out / "convergence.png",
                       title=f"MNIST {exp['model'].upper()}")
     plots.histograms(ratios, out / "histograms.png")
+    if any("robust_acc" in r for r in rows):
+        plots.robust_accuracy(rows, out / "robust_accuracy.png", title=exp["model"].upper())
     if len(points) > 1:
         plots.c_sweep(points, out / "c_sweep.png", reference=rows[0])

@@ -57,9 +57,10 @@ from .extras import progress_bar, require_extras
 
 __all__ = ["METHODS", "TrainConfig", "NonFiniteLossError", "fit", "lr_at", "parseval_project",
            "adversarial_set", "shared_adversarial_set", "atomic_save", "finite_or_none", "load_checkpoint",
-           "read_tensor_file", "load_state", "weights_fingerprint"]
+           "read_tensor_file", "load_state", "weights_fingerprint", "adversarial_losses", "pgd_at_loss",
+           "trades_loss", "pgd_examples"]
 
-METHODS = ("clean", "deepdefense", "adversarial", "parseval")
+METHODS = ("clean", "deepdefense", "adversarial", "parseval", "pgd_at", "trades")
 
 
 @dataclass
@@ -73,6 +74,14 @@ class TrainConfig:
     paper Fig. 5): the regularizer's gradient reaches only their parameters.
     ``parseval_beta``, ``parseval_frac``: projection step and the fraction of rows sampled.
     ``adv_max_iter``: DeepFool iterations for the fixed adversarial training set.
+    ``pgd_norm, pgd_eps, pgd_steps, pgd_step_size``: the inner attack of ``pgd_at`` (Madry et al.:
+    train on PGD examples only) and ``trades`` (Zhang et al.: cross-entropy on clean images plus
+    ``trades_beta`` times the KL divergence to the prediction at the PGD point maximizing it);
+    ``pgd_eps`` in [0, 1] pixel units (converted with the ``scale`` passed to :func:`fit`), step
+    size ``2.5 * pgd_eps / pgd_steps`` when ``pgd_step_size`` is None (Madry et al.'s rule).
+    ``lam_warmup``: DeepDefense from scratch (docs/robustness.md): the regularizer is off for the
+    first ``lam_warmup[0]`` epochs, then lambda ramps linearly, step by step, from 0 to ``lam`` over
+    the next ``lam_warmup[1]`` epochs; ``(0, 0)``: ``lam`` from the first step.
     ``eval_subset``, ``eval_max_iter``: per-epoch rho_2 on the first ``eval_subset`` test images.
     ``on_nonfinite``: ``"stop"`` (raise :class:`NonFiniteLossError`) or ``"skip"`` the step.
     """
@@ -94,6 +103,12 @@ class TrainConfig:
     parseval_beta: float = 1e-4
     parseval_frac: float = 0.3
     adv_max_iter: int = 50
+    pgd_norm: str = "l2"
+    pgd_eps: float = 1.5
+    pgd_steps: int = 10
+    pgd_step_size: Optional[float] = None
+    trades_beta: float = 6.0
+    lam_warmup: Tuple[int, int] = (0, 0)
     seed: int = 0
     eval_subset: int = 1000
     eval_max_iter: int = 50
@@ -102,6 +117,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.pgd_norm not in ("l2", "linf"):
+            raise ValueError(f"pgd_norm must be 'l2' or 'linf', got {self.pgd_norm!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for name in ("epochs", "batch_size", "eval_subset"):
@@ -111,14 +128,19 @@ class TrainConfig:
         if low < -2 ** 63 or high >= 2 ** 64:  # the range torch.Generator.manual_seed takes
             raise ValueError(f"seed must keep seed * {_SEED_STRIDE} + epoch within [-2**63, 2**64) "
                              f"(torch's seed range), got {self.seed}")
+        _check_int(self.pgd_steps, "pgd_steps", 1)
         for name in ("dd_max_iter", "adv_max_iter", "eval_max_iter"):
             check_max_iter(getattr(self, name), name)
         for name in ("lr", "lr_gamma"):
             v = getattr(self, name)
             if check_nonneg(v, name) == 0:
                 raise ValueError(f"{name} must be positive, got {v!r}")
-        for name in ("momentum", "weight_decay", "lam", "c", "d", "overshoot", "parseval_beta"):
+        for name in ("momentum", "weight_decay", "lam", "c", "d", "overshoot", "parseval_beta", "pgd_eps",
+                     "trades_beta"):
             check_nonneg(getattr(self, name), name)
+        if self.pgd_step_size is not None and check_nonneg(self.pgd_step_size, "pgd_step_size") == 0:
+            raise ValueError(f"pgd_step_size must be positive or None, got {self.pgd_step_size!r}")
+        self.lam_warmup = _check_warmup(self.lam_warmup)
         frac = self.parseval_frac
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
             raise ValueError(f"parseval_frac must be a number in (0, 1], got {frac!r}")
@@ -136,8 +158,26 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["lr_milestones"] = list(self.lr_milestones)
+        d["lam_warmup"] = list(self.lam_warmup)
         d["layers"] = None if self.layers is None else list(self.layers)
         return d
+
+
+def _check_warmup(value) -> Tuple[int, int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"lam_warmup must be (off_epochs, ramp_epochs), got {value!r}")
+    return (_check_int(value[0], "lam_warmup[0] (epochs without the regularizer)", 0),
+            _check_int(value[1], "lam_warmup[1] (epochs of the lambda ramp)", 0))
+
+
+def lam_at(cfg: TrainConfig, epoch: int, step: int, steps: int) -> float:
+    """DeepDefense's lambda at ``step`` (0-based, of ``steps`` per epoch) of 1-based ``epoch``
+    under ``cfg.lam_warmup`` (0 during the off epochs, then a linear ramp to ``cfg.lam``)."""
+    off, ramp = cfg.lam_warmup
+    done = (epoch - 1 - off) + step / max(steps, 1)  # epochs since the ramp began
+    if done < 0:
+        return 0.0
+    return cfg.lam if ramp == 0 else cfg.lam * min(1.0, (done + 1 / max(steps, 1)) / ramp)
 
 
 def _labels(model: nn.Module, x: Tensor, y: Tensor, names: Tuple[str, str] = ("x", "y")) -> Tensor:
@@ -371,6 +411,7 @@ def fit(
     progress: bool = True,
     step_callback: Optional[Callable[[int, int], None]] = None,
     start_tag: Optional[str] = None,
+    bounds: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> List[dict]:
     """Train ``model`` in place with ``cfg`` and return the per-epoch log.
 
@@ -380,6 +421,8 @@ def fit(
     ``start_tag``: names the weights the run starts from (e.g. :func:`weights_fingerprint` of
     the model as passed); kept in the checkpoint, and a resume with another tag is refused
     (without a tag, a resume takes everything from the checkpoint, whatever the model holds).
+    ``bounds``: ``(lo, hi)`` of valid inputs in the units of ``x`` (:attr:`Prepared.bounds`): the
+    PGD examples of ``pgd_at`` / ``trades`` are clipped to them.
     Raises :class:`NonFiniteLossError` on a NaN/Inf loss when ``cfg.on_nonfinite == "stop"``, and
     ``ImportError`` before any work when ``progress`` is set and tqdm is not installed.
     """
@@ -396,7 +439,7 @@ def fit(
     _barrier(world)  # every rank has checked and read the output directory before rank 0 writes to it
     run = _FitRun(model=model, opt=opt, cfg=cfg, x_test=x_test, y_test=y_test, scale=scale, out=out,
                   start_tag=start_tag, rank=rank, world=world, progress=progress and rank == 0,
-                  reg_params=reg_params, step_callback=step_callback, log=log)
+                  reg_params=reg_params, step_callback=step_callback, log=log, bounds=bounds)
     x_fit = x_train
     if cfg.method == "adversarial" and start_epoch <= cfg.epochs:
         x_fit = _adversarial_training_set(run, x_train, y_train)
@@ -431,6 +474,7 @@ class _FitRun:
     reg_params: Optional[List[Tensor]]  # layer-wise regularizer: the parameters its gradient reaches
     step_callback: Optional[Callable[[int, int], None]]
     log: List[dict]  # one entry per finished epoch (epoch 0: the starting model)
+    bounds: Optional[Tuple[Tensor, Tensor]] = None  # valid inputs (lo, hi), for the PGD examples
 
     @property
     def write_dir(self) -> Optional[Path]:
@@ -484,6 +528,8 @@ def _resume(ckpt_path: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: 
     next epoch. ``ValueError`` if it was written with other settings or from other starting weights."""
     ck = load_checkpoint(ckpt_path)
     saved = json.loads(ck["config"])
+    defaults = TrainConfig().to_dict()  # a setting added after the checkpoint was written ran as its default
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     if saved != cfg.to_dict():
         diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
         raise ValueError(f"{ckpt_path} was written with other settings (saved, now): {diff}")
@@ -543,7 +589,9 @@ def _train_epoch(run: _FitRun, net: nn.Module, epoch: int, x_fit: Tensor, y_trai
         stepped = _train_step(run, net, x_fit, y_train, order[i:i + cfg.batch_size], gen, sums, (epoch, step))
         if stepped and run.step_callback is not None:
             run.step_callback(epoch, step)
-    entry = _record_epoch(run, _train_statistics(epoch, lr, sums), t0)
+    stats = _train_statistics(epoch, lr, sums)
+    stats["train_s"] = time.time() - t0  # the steps only (time_s adds the epoch's evaluation)
+    entry = _record_epoch(run, stats, t0)
     if run.progress:
         print(f"[{cfg.method}] epoch {epoch}: loss {entry['train_loss']:.4f} test acc {entry['test_acc']:.4f} "
               f"rho2 {entry['rho2']:.4f} ({entry['time_s']:.0f}s)", flush=True)
@@ -558,7 +606,9 @@ def _train_step(run: _FitRun, net: nn.Module, x_fit: Tensor, y_train: Tensor, id
     part = torch.tensor_split(idx, world)[run.rank]
     xb, yb = x_fit[part], y_train[part]
     run.opt.zero_grad(set_to_none=True)
-    ce, reg, correct = _step_losses(net, xb, yb, cfg)
+    epoch, step = where
+    lam = lam_at(cfg, epoch, step, math.ceil(x_fit.shape[0] / cfg.batch_size))
+    ce, reg, correct = _step_losses(run, net, xb, yb, gen, lam)
     ce_sum, reg_sum, correct, bad = _global_sums(ce, reg, correct, len(part), world)
     if bad:
         if cfg.on_nonfinite == "stop":
@@ -566,7 +616,7 @@ def _train_step(run: _FitRun, net: nn.Module, x_fit: Tensor, y_train: Tensor, id
         sums["skipped"] += 1
         return False
     weight = world * len(part) / len(idx)  # 1.0 in one process: DDP's mean becomes the global mean
-    if run.reg_params is None:
+    if run.reg_params is None or not reg.requires_grad:  # (the layer-wise regularizer may be warming up)
         ((ce + reg) * weight).backward()
     else:
         ce.backward(retain_graph=True)
@@ -636,20 +686,116 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _step_losses(net: nn.Module, xb: Tensor, yb: Tensor, cfg: TrainConfig) -> Tuple[Tensor, Tensor, int]:
+def _step_losses(run: _FitRun, net: nn.Module, xb: Tensor, yb: Tensor, gen: torch.Generator,
+                 lam: float) -> Tuple[Tensor, Tensor, int]:
     """``(ce, reg, correct)`` of one (local) batch: mean cross-entropy and the regularizer (scalars
     with graph; an empty batch gives zeros still attached to every parameter, so DDP's all-reduce
-    runs on every rank) and the number of correctly classified samples."""
+    runs on every rank) and the number of correctly classified samples (of the images the
+    cross-entropy is taken on: PGD examples for ``pgd_at``). ``lam``: DeepDefense's lambda now."""
+    cfg = run.cfg
+    if cfg.method in ("pgd_at", "trades") and len(yb):
+        return _adversarial_losses(run, net, xb, yb, gen)
     logits = net(xb)
     ce = F.cross_entropy(logits, yb) if len(yb) else logits.sum() * 0.0
     reg = torch.zeros((), device=logits.device)
-    if cfg.method == "deepdefense":
+    if cfg.method == "deepdefense" and lam > 0:
         from ..regularizer import deepdefense_loss  # lazy: the regularizer lives in its own module
 
         # without return_info the loss is one tensor (deepdefense_loss has no overloads saying so)
-        reg = cast(Tensor, deepdefense_loss(net, xb, yb, lam=cfg.lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
+        reg = cast(Tensor, deepdefense_loss(net, xb, yb, lam=lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
                                             overshoot=cfg.overshoot))
     return ce, reg, int((logits.argmax(1) == yb).sum())
+
+
+def _adversarial_losses(run: _FitRun, net: nn.Module, xb: Tensor, yb: Tensor,
+                        gen: torch.Generator) -> Tuple[Tensor, Tensor, int]:
+    return adversarial_losses(run.model, net, xb, yb, run.cfg, scale=run.scale, bounds=run.bounds, generator=gen)
+
+
+def adversarial_losses(model: nn.Module, net: nn.Module, xb: Tensor, yb: Tensor, cfg: TrainConfig, *,
+                       scale: float = 1.0, bounds: Optional[Tuple[Tensor, Tensor]] = None,
+                       generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, int]:
+    """``(ce, reg, correct)`` of one ``pgd_at`` / ``trades`` step (``cfg.method``): ``pgd_at``, the
+    cross-entropy at the PGD examples of ``model``; ``trades``, the cross-entropy at ``xb`` and
+    ``trades_beta * KL(p(xb) || p(x_adv))`` (batch mean). One forward of ``net`` (``model`` or
+    its DDP wrapper)."""
+    x_adv = pgd_examples(model, xb, yb, cfg, scale=scale, bounds=bounds, generator=generator)
+    if cfg.method == "pgd_at":
+        logits = net(x_adv)
+        return F.cross_entropy(logits, yb), torch.zeros((), device=logits.device), int((logits.argmax(1) == yb).sum())
+    both = net(torch.cat([xb, x_adv]))
+    clean, adv = both[: len(yb)], both[len(yb):]
+    kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
+    return F.cross_entropy(clean, yb), cfg.trades_beta * kl, int((clean.argmax(1) == yb).sum())
+
+
+def _pixel_step_loss(method: str, model: nn.Module, x: Tensor, y: Tensor, steps: int, eps: float) -> Tensor:
+    cfg = TrainConfig(method=method, pgd_steps=steps, pgd_eps=eps)
+    ones = torch.ones((), dtype=x.dtype, device=x.device)
+    ce, reg, _ = adversarial_losses(model, model, x, y, cfg, scale=1 / 255.0, bounds=(0 * ones, ones))
+    return ce + reg
+
+
+def pgd_at_loss(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 10, eps: float = 1.5) -> Tensor:
+    """The ``pgd_at`` training loss of a batch of images ``x`` in [0, 1] pixels: the
+    cross-entropy at L2 PGD examples (``steps`` steps, radius ``eps``, clipped to [0, 1])."""
+    return _pixel_step_loss("pgd_at", model, x, y, steps, eps)
+
+
+def trades_loss(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = 10, eps: float = 1.5) -> Tensor:
+    """The ``trades`` training loss of a batch of images ``x`` in [0, 1] pixels (beta 6)."""
+    return _pixel_step_loss("trades", model, x, y, steps, eps)
+
+
+def pgd_examples(model: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, *, scale: float = 1.0,
+                 bounds: Optional[Tuple[Tensor, Tensor]] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+    """The inner maximisation of PGD adversarial training / TRADES (a training procedure: robustness
+    is measured with :mod:`ddfast.robustness`, never with this). ``cfg.pgd_steps`` steps of size
+    ``cfg.pgd_step_size`` in the ``cfg.pgd_norm`` ball of radius ``cfg.pgd_eps`` ([0, 1] pixel
+    units; ``pgd_eps * 255 * scale`` in the units of ``x``), clipped to ``bounds``; maximises the
+    cross-entropy (``pgd_at``: random start in the ball) or, for ``trades``, the KL divergence to
+    the prediction at ``x`` (start ``x + 0.001 N(0, 1)``, Zhang et al.). Eval mode; no graph kept."""
+    from ..guard import eval_modes
+
+    eps = cfg.pgd_eps * 255.0 * scale
+    step = cfg.pgd_step_size * 255.0 * scale if cfg.pgd_step_size is not None else 2.5 * eps / cfg.pgd_steps
+    noise = torch.randn(x.shape, generator=generator).to(x)
+    with eval_modes(model), torch.enable_grad():
+        target = F.softmax(model(x), 1).detach() if cfg.method == "trades" else None
+        delta = 0.001 * noise if target is not None else _project(noise * eps * torch.rand(
+            (x.shape[0],) + (1,) * (x.ndim - 1), generator=generator).to(x) / _norms(noise, cfg.pgd_norm), eps,
+            cfg.pgd_norm)
+        for _ in range(cfg.pgd_steps):
+            delta = _clip(x, delta, bounds).requires_grad_(True)
+            out = model(x + delta)
+            loss = (F.kl_div(F.log_softmax(out, 1), target, reduction="sum") if target is not None
+                    else F.cross_entropy(out, y, reduction="sum"))
+            (g,) = torch.autograd.grad(loss, delta)
+            direction = g.sign() if cfg.pgd_norm == "linf" else g / _norms(g, "l2").clamp_min(1e-12)
+            delta = _project(delta.detach() + step * direction, eps, cfg.pgd_norm)
+    return (x + _clip(x, delta, bounds)).detach()
+
+
+def _norms(t: Tensor, norm: str) -> Tensor:
+    """Per-sample norms of ``t``, shaped to broadcast against it."""
+    flat = t.flatten(1)
+    n = flat.norm(dim=1) if norm == "l2" else flat.abs().amax(1)
+    return n.view((-1,) + (1,) * (t.ndim - 1))
+
+
+def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    return delta * (eps / _norms(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
+
+
+def _clip(x: Tensor, delta: Tensor, bounds: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+    """``delta`` such that ``x + delta`` lies within ``bounds`` (unchanged without them)."""
+    if bounds is None:
+        return delta
+    lo, hi = (b.to(x) for b in bounds)
+    return torch.max(torch.min(x + delta, hi), lo) - x
 
 
 def _global_sums(ce: Tensor, reg: Tensor, correct: int, n_local: int, world: int) -> Tuple[float, float, int, bool]:

@@ -1,23 +1,20 @@
 """The ddfast command: train / eval / reproduce on a tiny generated MNIST, and readable errors."""
 import gzip
 import json
-import os
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import ddfast
-from ddfast.paper import cli, reproduce
+from conftest import child_env
+from ddfast.paper import cli, data, models, reproduce
 
 #: environment of the ``python -m ddfast`` / torchrun children: they import the ddfast this process
 #: imported (the checkout under ``python -m pytest``, else the installed package), not a stale other copy
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    p for p in (str(Path(ddfast.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
+SUBPROCESS_ENV = child_env()
 
 
 @pytest.fixture(autouse=True)
@@ -133,22 +130,37 @@ def test_corrupt_data_names_file(tiny_mnist, tmp_path, capsys):
 
 def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
     tiny = dict(batch_size=50, eval_subset=20, eval_max_iter=10)
-    exp = dict(model="mlp",
+    exp = dict(model="mlp", dataset="mnist", paper="mlp",
                reference=reproduce.TrainConfig(method="clean", epochs=2, lr=0.05, lr_milestones=(), **tiny),
-               finetune=reproduce.TrainConfig(method="clean", epochs=2, lr=0.01, lr_milestones=(1,), **tiny),
-               c=25.0, sweep=(10.0,))
+               finetune=reproduce.TrainConfig(method="clean", epochs=2, lr=0.01, lr_milestones=(1,), pgd_steps=2,
+                                              **tiny),
+               c=25.0, sweep=(10.0,),
+               scratch=reproduce.TrainConfig(method="deepdefense", epochs=2, lr=0.05, lam_warmup=(1, 1), **tiny))
     monkeypatch.setitem(reproduce.EXPERIMENTS, "mnist-mlp", exp)
     out = tmp_path / "rep"
+    robust = [] if has_adv_lib() else ["--robust-limit", "0"]
     rc, stdout, err = run(["reproduce", "mnist-mlp", "--data", tiny_mnist, "--out", out, "--eval-max-iter", "20",
-                           "--no-progress"], capsys)
+                           "--no-progress", *(robust or ["--robust-limit", "8"])], capsys)
     if rc != 0 and "regularizer" in err:
         pytest.skip("ddfast.regularizer not available")
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in res["rows"]] == ["reference", "clean", "deepdefense", "adversarial", "parseval"]
+    assert [r["method"] for r in res["rows"]] == list(reproduce.ROWS)
     for r in res["rows"]:
-        assert r["model"] == "mlp" and 0 <= r["acc"] <= 1 and r["rho2"] > 0 and r["rho_inf"] > 0
+        assert r["model"] == "mlp" and 0 <= r["acc"] <= 1 and r["rho2"] > 0 and r["rho_inf"] >= 0
         assert set(r["acc_at_eps"]) == {"0.2", "0.5", "1.0"} and r["rho2_prime"] > 0
+        assert r["epoch_seconds"] > 0
+        if not robust:  # the schema of the independent evaluation
+            assert r["robust_acc"].keys() == {"l2", "linf"}
+            assert list(r["robust_acc"]["l2"]) == ["0.5", "1.0", "1.5", "2.0"]
+            assert list(r["robust_acc"]["linf"]) == ["0.05", "0.1", "0.2", "0.3"]
+            assert all(0 <= a <= 1 for n in ("l2", "linf") for a in r["robust_acc"][n].values())
+            assert r["min_norm_l2_median"] is None or r["min_norm_l2_median"] >= 0
+            ev = r["evaluator"]
+            assert ev["library"] == "adv-lib" and ev["version"] and ev["n"] == 8 and ev["attacks"] and ev["steps"]
+    if not robust:
+        assert (out / "robust_accuracy.png").stat().st_size > 1000
+        assert "## Independent evaluation (adv-lib) and cost" in (out / "results.md").read_text()
     dd = res["rows"][2]
     assert dd["acc_at_eps"]["1.0"] == pytest.approx(0.5, abs=0.02)  # eps_ref is DeepDefense's own 50% eps
     assert sorted(p["c"] for p in res["sweep"]) == [10.0, 25.0]
@@ -162,6 +174,16 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     again = json.loads((out / "results.json").read_text())
     assert [r["acc"] for r in again["rows"]] == [r["acc"] for r in res["rows"]]
+
+
+def has_adv_lib():
+    try:
+        from ddfast.robustness import load_adv_lib
+
+        load_adv_lib()
+        return True
+    except ImportError:
+        return False
 
 
 def test_python_m_entry_points():
@@ -192,3 +214,47 @@ def test_reproduce_checks_its_settings_before_any_training(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         reproduce("mnist-mlp", tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()          # refused before creating or training anything
+
+
+# ddfast eval --robust: the independent (adv-lib) evaluation from the command line
+
+@pytest.fixture
+def saved(tmp_path):
+    root = make_mnist(tmp_path / "mnist", n_train=20, n_test=40)
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    torch.save(models.build_model("mlp").state_dict(), path)
+    return root, path
+
+
+def test_eval_robust_adds_the_independent_fields(saved, tmp_path, capsys):
+    pytest.importorskip("adv_lib")
+    root, weights = saved
+    rc, _, err = run(["eval", weights, "--data", root, "--limit", "30", "--robust", "--robust-limit", "12",
+                      "--max-iter", "5", "--json", tmp_path / "row.json", "--no-progress", "--threads", "1"], capsys)
+    assert rc == 0, err
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert list(row["robust_acc"]["l2"]) == ["0.5", "1.0", "1.5", "2.0"]
+    assert list(row["robust_acc"]["linf"]) == ["0.05", "0.1", "0.2", "0.3"]
+    assert row["evaluator"]["library"] == "adv-lib" and row["evaluator"]["n"] == 12
+    for acc in [*row["robust_acc"]["l2"].values(), *row["robust_acc"]["linf"].values()]:
+        assert 0 <= acc <= row["evaluator"]["clean_acc"]
+    l2 = list(row["robust_acc"]["l2"].values())
+    assert l2 == sorted(l2, reverse=True)  # a larger ball never holds fewer adversarial examples
+
+
+def test_eval_robust_without_adv_lib_names_the_pip_command(saved, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "adv_lib", None)
+    root, weights = saved
+    rc, _, err = run(["eval", weights, "--data", root, "--robust", "--no-progress"], capsys)
+    assert rc == 2 and "pip install --no-deps adv-lib" in err
+
+
+def test_pixels_and_pixel_model_undo_the_preprocessing(saved):
+    root, _ = saved
+    prep = data.prepare("mnist", root)
+    x01 = prep.pixels(prep.x_test)
+    raw, _ = data.load_mnist(root, "test", verify=False)
+    assert torch.allclose(x01[:, 0], raw.float() / 255, atol=1e-6)
+    net = models.build_model("mlp").eval()
+    assert torch.allclose(prep.pixel_model(net)(x01), net(prep.x_test), atol=1e-5)

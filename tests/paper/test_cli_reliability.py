@@ -34,7 +34,7 @@ def _train_args(data, out, epochs=1, method="clean", model="mlp"):
 
 
 def _strip_times(log):
-    return [{k: v for k, v in e.items() if k != "time_s"} for e in log]
+    return [{k: v for k, v in e.items() if k not in ("time_s", "train_s")} for e in log]
 
 
 def _read_log(out: Path):

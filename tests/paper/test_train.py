@@ -81,7 +81,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     resumed, log = run(tmp_path / "b", cfg, model=resumed, resume=True)
     for k, v in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
-    strip = lambda L: [{k: v for k, v in e.items() if k != "time_s"} for e in L]  # noqa: E731
+    strip = lambda L: [{k: v for k, v in e.items() if k not in ("time_s", "train_s")} for e in L]  # noqa: E731
     assert strip(log) == strip(full_log)
     with pytest.raises(ValueError, match="other settings"):
         run(tmp_path / "b", tiny_cfg(epochs=4), resume=True)
@@ -303,3 +303,81 @@ def test_layerwise_regularizer_reaches_only_chosen_layers(tmp_path):
     assert not torch.equal(outs["dd"]["fc3.weight"], outs["clean"]["fc3.weight"])
     with pytest.raises(ValueError, match="fc9"):
         train.fit(fresh_model(), x, y, xt, yt, tiny_cfg(method="deepdefense", layers=("fc9",)), progress=False)
+
+
+# PGD adversarial training, TRADES, DeepDefense's lambda warm-up, per-epoch training time
+
+
+def test_pgd_examples_stay_in_the_ball_and_the_bounds_and_raise_the_loss():
+    x, y, _, _ = tiny_data(n_train=40)
+    model = fresh_model().eval()
+    bounds = (torch.full((1, 1, 28, 28), -0.8), torch.full((1, 1, 28, 28), 0.8))
+    x = x.clamp(-0.8, 0.8)
+    for norm, eps in (("l2", 1.5), ("linf", 0.1)):
+        cfg = tiny_cfg(method="pgd_at", pgd_norm=norm, pgd_eps=eps, pgd_steps=10)
+        adv = train.pgd_examples(model, x, y, cfg, scale=1 / 255, bounds=bounds,
+                                 generator=torch.Generator().manual_seed(0))
+        d = (adv - x).flatten(1)
+        size = d.norm(dim=1) if norm == "l2" else d.abs().amax(1)
+        assert (size <= eps * (1 + 1e-5)).all() and (size > 0.5 * eps).any()
+        assert adv.min() >= -0.8 and adv.max() <= 0.8
+        ce = torch.nn.functional.cross_entropy
+        assert ce(model(adv), y) > ce(model(x), y) + 0.1  # the attack does its job
+        again = train.pgd_examples(model, x, y, cfg, scale=1 / 255, bounds=bounds,
+                                   generator=torch.Generator().manual_seed(0))
+        assert torch.equal(adv, again)  # the random start comes from the generator
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades"])
+def test_adversarial_baselines_train_and_record_epoch_time(tmp_path, method):
+    cfg = tiny_cfg(method=method, pgd_eps=1.0, pgd_steps=3)
+    model, log = run(tmp_path, cfg, scale=1 / 255)
+    assert log[2]["test_acc"] > log[0]["test_acc"] + 0.2
+    assert all(e["train_s"] > 0 and e["time_s"] >= e["train_s"] for e in log[1:])
+    if method == "trades":
+        assert log[1]["train_reg"] > 0  # the KL term
+    else:
+        assert log[1]["train_reg"] == 0
+
+
+def test_lam_warmup_schedule():
+    cfg = tiny_cfg(method="deepdefense", lam=10.0, lam_warmup=(1, 2))
+    assert train.lam_at(cfg, 1, 0, 10) == 0.0 and train.lam_at(cfg, 1, 9, 10) == 0.0
+    assert train.lam_at(cfg, 2, 0, 10) == pytest.approx(0.5)
+    assert train.lam_at(cfg, 2, 9, 10) == pytest.approx(5.0)
+    assert train.lam_at(cfg, 3, 9, 10) == pytest.approx(10.0) and train.lam_at(cfg, 7, 3, 10) == 10.0
+    plain = tiny_cfg(method="deepdefense", lam=10.0)
+    assert train.lam_at(plain, 1, 0, 10) == 10.0
+    with pytest.raises(ValueError, match="lam_warmup"):
+        tiny_cfg(lam_warmup=(1,))
+    with pytest.raises(ValueError, match="lam_warmup"):
+        tiny_cfg(lam_warmup=(-1, 2))
+    with pytest.raises(ValueError, match="pgd_norm"):
+        tiny_cfg(pgd_norm="l1")
+    with pytest.raises(ValueError, match="pgd_steps"):
+        tiny_cfg(pgd_steps=0)
+
+
+def test_deepdefense_from_scratch_with_warmup_stays_finite(tmp_path):
+    """The recipe of docs/robustness.md on a tiny model from random init: the loss stays finite and
+    the regularizer switches on after the warm-up."""
+    cfg = tiny_cfg(method="deepdefense", epochs=3, lr=0.05, c=10.0, lam_warmup=(1, 1))
+    model, log = run(tmp_path, cfg)
+    assert all(math.isfinite(e[k]) for e in log[1:] for k in ("train_loss", "train_reg", "rho2"))
+    assert log[1]["train_reg"] == 0 and log[2]["train_reg"] > 0 and log[3]["train_reg"] > 0
+    assert log[3]["test_acc"] > 0.5
+
+
+def test_resume_accepts_checkpoints_written_before_new_settings(tmp_path):
+    cfg = tiny_cfg(epochs=1)
+    _, first = run(tmp_path, cfg)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    saved = json.loads(ck["config"])
+    for k in ("pgd_norm", "pgd_eps", "pgd_steps", "pgd_step_size", "trades_beta", "lam_warmup"):
+        del saved[k]  # a checkpoint of an earlier version
+    ck["config"] = json.dumps(saved)
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    model, log = run(tmp_path, tiny_cfg(epochs=1), resume=True)  # finished: reused as it is
+    assert log == first
+    with pytest.raises(ValueError, match="other settings"):
+        run(tmp_path, tiny_cfg(epochs=1, pgd_eps=0.5), resume=True)
