@@ -106,10 +106,13 @@ def run_model(name: str, n: int, n_slow: int, batch: int, repeat: int, log) -> D
     seconds = {a: 0.0 for a in fns}
     norms: Dict[str, List[Tensor]] = {a: [] for a in fns}
     for b in range(0, x.shape[0], batch):
-        xb, yb = x[b:b + batch], y[b:b + batch]
         for a, fn in fns.items():
-            if a in SLOW and b >= n_slow:
-                continue
+            if a in SLOW:                      # only the first n_slow images
+                if b >= n_slow:
+                    continue
+                xb, yb = x[b:min(b + batch, n_slow)], y[b:min(b + batch, n_slow)]
+            else:
+                xb, yb = x[b:b + batch], y[b:b + batch]
             best = math.inf
             for _ in range(1 if a in SLOW else repeat):
                 t0 = time.perf_counter()
@@ -117,7 +120,7 @@ def run_model(name: str, n: int, n_slow: int, batch: int, repeat: int, log) -> D
                 best = min(best, time.perf_counter() - t0)
             seconds[a] += best
             norms[a].append(norms_if_fooled(model, xb, x_adv.detach(), yb))
-        log(f"  {name}: images {b}..{b + xb.shape[0] - 1} done")
+        log(f"  {name}: images {b}..{min(b + batch, x.shape[0]) - 1} done")
     return summarize(norms, seconds, n_slow)
 
 
@@ -146,22 +149,27 @@ def _defaults() -> Dict[str, object]:
     return out
 
 
-def plot(results: Dict[str, Dict[str, Dict]], path: Path) -> None:
+def plot(results: Dict[str, Dict[str, Dict]], sizes: Dict[str, Dict[str, int]], path: Path) -> None:
+    """Median L2 (on the ALMA / DDN images) against seconds per image, one panel per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for ax, (name, rows) in zip(axes[0], results.items()):
         for a, r in rows.items():
-            ax.scatter(r["s_per_image"], r["median_l2_slow_prefix"], s=40)
-            ax.annotate(a.split(".", 1)[1], (r["s_per_image"], r["median_l2_slow_prefix"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+            mine = a.startswith("ddfast.")
+            ax.scatter(r["s_per_image"], r["median_l2_slow_prefix"], s=50, marker="o" if mine else "s",
+                       color="tab:red" if mine else "tab:gray")
+            ax.annotate(a.replace("adv_lib.", "adv-lib "), (r["s_per_image"], r["median_l2_slow_prefix"]),
+                        fontsize=8, xytext=(4, -11 if mine else 4), textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_xlabel("seconds per image (CPU, log)")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("seconds per image (CPU, wall clock, log)")
         ax.set_ylabel("median L2 ([0, 1] pixels)")
-        ax.set_title(f"{name} ({next(iter(rows.values()))['n_images']} images)")
+        ax.set_title(f"{name}: {sizes[name]['n_slow']} images")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -180,7 +188,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results, sizes = {}, {}
+    results: Dict[str, Dict[str, Dict]] = {}
+    sizes: Dict[str, Dict[str, int]] = {}
+    path = Path(args.json)
+    command = "python bench/superdeepfool.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for name in args.models.split(","):
         n = args.n or N_DEFAULT[name]
         n_slow = min(n, args.n_slow or N_SLOW[name])
@@ -191,13 +202,11 @@ def main(argv=None) -> None:
             print(f"  {a:22s} median L2 {r['median_l2_slow_prefix']:.4f} ({r['ratio_to_best']:.3f} of best) "
                   f"fooled {r['fooled']:.3f}  {1e3 * r['s_per_image']:.2f} ms/image "
                   f"({r['time_vs_ddfast_deepfool']:.2f}x ddfast.deepfool)", flush=True)
-    path = Path(args.json)
-    payload = {"benchmark": "superdeepfool", "command": "python bench/superdeepfool.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "backend": ddfast.available_backends("cpu")[0],
-        "adv_lib": common._version("adv-lib"), "sizes": sizes, "batch_size": args.batch_size,
-        "repeat": args.repeat, "superdeepfool_defaults": _defaults(), "results": results}
-    common.write_json(path, payload)
-    plot(results, path.with_suffix(".png"))
+        common.write_json(path, {"benchmark": "superdeepfool", "command": command,   # after every model
+                                 "backend": ddfast.available_backends("cpu")[0], "adv_lib": common._version("adv-lib"),
+                                 "sizes": sizes, "batch_size": args.batch_size, "repeat": args.repeat,
+                                 "superdeepfool_defaults": _defaults(), "results": results})
+    plot(results, sizes, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
