@@ -326,10 +326,12 @@ def evaluate(
     batch_size: int = 500,
     progress: bool = True,
     return_rho2: bool = False,
+    attack: str = "deepfool",
 ) -> Union[Dict[str, object], Tuple[Dict[str, object], Rho2]]:
-    """One results row: ``acc``, ``rho2``, ``rho2_prime`` (0..255 units), ``fooled``, ``rho_inf``,
-    ``eps50`` (this model's FGS eps for 50% error, preprocessed units) and, when ``eps_ref`` is
-    given, ``acc_at_eps = {"0.2": acc, ...}`` at ``fraction * eps_ref``.
+    """One results row: ``acc``, ``rho2``, ``rho2_prime`` (0..255 units), ``fooled`` (under
+    ``attack``, :func:`rho2`'s, named in the row's ``attack``), ``rho_inf``, ``eps50`` (this
+    model's FGS eps for 50% error, preprocessed units) and, when ``eps_ref`` is given,
+    ``acc_at_eps = {"0.2": acc, ...}`` at ``fraction * eps_ref``.
     With ``return_rho2`` returns ``(row, Rho2)`` (per-sample ratios for histograms).
     """
     y = check_labelled(model, x, y)
@@ -337,10 +339,12 @@ def evaluate(
         check_nonneg(eps_ref, "eps_ref")
     for f in fractions:
         check_nonneg(f, "fractions")
-    r = rho2(model, x, max_iter=max_iter, candidates=candidates, scale=scale, batch_size=batch_size, progress=progress)
+    r = rho2(model, x, max_iter=max_iter, candidates=candidates, scale=scale, batch_size=batch_size, progress=progress,
+             attack=attack)
     ri, eps = rho_inf(model, x, y, batch_size=batch_size)
     row: Dict[str, object] = {
         "acc": accuracy(model, x, y),
+        "attack": attack,
         "rho2": r.rho2,
         "rho2_prime": r.rho2_prime,
         "fooled": r.fooled,

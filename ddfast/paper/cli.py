@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="mlp")
     e.add_argument("--dataset", default="mnist")
     e.add_argument("--eps-ref", type=float, default=None, help="report Acc@{0.2,0.5,1.0} x this FGS eps")
-    e.add_argument("--max-iter", type=int, default=50, help="DeepFool iterations (default %(default)s)")
+    e.add_argument("--attack", default="deepfool", choices=("deepfool", "superdeepfool"),
+                   help="the attack behind rho_2, rho'_2 and 'fooled' (default %(default)s)")
+    e.add_argument("--max-iter", type=int, default=50,
+                   help="DeepFool iterations (superdeepfool: of each of its DeepFool runs; default %(default)s)")
     e.add_argument("--limit", type=int, default=None, help="first N test images only")
     e.add_argument("--json", type=Path, default=None, help="also write the row to this file")
     e.add_argument("--robust", action="store_true",
@@ -242,7 +245,7 @@ def _cmd_eval(a) -> int:
             raise ValueError(f"--robust-limit must be >= 0, got {a.robust_limit}")
         load_adv_lib()  # ImportError naming the pip command, before the other metrics run
     row = cast(Dict[str, Any], metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
-                                                progress=not a.no_progress))
+                                                progress=not a.no_progress, attack=a.attack))
     if a.robust:
         from .reproduce import robust_fields
 

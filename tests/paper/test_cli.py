@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import child_env
+import ddfast.metrics
 from ddfast.paper import cli, data, models, reproduce
 
 #: environment of the ``python -m ddfast`` / torchrun children: they import the ddfast this process
@@ -150,6 +151,7 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
         assert r["model"] == "mlp" and 0 <= r["acc"] <= 1 and r["rho2"] > 0 and r["rho_inf"] >= 0
         assert set(r["acc_at_eps"]) == {"0.2", "0.5", "1.0"} and r["rho2_prime"] > 0
         assert r["epoch_seconds"] > 0
+        assert 0 < r["rho2_sdf"] <= r["rho2"] * (1 + 1e-9) and 0 <= r["fooled_sdf"] <= 1  # never above DeepFool's
         if not robust:  # the schema of the independent evaluation
             assert r["robust_acc"].keys() == {"l2", "linf"}
             assert list(r["robust_acc"]["l2"]) == ["0.5", "1.0", "1.5", "2.0"]
@@ -167,7 +169,7 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
     for png in ("convergence.png", "examples.png", "histograms.png", "c_sweep.png"):
         assert (out / png).stat().st_size > 1000
     md = (out / "results.md").read_text()
-    assert "| deepdefense | paper | 98.65 |" in md and "| deepdefense | ours |" in md
+    assert "| deepdefense | paper | 98.65 |" in md and "| deepdefense | ours |" in md and "| rho_2 SDF |" in md
     # rerun: every training is finished, nothing is retrained, same rows
     rc, _, err = run(["reproduce", "mnist-mlp", "--data", tiny_mnist, "--out", out, "--eval-max-iter", "20",
                       "--no-progress"], capsys)
@@ -241,6 +243,28 @@ def test_eval_robust_adds_the_independent_fields(saved, tmp_path, capsys):
         assert 0 <= acc <= row["evaluator"]["clean_acc"]
     l2 = list(row["robust_acc"]["l2"].values())
     assert l2 == sorted(l2, reverse=True)  # a larger ball never holds fewer adversarial examples
+
+
+def test_eval_attack_superdeepfool_reports_rho2_under_it(saved, tmp_path, capsys):
+    """``--attack superdeepfool``: rho_2 under ddfast.superdeepfool (the row names it), never above
+    DeepFool's (SuperDeepFool starts from DeepFool's answer and keeps the closest adversarial point)."""
+    root, weights = saved
+    rows = {}
+    for attack in ("deepfool", "superdeepfool"):
+        rc, _, err = run(["eval", weights, "--data", root, "--attack", attack, "--max-iter", "20",
+                          "--json", tmp_path / f"{attack}.json", "--no-progress", "--threads", "1"], capsys)
+        assert rc == 0, err
+        rows[attack] = json.loads((tmp_path / f"{attack}.json").read_text())
+    df, sdf = rows["deepfool"], rows["superdeepfool"]
+    assert (df["attack"], sdf["attack"]) == ("deepfool", "superdeepfool")
+    model = reproduce.load_weights(models.build_model("mlp"), weights)
+    x = data.prepare("mnist", root).x_test
+    expect = ddfast.metrics.rho2(model, x, max_iter=20, attack="superdeepfool", progress=False)
+    assert sdf["rho2"] == pytest.approx(expect.rho2, rel=1e-6) and sdf["fooled"] == pytest.approx(expect.fooled)
+    assert 0 < sdf["rho2"] < df["rho2"] and sdf["acc"] == df["acc"]
+    with pytest.raises(SystemExit) as exc:         # argparse's usage error
+        run(["eval", weights, "--data", root, "--attack", "cw"], capsys)
+    assert exc.value.code == 2 and "--attack" in capsys.readouterr().err
 
 
 def test_eval_robust_without_adv_lib_names_the_pip_command(saved, capsys, monkeypatch):
