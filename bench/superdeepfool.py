@@ -144,7 +144,7 @@ def _defaults() -> Dict[str, object]:
 
     sdf = sys.modules["ddfast.superdeepfool"]
     params = inspect.signature(ddfast.superdeepfool).parameters
-    out: Dict[str, object] = {k: params[k].default for k in ("max_iter", "df_steps", "overshoot")}
+    out: Dict[str, object] = {k: params[k].default for k in ("max_iter", "df_steps", "overshoot", "candidates")}
     out["restart_candidates"] = sdf.RESTART_CANDIDATES
     return out
 

@@ -176,7 +176,8 @@ def rho2(
     ``x [N, ...]``; ``scale``: the preprocessing scale (``1/255`` for the [0,1] space); rho'_2
     divides by it. ``max_iter``, ``overshoot``, ``candidates``: :func:`ddfast.deepfool`'s.
     ``attack``: ``"deepfool"`` or ``"superdeepfool"`` (:func:`ddfast.superdeepfool` with its
-    default iterations, ``max_iter`` the steps of each of its DeepFool runs).
+    default iterations, ``max_iter`` the steps of each of its DeepFool runs, ``candidates=None``
+    its default).
     """
     from . import deepfool, superdeepfool  # the batched attacks
 
@@ -190,8 +191,9 @@ def rho2(
     check_batch_size(batch_size, allow_none=False)
     if attack == "deepfool":
         run = functools.partial(deepfool, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
-    else:
-        run = functools.partial(superdeepfool, df_steps=max_iter, overshoot=overshoot, candidates=candidates)
+    else:                                      # None: superdeepfool's own default
+        kw = {} if candidates is None else {"candidates": candidates}
+        run = functools.partial(superdeepfool, df_steps=max_iter, overshoot=overshoot, **kw)
     ratios, norms, iters, fooled, deltas = [], [], [], [], []
     for i in _batches(x.shape[0], batch_size, progress, f"{attack} rho_2"):
         xb = x[i:i + batch_size]

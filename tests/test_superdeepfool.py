@@ -1,4 +1,5 @@
 """ddfast.superdeepfool against its slow reference (float64), a closed form, DeepFool and bad input."""
+import inspect
 import math
 import re
 import sys
@@ -17,6 +18,7 @@ SDF = sys.modules["ddfast.superdeepfool"]   # the module: ddfast.superdeepfool i
 def _compare(model, x, y=None, **kw):
     res = ddfast.superdeepfool(model, x, y, **kw)
     kw.pop("batch_size", None)
+    kw.setdefault("candidates", inspect.signature(ddfast.superdeepfool).parameters["candidates"].default)
     delta, iterations, success, label, adv_label = superdeepfool_ref(
         model, x, y, restart_candidates=SDF.RESTART_CANDIDATES, **kw)
     torch.testing.assert_close(res.delta, delta, rtol=1e-9, atol=1e-10)
@@ -28,13 +30,22 @@ def _compare(model, x, y=None, **kw):
     return res
 
 
-@pytest.mark.parametrize("candidates", [None, 3])
+@pytest.mark.parametrize("candidates", [None, 3, "default"])
 def test_matches_slow_mlp(candidates):
     model = make_mlp(k=6)
     x = torch.randn(12, 20, dtype=torch.float64)
-    res = _compare(model, x, candidates=candidates, max_iter=5)
+    kw = {} if candidates == "default" else {"candidates": candidates}    # default: SDF.CANDIDATES of 6
+    res = _compare(model, x, max_iter=5, **kw)
     assert res.success.all()
     assert (res.iterations > 1).any()          # more than one iteration really ran
+
+
+def test_default_candidates_is_the_module_constant_and_none_means_all_classes():
+    assert inspect.signature(ddfast.superdeepfool).parameters["candidates"].default == SDF.CANDIDATES
+    model = make_mlp(k=8, seed=2)
+    x = torch.randn(16, 20, dtype=torch.float64)
+    every = ddfast.superdeepfool(model, x, candidates=None)
+    torch.testing.assert_close(every.delta, ddfast.superdeepfool(model, x, candidates=8).delta, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("batch_size", [None, 5])
