@@ -408,8 +408,8 @@ def deepdefense_ref(model, x: Tensor, y: Tensor, *, lam: float = 15.0, c: float 
 
 
 def _tangent_projection(model, x0: Tensor, x_t: Tensor, label: Tensor, ref: Tensor, shape,
-                        bounds) -> Tuple[Tensor, Tensor]:
-    """SuperDeepFool's projection of every row: ``x_p = x0 + ((x_t - x0) . w / ||w||^2) w``
+                        bounds, push: float) -> Tuple[Tensor, Tensor]:
+    """SuperDeepFool's projection of every row: ``x_p = x0 + (1 + push) ((x_t - x0) . w / ||w||^2) w``
     clipped (``x_t`` where ``w = 0``), ``w = g_label - g_ref`` at ``x_t``; ``(x_p, logits there)``."""
     modes = _eval_modes(model)
     try:
@@ -418,7 +418,8 @@ def _tangent_projection(model, x0: Tensor, x_t: Tensor, label: Tensor, ref: Tens
             g = _class_grads(model(xv.view(-1, *shape)), xv, torch.stack([label, ref], 1), create_graph=False)
         w = g[:, 0] - g[:, 1]
         ww = (w * w).sum(1, keepdim=True)
-        x_p = torch.where(ww > 0, x0 + ((x_t - x0) * w).sum(1, keepdim=True) / torch.where(ww > 0, ww, 1.0) * w, x_t)
+        along = (1 + push) * ((x_t - x0) * w).sum(1, keepdim=True) / torch.where(ww > 0, ww, 1.0)
+        x_p = torch.where(ww > 0, x0 + along * w, x_t)
         if bounds is not None and bounds != (None, None):
             x_p = torch.clamp(x_p, min=bounds[0], max=bounds[1])
         with torch.no_grad():
@@ -437,13 +438,14 @@ def _closer(x0: Tensor, x_new: Tensor, label_new: Tensor, ok: Tensor, x_best: Te
 
 def superdeepfool_ref(model, x: Tensor, y: Optional[Tensor] = None, *, max_iter: int = 3, df_steps: int = 50,
                       overshoot: float = 0.02, candidates: Optional[int] = None,
-                      bounds: Optional[Tuple[Optional[float], Optional[float]]] = None, restart_candidates: int = 2):
+                      bounds: Optional[Tuple[Optional[float], Optional[float]]] = None, restart_candidates: int = 2,
+                      projection_overshoot: float = 1e-3):
     """SuperDeepFool (L2), slowly: each iteration a :func:`deepfool_ref` run of the whole batch
     from the current points (``df_steps`` steps; after the first, with ``restart_candidates``
     classes or ``candidates`` when fewer), then, for the samples it took across, the projection
-    :func:`_tangent_projection` at its end point; done samples masked. A sample's result is the
-    adversarial point closest to x0 it met. Returns ``(delta, iterations, success, label,
-    adv_label)`` as :func:`ddfast.superdeepfool` defines them."""
+    :func:`_tangent_projection` at its end point (``projection_overshoot`` past the tangent plane);
+    done samples masked. A sample's result is the adversarial point closest to x0 it met. Returns
+    ``(delta, iterations, success, label, adv_label)`` as :func:`ddfast.superdeepfool` defines them."""
     B, shape = x.shape[0], x.shape[1:]
     x0 = x.detach().reshape(B, -1)
     def deepfool_run(z: Tensor, labels: Optional[Tensor], k: Optional[int]):
@@ -459,7 +461,7 @@ def superdeepfool_ref(model, x: Tensor, y: Optional[Tensor] = None, *, max_iter:
     for n in range(1, max_iter + 1):
         if not bool(active.any()):
             break
-        x_p, logits = _tangent_projection(model, x0, x_t, label, ref, shape, bounds)
+        x_p, logits = _tangent_projection(model, x0, x_t, label, ref, shape, bounds, projection_overshoot)
         finite = torch.isfinite(logits).all(1)
         pred = torch.where(finite, logits.argmax(1), ref)
         x_best, adv_label = _closer(x0, x_p, pred, active & (pred != ref), x_best, adv_label)

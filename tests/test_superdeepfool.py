@@ -20,7 +20,7 @@ def _compare(model, x, y=None, **kw):
     kw.pop("batch_size", None)
     kw.setdefault("candidates", inspect.signature(ddfast.superdeepfool).parameters["candidates"].default)
     delta, iterations, success, label, adv_label = superdeepfool_ref(
-        model, x, y, restart_candidates=SDF.RESTART_CANDIDATES, **kw)
+        model, x, y, restart_candidates=SDF.RESTART_CANDIDATES, projection_overshoot=SDF.PROJECTION_OVERSHOOT, **kw)
     torch.testing.assert_close(res.delta, delta, rtol=1e-9, atol=1e-10)
     assert torch.equal(res.iterations, iterations)
     assert torch.equal(res.success, success)
