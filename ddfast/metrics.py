@@ -192,8 +192,10 @@ def rho2(
     if attack == "deepfool":
         run = functools.partial(deepfool, max_iter=max_iter, overshoot=overshoot, candidates=candidates)
     else:                                      # None: superdeepfool's own default
-        kw = {} if candidates is None else {"candidates": candidates}
-        run = functools.partial(superdeepfool, df_steps=max_iter, overshoot=overshoot, **kw)
+        from .superdeepfool import CANDIDATES
+
+        run = functools.partial(superdeepfool, df_steps=max_iter, overshoot=overshoot,
+                                candidates=CANDIDATES if candidates is None else candidates)
     ratios, norms, iters, fooled, deltas = [], [], [], [], []
     for i in _batches(x.shape[0], batch_size, progress, f"{attack} rho_2"):
         xb = x[i:i + batch_size]
