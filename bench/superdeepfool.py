@@ -2,6 +2,7 @@
 median L2 of the adversarials against time per image.
 
     python bench/superdeepfool.py [--n 200] [--n-slow 200] [--models mlp,lenet,convnet] [--json FILE]
+                                  [--repeat 3] [--candidates all,5,3]
 
 * Models (bench/common.py, trained here and cached): MNIST MLP, MNIST LeNet and the CIFAR
   ConvNet trained on MNIST in 3x32x32; all take [0, 1] images. Inputs: the first N correctly
@@ -23,6 +24,7 @@ Writes FILE (JSON) and FILE-stem.png (median L2 against seconds per image).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -40,7 +42,6 @@ import ddfast  # noqa: E402
 
 N_DEFAULT = {"mlp": 200, "lenet": 200, "convnet": 100}
 N_SLOW = {"mlp": 100, "lenet": 100, "convnet": 50}    # ALMA and DDN at 1000 steps: minutes per 100 images
-FAST = ("ddfast.deepfool", "ddfast.superdeepfool", "adv_lib.df", "adv_lib.sdf")
 SLOW = ("adv_lib.ddn-1000", "adv_lib.alma-1000")
 
 
@@ -63,11 +64,18 @@ def _adv_lib():
     return attacks
 
 
-def attacks(model) -> Dict[str, Callable[[Tensor, Tensor], Tensor]]:
-    """name -> f(x, y) -> x_adv, every one in [0, 1]."""
+def _sdf_x_adv(model, x: Tensor, y: Tensor, candidates) -> Tensor:
+    return ddfast.superdeepfool(model, x, y, bounds=(0.0, 1.0), candidates=candidates).x_adv
+
+
+def attacks(model, candidates=()) -> Dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    """name -> f(x, y) -> x_adv, every one in [0, 1]; ``candidates``: extra superdeepfool rows
+    with these ``candidates`` (None: all classes)."""
     al = _adv_lib()
     box = (0.0, 1.0)
-    return {
+    extra = {f"ddfast.superdeepfool[candidates={k}]": functools.partial(_sdf_x_adv, model, candidates=k)
+             for k in candidates}
+    return {**extra,
         "ddfast.deepfool": lambda x, y: ddfast.deepfool(model, x, y, bounds=box).x_adv,
         "ddfast.superdeepfool": lambda x, y: ddfast.superdeepfool(model, x, y, bounds=box).x_adv,
         "adv_lib.df": lambda x, y: al.df(model, x, y),
@@ -94,14 +102,14 @@ def norms_if_fooled(model, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
     return torch.where(fooled & inside, d, torch.full_like(d, math.inf))
 
 
-def run_model(name: str, n: int, n_slow: int, batch: int, repeat: int, log) -> Dict[str, Dict]:
+def run_model(name: str, n: int, n_slow: int, batch: int, repeat: int, log, candidates=()) -> Dict[str, Dict]:
     """Every attack on ``name``'s first n images (the slow ones on the first n_slow)."""
     model = common.trained_model(name, log=log)
     for p in model.parameters():
         p.requires_grad_(False)
     x, y = correct_images(model, name, n)
-    fns = attacks(model)
-    for a in FAST:                             # warm-up: lazy imports, native loads, the allocator
+    fns = attacks(model, candidates)
+    for a in [a for a in fns if a not in SLOW]:   # warm-up: lazy imports, native loads, the allocator
         fns[a](x[:2], y[:2])
     seconds = {a: 0.0 for a in fns}
     norms: Dict[str, List[Tensor]] = {a: [] for a in fns}
@@ -184,6 +192,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per fast row and batch, best of")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--candidates", default="",
+                    help="extra superdeepfool rows with these candidates, e.g. 'all,5,3' (default: none)")
     ap.add_argument("--json", default=str(common.RESULTS / "superdeepfool.json"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -197,9 +207,10 @@ def main(argv=None) -> None:
         n_slow = min(n, args.n_slow or N_SLOW[name])
         sizes[name] = {"n": n, "n_slow": n_slow}
         print(f"{name}: {n} images ({n_slow} for ALMA and DDN)", flush=True)
-        results[name] = run_model(name, n, n_slow, args.batch_size, args.repeat, lambda s: print(s, flush=True))
+        extra = [None if k == "all" else int(k) for k in args.candidates.split(",") if k]
+        results[name] = run_model(name, n, n_slow, args.batch_size, args.repeat, lambda s: print(s, flush=True), extra)
         for a, r in results[name].items():
-            print(f"  {a:22s} median L2 {r['median_l2_slow_prefix']:.4f} ({r['ratio_to_best']:.3f} of best) "
+            print(f"  {a:38s} median L2 {r['median_l2_slow_prefix']:.4f} ({r['ratio_to_best']:.3f} of best) "
                   f"fooled {r['fooled']:.3f}  {1e3 * r['s_per_image']:.2f} ms/image "
                   f"({r['time_vs_ddfast_deepfool']:.2f}x ddfast.deepfool)", flush=True)
         common.write_json(path, {"benchmark": "superdeepfool", "command": command,   # after every model
