@@ -15,6 +15,8 @@
 #   throughput  bench/deepfool_throughput.py --quick --device cuda    -> OUTDIR/deepfool_throughput_cuda.*
 #               (parameters frozen), and with --keep-param-grad       -> OUTDIR/deepfool_throughput_cuda_param_grad.*
 #   step        bench/deepdefense_step.py --device cuda (MLP and LeNet) -> OUTDIR/deepdefense_step_cuda.json
+#   sdf         bench/superdeepfool.py --device cuda: SuperDeepFool against adv-lib's sdf, df, ddn, alma
+#               -> OUTDIR/superdeepfool_cuda.{json,png}
 #   matrix      bench/matrix.py --device cuda: DeepFool img/s at batch 100 / 1000 / 10000 on the MLP,
 #               LeNet and ResNet-18 for ddfast, foolbox, adv-lib, torchattacks, ART; the training
 #               step (CE, PGD-10, TRADES, DeepDefense; eager and CUDA graph) -> OUTDIR/matrix_cuda.{json,png}
@@ -70,6 +72,9 @@ for s in "$@"; do
                 --device cuda --json "$OUTDIR/deepfool_throughput_cuda_param_grad.json" ;;
         step)
             stage step $PY bench/deepdefense_step.py --device cuda --out "$OUTDIR/deepdefense_step_cuda.json" ;;
+        sdf)
+            stage sdf $PY bench/superdeepfool.py --device cuda --repeat 5 --candidates all \
+                --json "$OUTDIR/superdeepfool_cuda.json" ;;
         matrix)
             STAGE_LIMIT="$MATRIX_LIMIT" stage matrix $PY bench/matrix.py --device cuda --budget-s $((MATRIX_LIMIT - 60)) \
                 --json "$OUTDIR/matrix_cuda.json" ;;

@@ -102,12 +102,15 @@ def norms_if_fooled(model, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
     return torch.where(fooled & inside, d, torch.full_like(d, math.inf))
 
 
-def run_model(name: str, n: int, n_slow: int, batch: int, repeat: int, log, candidates=()) -> Dict[str, Dict]:
-    """Every attack on ``name``'s first n images (the slow ones on the first n_slow)."""
-    model = common.trained_model(name, log=log)
+def run_model(name: str, n: int, n_slow: int, batch: int, repeat: int, log, candidates=(),
+              device: str = "cpu") -> Dict[str, Dict]:
+    """Every attack on ``name``'s first n images (the slow ones on the first n_slow), on ``device``."""
+    model = common.trained_model(name, log=log).to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    x, y = correct_images(model, name, n)
+    x, y = (t.to(device) for t in correct_images(model.cpu(), name, n))
+    model.to(device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     fns = attacks(model, candidates)
     for a in [a for a in fns if a not in SLOW]:   # warm-up: lazy imports, native loads, the allocator
         fns[a](x[:2], y[:2])
@@ -123,8 +126,10 @@ def run_model(name: str, n: int, n_slow: int, batch: int, repeat: int, log, cand
                 xb, yb = x[b:b + batch], y[b:b + batch]
             best = math.inf
             for _ in range(1 if a in SLOW else repeat):
+                sync()
                 t0 = time.perf_counter()
                 x_adv = fn(xb, yb)
+                sync()
                 best = min(best, time.perf_counter() - t0)
             seconds[a] += best
             norms[a].append(norms_if_fooled(model, xb, x_adv.detach(), yb))
@@ -157,7 +162,8 @@ def _defaults() -> Dict[str, object]:
     return out
 
 
-def plot(results: Dict[str, Dict[str, Dict]], sizes: Dict[str, Dict[str, int]], path: Path) -> None:
+def plot(results: Dict[str, Dict[str, Dict]], sizes: Dict[str, Dict[str, int]], path: Path,
+         device: str = "cpu") -> None:
     """Median L2 (on the ALMA / DDN images) against seconds per image, one panel per model."""
     import matplotlib
 
@@ -175,7 +181,7 @@ def plot(results: Dict[str, Dict[str, Dict]], sizes: Dict[str, Dict[str, int]], 
                         fontsize=8, xytext=(4, -11 if mine else 4), textcoords="offset points")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("seconds per image (CPU, wall clock, log)")
+        ax.set_xlabel(f"seconds per image ({device}, wall clock, log)")
         ax.set_ylabel("median L2 ([0, 1] pixels)")
         ax.set_title(f"{name}: {sizes[name]['n_slow']} images")
         ax.grid(alpha=0.3)
@@ -192,6 +198,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per fast row and batch, best of")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     ap.add_argument("--candidates", default="",
                     help="extra superdeepfool rows with these candidates, e.g. 'all,5,3' (default: none)")
     ap.add_argument("--json", default=str(common.RESULTS / "superdeepfool.json"))
@@ -208,7 +215,8 @@ def main(argv=None) -> None:
         sizes[name] = {"n": n, "n_slow": n_slow}
         print(f"{name}: {n} images ({n_slow} for ALMA and DDN)", flush=True)
         extra = [None if k == "all" else int(k) for k in args.candidates.split(",") if k]
-        results[name] = run_model(name, n, n_slow, args.batch_size, args.repeat, lambda s: print(s, flush=True), extra)
+        results[name] = run_model(name, n, n_slow, args.batch_size, args.repeat, lambda s: print(s, flush=True), extra,
+                                  args.device)
         for a, r in results[name].items():
             print(f"  {a:38s} median L2 {r['median_l2_slow_prefix']:.4f} ({r['ratio_to_best']:.3f} of best) "
                   f"fooled {r['fooled']:.3f}  {1e3 * r['s_per_image']:.2f} ms/image "
@@ -216,8 +224,9 @@ def main(argv=None) -> None:
         common.write_json(path, {"benchmark": "superdeepfool", "command": command,   # after every model
                                  "backend": ddfast.available_backends("cpu")[0], "adv_lib": common._version("adv-lib"),
                                  "sizes": sizes, "batch_size": args.batch_size, "repeat": args.repeat,
+                                 "attack_device": args.device,
                                  "superdeepfool_defaults": _defaults(), "results": results})
-    plot(results, sizes, path.with_suffix(".png"))
+    plot(results, sizes, path.with_suffix(".png"), args.device.upper())
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
