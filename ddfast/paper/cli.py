@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _robustness_training_args(t, d)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--on-nonfinite", choices=("stop", "skip"), default=d.on_nonfinite)
+    t.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help="clip the gradient's global L2 norm to this; skip steps with a non-finite one (default: off)")
     t.add_argument("--eval-subset", type=int, default=d.eval_subset, help="test images for the per-epoch rho_2")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cpu, or cuda (under torchrun: cuda:LOCAL_RANK) (default %(default)s)")
@@ -197,7 +199,8 @@ def _cmd_train(a) -> int:
                       lr_milestones=a.lr_milestones, momentum=a.momentum, weight_decay=a.weight_decay,
                       lam=a.lam, c=a.c, d=a.d, layers=a.layers, parseval_beta=a.parseval_beta, seed=a.seed,
                       on_nonfinite=a.on_nonfinite, eval_subset=a.eval_subset, pgd_norm=a.pgd_norm,
-                      pgd_eps=a.pgd_eps, pgd_steps=a.pgd_steps, trades_beta=a.trades_beta, lam_warmup=a.lam_warmup)
+                      pgd_eps=a.pgd_eps, pgd_steps=a.pgd_steps, trades_beta=a.trades_beta, lam_warmup=a.lam_warmup,
+                      grad_clip=a.grad_clip)
     import torch
 
     env = _dist_env()

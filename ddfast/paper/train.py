@@ -84,6 +84,9 @@ class TrainConfig:
     the next ``lam_warmup[1]`` epochs; ``(0, 0)``: ``lam`` from the first step.
     ``eval_subset``, ``eval_max_iter``: per-epoch rho_2 on the first ``eval_subset`` test images.
     ``on_nonfinite``: ``"stop"`` (raise :class:`NonFiniteLossError`) or ``"skip"`` the step.
+    ``grad_clip``: scale the gradient down to this global L2 norm before each step
+    (``torch.nn.utils.clip_grad_norm_``) and skip a step whose gradient norm is not finite
+    (counted in ``skipped_steps``); None: neither.
     """
 
     method: str = "clean"
@@ -113,6 +116,7 @@ class TrainConfig:
     eval_subset: int = 1000
     eval_max_iter: int = 50
     on_nonfinite: str = "stop"
+    grad_clip: Optional[float] = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -138,8 +142,10 @@ class TrainConfig:
         for name in ("momentum", "weight_decay", "lam", "c", "d", "overshoot", "parseval_beta", "pgd_eps",
                      "trades_beta"):
             check_nonneg(getattr(self, name), name)
-        if self.pgd_step_size is not None and check_nonneg(self.pgd_step_size, "pgd_step_size") == 0:
-            raise ValueError(f"pgd_step_size must be positive or None, got {self.pgd_step_size!r}")
+        for name in ("pgd_step_size", "grad_clip"):
+            v = getattr(self, name)
+            if v is not None and check_nonneg(v, name) == 0:
+                raise ValueError(f"{name} must be positive or None, got {v!r}")
         self.lam_warmup = _check_warmup(self.lam_warmup)
         frac = self.parseval_frac
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
@@ -621,6 +627,10 @@ def _train_step(run: _FitRun, net: nn.Module, x_fit: Tensor, y_train: Tensor, id
     else:
         ce.backward(retain_graph=True)
         reg.backward(inputs=run.reg_params)
+    if cfg.grad_clip is not None and not torch.isfinite(
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)):
+        sums["skipped"] += 1            # every rank sees the same all-reduced gradient: all skip
+        return False
     run.opt.step()
     if cfg.method == "parseval":
         parseval_project(run.model, cfg.parseval_beta, cfg.parseval_frac, gen)

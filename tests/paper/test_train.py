@@ -381,3 +381,32 @@ def test_resume_accepts_checkpoints_written_before_new_settings(tmp_path):
     assert log == first
     with pytest.raises(ValueError, match="other settings"):
         run(tmp_path, tiny_cfg(epochs=1, pgd_eps=0.5), resume=True)
+
+
+def _step_size(tmp, **kw):
+    """Norm of the parameter change of one plain SGD step (lr 1, no momentum or decay) on 300 images."""
+    model = fresh_model()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    cfg = tiny_cfg(epochs=1, batch_size=300, lr=1.0, momentum=0.0, weight_decay=0.0, **kw)
+    _, log = run(tmp, cfg, model=model)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return (after - before).norm().item(), log
+
+
+def test_grad_clip_bounds_each_step(tmp_path):
+    free, _ = _step_size(tmp_path / "free")
+    clipped, log = _step_size(tmp_path / "clipped", grad_clip=0.01)
+    assert free > 0.1 and clipped == pytest.approx(0.01, rel=1e-4)   # lr 1: the step is the clipped gradient
+    assert log[1]["skipped_steps"] == 0
+
+
+def test_grad_clip_skips_a_step_whose_gradient_norm_is_not_finite(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(math.inf))
+    size, log = _step_size(tmp_path, grad_clip=1.0)
+    assert size == 0 and log[1]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan])
+def test_grad_clip_must_be_positive(bad):
+    with pytest.raises(ValueError, match="grad_clip"):
+        train.TrainConfig(grad_clip=bad)
