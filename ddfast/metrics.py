@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -317,6 +317,20 @@ def acc_at_eps(model: Model, x: Tensor, y: Tensor, eps: Sequence[float], batch_s
     return [1.0 - fgs_error(model, x, y, s, float(e), batch_size) for e in eps]
 
 
+@overload
+def evaluate(model: Model, x: Tensor, y: Tensor, *, scale: float = ..., eps_ref: Optional[float] = ...,
+             fractions: Sequence[float] = ..., max_iter: int = ..., candidates: Optional[int] = ...,
+             batch_size: int = ..., progress: bool = ..., return_rho2: Literal[False] = ...,
+             attack: str = ...) -> Dict[str, Any]: ...
+
+
+@overload
+def evaluate(model: Model, x: Tensor, y: Tensor, *, scale: float = ..., eps_ref: Optional[float] = ...,
+             fractions: Sequence[float] = ..., max_iter: int = ..., candidates: Optional[int] = ...,
+             batch_size: int = ..., progress: bool = ..., return_rho2: Literal[True],
+             attack: str = ...) -> Tuple[Dict[str, Any], Rho2]: ...
+
+
 def evaluate(
     model: Model,
     x: Tensor,
@@ -331,7 +345,7 @@ def evaluate(
     progress: bool = True,
     return_rho2: bool = False,
     attack: str = "deepfool",
-) -> Union[Dict[str, object], Tuple[Dict[str, object], Rho2]]:
+) -> Union[Dict[str, Any], Tuple[Dict[str, Any], Rho2]]:
     """One results row: ``acc``, ``rho2``, ``rho2_prime`` (0..255 units), ``fooled`` (under
     ``attack``, :func:`rho2`'s, named in the row's ``attack``), ``rho_inf``, ``eps50`` (this
     model's FGS eps for 50% error, preprocessed units) and, when ``eps_ref`` is given,
@@ -346,7 +360,7 @@ def evaluate(
     r = rho2(model, x, max_iter=max_iter, candidates=candidates, scale=scale, batch_size=batch_size, progress=progress,
              attack=attack)
     ri, eps = rho_inf(model, x, y, batch_size=batch_size)
-    row: Dict[str, object] = {
+    row: Dict[str, Any] = {
         "acc": accuracy(model, x, y),
         "attack": attack,
         "rho2": r.rho2,

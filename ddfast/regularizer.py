@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Literal, Optional, Tuple, Union, overload
 
 import torch
 from torch import Tensor, nn
@@ -293,6 +293,27 @@ def _penalty(delta: Tensor, x0: Tensor, correct: Tensor, finite: Tensor,
     # Non-finite logits make R NaN, as they make a cross-entropy NaN (the step op reads a NaN
     # normal as a zero step, which would otherwise give a finite R with NaN gradients).
     return torch.where(finite, reg, torch.full_like(reg, math.nan)), delta, x_pen
+
+
+@overload
+def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, lam: float = ..., c: float = ...,
+                     d: float = ..., max_iter: int = ..., overshoot: float = ..., candidates: Optional[int] = ...,
+                     return_info: Literal[False] = ..., backend: Optional[str] = ..., method: str = ...,
+                     capturable: bool = ...) -> Tensor: ...
+
+
+@overload
+def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, lam: float = ..., c: float = ...,
+                     d: float = ..., max_iter: int = ..., overshoot: float = ..., candidates: Optional[int] = ...,
+                     return_info: Literal[True], backend: Optional[str] = ..., method: str = ...,
+                     capturable: bool = ...) -> Tuple[Tensor, DeepDefenseInfo]: ...
+
+
+@overload
+def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, lam: float = ..., c: float = ...,
+                     d: float = ..., max_iter: int = ..., overshoot: float = ..., candidates: Optional[int] = ...,
+                     return_info: bool = ..., backend: Optional[str] = ..., method: str = ...,
+                     capturable: bool = ...) -> Union[Tensor, Tuple[Tensor, DeepDefenseInfo]]: ...
 
 
 def deepdefense_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *,

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, cast
+from typing import List, Optional
 
 __all__ = ["main", "build_parser"]
 
@@ -247,8 +247,8 @@ def _cmd_eval(a) -> int:
         if a.robust_limit < 0:
             raise ValueError(f"--robust-limit must be >= 0, got {a.robust_limit}")
         load_adv_lib()  # ImportError naming the pip command, before the other metrics run
-    row = cast(Dict[str, Any], metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
-                                                progress=not a.no_progress, attack=a.attack))
+    row = metrics.evaluate(model, x, y, scale=prep.scale, eps_ref=a.eps_ref, max_iter=a.max_iter,
+                           progress=not a.no_progress, attack=a.attack)
     if a.robust:
         from .reproduce import robust_fields
 

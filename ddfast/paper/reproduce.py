@@ -27,7 +27,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -369,9 +369,7 @@ def _table_rows(exp: dict, trained: Dict[str, torch.nn.Module], prep, eval_max_i
     eps_ref = metrics.fgs_eps50(trained["deepdefense"], prep.x_test, prep.y_test) if "deepdefense" in trained else None
     ratios, rows = {}, []
     for method, model in trained.items():
-        # return_rho2=True: (row, Rho2) (evaluate's Union return type does not say which)
-        row, r = cast(Tuple[Dict[str, Any], metrics.Rho2],
-                      metrics.evaluate(model, prep.x_test, prep.y_test, eps_ref=eps_ref, return_rho2=True, **kw))
+        row, r = metrics.evaluate(model, prep.x_test, prep.y_test, eps_ref=eps_ref, return_rho2=True, **kw)
         ratios[method] = r.ratios.cpu().numpy()
         sdf = metrics.rho2(model, prep.x_test, attack="superdeepfool", **kw)
         rows.append({"model": exp["model"], "method": method, **row, "rho2_sdf": sdf.rho2,

@@ -44,7 +44,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, cast
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -711,9 +711,8 @@ def _step_losses(run: _FitRun, net: nn.Module, xb: Tensor, yb: Tensor, gen: torc
     if cfg.method == "deepdefense" and lam > 0:
         from ..regularizer import deepdefense_loss  # lazy: the regularizer lives in its own module
 
-        # without return_info the loss is one tensor (deepdefense_loss has no overloads saying so)
-        reg = cast(Tensor, deepdefense_loss(net, xb, yb, lam=lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
-                                            overshoot=cfg.overshoot))
+        reg = deepdefense_loss(net, xb, yb, lam=lam, c=cfg.c, d=cfg.d, max_iter=cfg.dd_max_iter,
+                               overshoot=cfg.overshoot)
     return ce, reg, int((logits.argmax(1) == yb).sum())
 
 
