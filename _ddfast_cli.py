@@ -10,12 +10,14 @@ import sys
 
 
 def _import_cli():
-    """Import :mod:`ddfast.paper.cli` with SIGINT held; return ``(module, interrupted)``."""
-    hold = hasattr(signal, "pthread_sigmask")
+    """Import :mod:`ddfast.paper.cli` (and the training module its ``main`` imports first) with
+    SIGINT held; return ``(module, interrupted)``. A process that ignores SIGINT (a background job
+    of a script) is left as it is: a held signal would otherwise end it."""
+    hold = hasattr(signal, "pthread_sigmask") and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if hold:
         before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        from ddfast.paper import cli
+        from ddfast.paper import cli, train  # noqa: F401  (train: what cli.main imports first)
     finally:
         interrupted = hold and signal.SIGINT not in before and signal.SIGINT in signal.sigpending()
         if interrupted:

@@ -437,7 +437,7 @@ def _closer(x0: Tensor, x_new: Tensor, label_new: Tensor, ok: Tensor, x_best: Te
 
 
 def superdeepfool_ref(model, x: Tensor, y: Optional[Tensor] = None, *, max_iter: int = 3, df_steps: int = 50,
-                      overshoot: float = 0.02, candidates: Optional[int] = None,
+                      overshoot: float = 0.02, candidates: Optional[int] = 4,
                       bounds: Optional[Tuple[Optional[float], Optional[float]]] = None, restart_candidates: int = 2,
                       projection_overshoot: float = 1e-3):
     """SuperDeepFool (L2), slowly: each iteration a :func:`deepfool_ref` run of the whole batch

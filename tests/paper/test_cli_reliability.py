@@ -266,6 +266,22 @@ def test_sigint_at_any_time_ends_with_one_line_and_130(tmp_path, when):
         assert not (tmp_path / "run" / "log.json").exists()    # nothing ran after the held interrupt
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs pthread_sigmask")
+def test_a_process_that_ignores_sigint_is_not_ended_by_one(tmp_path):
+    """A background job of a script starts with SIGINT ignored: the entry must not hold (and
+    then act on) a SIGINT that the process was set to ignore."""
+    data = make_mnist(tmp_path / "mnist", n_train=200, n_test=50)
+    argv = [str(a) for a in _train_args(data, tmp_path / "run", epochs=1)]
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], cwd=TESTS_DIR, env=SUBPROCESS_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
 def test_the_console_command_is_the_interrupt_safe_entry():
     pyproject = TESTS_DIR.parents[1] / "pyproject.toml"
     if not pyproject.exists():
