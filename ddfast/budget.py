@@ -3,7 +3,8 @@ by an estimate of one sample's peak memory.
 
 The budget is ``ddfast.budget.MEMORY_BUDGET`` bytes when set, else the ``DDFAST_MEMORY_BUDGET``
 environment variable, else half of what is free: ``torch.cuda.mem_get_info`` on CUDA, the
-kernel's ``MemAvailable`` on CPU. One sample's peak is read off one forward of one sample (the
+kernel's ``MemAvailable`` on CPU, where a chunk also stays under :data:`CPU_CHUNK_BYTES` and
+:data:`CPU_CHUNK_SAMPLES` (for speed). One sample's peak is read off one forward of one sample (the
 outputs of every op that allocates) and the Jacobian's shape: the forward graph, C vmapped
 backward copies of its largest activation and of the input, and the attack's own rows.
 """
@@ -18,10 +19,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .guard import forward
 
-__all__ = ["MEMORY_BUDGET", "memory_budget", "sample_bytes", "chunk_size"]
+__all__ = ["MEMORY_BUDGET", "CPU_CHUNK_BYTES", "CPU_CHUNK_SAMPLES", "memory_budget", "sample_bytes", "chunk_size"]
 
 #: Bytes a chunk may use; None: the environment variable, else half of the free memory.
 MEMORY_BUDGET: Optional[int] = None
+
+#: On the CPU a chunk also stays under this many bytes and :data:`CPU_CHUNK_SAMPLES` samples:
+#: larger chunks are slower there, not faster (fresh pages for every step's big buffers: the
+#: 10000-image ConvNet run in one budget-sized chunk of 3525 spent more time in the kernel than in
+#: torch, at half the speed of chunks of 100). Best measured chunks: ConvNet 100, LeNet 250, MLP
+#: 500 (bench/results/chunking_cpu_*.json); the caps give 116, 353 and 512.
+CPU_CHUNK_BYTES = 384 << 20
+CPU_CHUNK_SAMPLES = 512
 
 
 class _Activations(TorchDispatchMode):
@@ -68,6 +77,11 @@ def sample_bytes(model: Callable, x1: Tensor, n_rows: int) -> int:
 
 
 def chunk_size(model: Callable, x: Tensor, n_rows: int) -> int:
-    """Samples per chunk (>= 1) that fit the budget on x's device."""
+    """Samples per chunk (>= 1) that fit the budget on x's device (and, on the CPU,
+    :data:`CPU_CHUNK_BYTES` and :data:`CPU_CHUNK_SAMPLES`)."""
     per_sample = max(1, sample_bytes(model, x[:1], n_rows))
-    return max(1, min(x.shape[0], memory_budget(x.device) // per_sample))
+    limit = memory_budget(x.device)
+    n = x.shape[0]
+    if x.device.type == "cpu":
+        limit, n = min(limit, CPU_CHUNK_BYTES), min(n, CPU_CHUNK_SAMPLES)
+    return max(1, min(n, limit // per_sample))

@@ -68,6 +68,22 @@ def test_memory_budget_chunks_like_explicit_chunking(monkeypatch):
     assert budget.chunk_size(model, x, 5) == 1
 
 
+def test_cpu_chunks_stay_under_the_cpu_chunk_caps(monkeypatch):
+    model, x = _net(3), torch.rand(20, 10, dtype=torch.float64)
+    per_sample = budget.sample_bytes(model, x[:1], 6)
+    monkeypatch.setattr(budget, "MEMORY_BUDGET", 100 * per_sample)     # memory would allow all 20
+    monkeypatch.setattr(budget, "CPU_CHUNK_BYTES", 4 * per_sample)
+    assert budget.chunk_size(model, x, 6) == 4
+    got = ddfast.deepfool(model, x)
+    want = ddfast.deepfool(model, x, batch_size=4)
+    for a, b in zip(_fields(got), _fields(want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.setattr(budget, "CPU_CHUNK_BYTES", 1000 * per_sample)
+    assert budget.chunk_size(model, x, 6) == 20
+    monkeypatch.setattr(budget, "CPU_CHUNK_SAMPLES", 7)
+    assert budget.chunk_size(model, x, 6) == 7
+
+
 def test_sample_bytes_grow_with_the_model_and_the_rows():
     small, x = _net(4), torch.rand(2, 10, dtype=torch.float64)
     wide = nn.Sequential(nn.Linear(10, 4096), nn.ReLU(), nn.Linear(4096, 6)).double()
