@@ -250,8 +250,10 @@ def test_sigint_at_any_time_ends_with_one_line_and_130(tmp_path, when):
     and the one interrupt line, never a C++ abort (134) or a traceback."""
     data = make_mnist(tmp_path / "mnist", n_train=1000, n_test=100)
     argv = [str(a) for a in _train_args(data, tmp_path / "run", epochs=50)]
+    # SIGINT's default disposition, as in a terminal (a test run in the background ignores it)
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], cwd=TESTS_DIR, env=SUBPROCESS_ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if when == "import":
         deadline = time.monotonic() + 60
         while not _sigint_blocked(proc.pid):
