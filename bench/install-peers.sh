@@ -43,6 +43,7 @@ DEPS=(
     "typing_extensions" "requests" "urllib3" "idna" "charset-normalizer" "certifi"
     "scipy" "tqdm" "six" "setuptools"
     "scikit-learn" "joblib" "threadpoolctl" "narwhals" "cloudpickle"   # ART imports sklearn (joblib: cloudpickle)
+    "numpy" "packaging"                  # every peer imports numpy; ART packaging (torch does not pull them)
 )
 
 if [ "${1:-}" = "--download" ]; then
