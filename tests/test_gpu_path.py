@@ -54,16 +54,21 @@ def test_check_every_is_validated():
         ddfast.deepfool(_net(), torch.rand(3, 10, dtype=torch.float64), check_every=1.5)
 
 
+def _assert_chunks_of(model, x, n):
+    """batch_size=None picks chunks of n (K = 6 rows) and equals explicit chunking by n."""
+    assert budget.chunk_size(model, x, 6) == n
+    got = ddfast.deepfool(model, x)
+    want = ddfast.deepfool(model, x, batch_size=n)
+    for a, b in zip(_fields(got), _fields(want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_memory_budget_chunks_like_explicit_chunking(monkeypatch):
     model, x = _net(3), torch.rand(20, 10, dtype=torch.float64)
     per_sample = budget.sample_bytes(model, x[:1], 6)   # K = 6 rows, as the attack counts
     assert per_sample > 0
     monkeypatch.setattr(budget, "MEMORY_BUDGET", 3 * per_sample)
-    assert budget.chunk_size(model, x, 6) == 3
-    got = ddfast.deepfool(model, x)
-    want = ddfast.deepfool(model, x, batch_size=3)
-    for a, b in zip(_fields(got), _fields(want)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_chunks_of(model, x, 3)
     monkeypatch.setattr(budget, "MEMORY_BUDGET", 1)
     assert budget.chunk_size(model, x, 5) == 1
 
@@ -73,11 +78,7 @@ def test_cpu_chunks_stay_under_the_cpu_chunk_caps(monkeypatch):
     per_sample = budget.sample_bytes(model, x[:1], 6)
     monkeypatch.setattr(budget, "MEMORY_BUDGET", 100 * per_sample)     # memory would allow all 20
     monkeypatch.setattr(budget, "CPU_CHUNK_BYTES", 4 * per_sample)
-    assert budget.chunk_size(model, x, 6) == 4
-    got = ddfast.deepfool(model, x)
-    want = ddfast.deepfool(model, x, batch_size=4)
-    for a, b in zip(_fields(got), _fields(want)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_chunks_of(model, x, 4)
     monkeypatch.setattr(budget, "CPU_CHUNK_BYTES", 1000 * per_sample)
     assert budget.chunk_size(model, x, 6) == 20
     monkeypatch.setattr(budget, "CPU_CHUNK_SAMPLES", 7)
