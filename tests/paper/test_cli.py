@@ -172,7 +172,7 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
     assert "| deepdefense | paper | 98.65 |" in md and "| deepdefense | ours |" in md and "| rho_2 SDF |" in md
     # rerun: every training is finished, nothing is retrained, same rows
     rc, _, err = run(["reproduce", "mnist-mlp", "--data", tiny_mnist, "--out", out, "--eval-max-iter", "20",
-                      "--no-progress"], capsys)
+                      "--no-progress", *(robust or ["--robust-limit", "8"])], capsys)   # adv-lib only if installed
     assert rc == 0, err
     again = json.loads((out / "results.json").read_text())
     assert [r["acc"] for r in again["rows"]] == [r["acc"] for r in res["rows"]]
