@@ -18,6 +18,10 @@ def _import_cli():
         before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         from ddfast.paper import cli, train  # noqa: F401  (train: what cli.main imports first)
+        try:                                 # triton (nanobind) loads lazily later otherwise; an
+            import triton  # noqa: F401     # interrupt inside its import aborts the process (134)
+        except ImportError:
+            pass
     finally:
         interrupted = hold and signal.SIGINT not in before and signal.SIGINT in signal.sigpending()
         if interrupted:
