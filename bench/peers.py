@@ -11,11 +11,11 @@ name in :data:`RUNNERS`; ``available()`` lists the ones that import here. All ge
   classes (``candidates=None``; foolbox and ddfast also take a top-k).
 
 What still differs is listed in ``DIFFERENCES`` (and in bench/README.md). The peers are only
-installed (bench/install-peers.sh) and called, never copied. Two are imported past their
-package ``__init__`` (:func:`_skip_package_inits`), which import heavy packages their DeepFool
-does not use: deeprobust (torchvision and a dozen more) and adv-lib (``adv_lib.attacks``'
-``__init__`` imports torchvision and visdom); the module that holds the attack is imported as
-it is.
+installed (bench/install-peers.sh) and called, never copied. Two are imported past package
+``__init__`` files that import heavy packages their DeepFool does not use: deeprobust
+(torchvision and a dozen more; :func:`_skip_package_inits`) and adv-lib (``adv_lib.attacks``
+imports torchvision and visdom; :func:`ddfast.robustness.adv_lib_module`). The module that holds
+the attack is imported as it is.
 """
 from __future__ import annotations
 
@@ -193,21 +193,11 @@ def deeprobust_run(model, x, ref, *, batch_size, max_iter=50, overshoot=0.02, ca
 
 
 def _load_advlib_df():
-    """adv-lib's ``adv_lib.attacks`` __init__ imports every attack, and with them torchvision
-    (``distances/lpips.py``) and visdom (``utils/visdom_logger.py``), which its DeepFool does not
-    use; ``adv_lib/attacks/deepfool.py`` needs only torch and ``adv_lib.utils.attack_utils``
-    (numpy, tqdm, ``distutils.version``). So ``adv_lib.attacks``' __init__ is skipped (the
-    ``adv_lib`` and ``adv_lib.utils`` inits are light and run). Python 3.12 has no
-    ``distutils``: setuptools provides it (importing setuptools installs its shim)."""
-    if "adv_lib.attacks.deepfool" not in sys.modules:
-        try:
-            import distutils.version  # noqa: F401
-        except ImportError:
-            import setuptools  # noqa: F401  (its _distutils_hack makes `distutils` importable)
-        _skip_package_inits("adv_lib", ["attacks"])
-    from adv_lib.attacks.deepfool import df
+    """adv-lib's ``df``, without ``adv_lib.attacks``' __init__ (it imports torchvision and visdom,
+    which its DeepFool does not use): :func:`ddfast.robustness.adv_lib_module`."""
+    from ddfast.robustness import adv_lib_module
 
-    return df
+    return adv_lib_module("deepfool").df
 
 
 def advlib_run(model, x, ref, *, batch_size, max_iter=50, overshoot=0.02, candidates=None) -> Outcome:
@@ -260,7 +250,8 @@ def available() -> Dict[str, Optional[str]]:
 DIFFERENCES = {
     "ddfast": "DESIGN.md: x_{t+1} = clip(x + (1+overshoot) r_tot), linearised at the clipped iterate, "
               "r_t = (dist + 1e-4) w/||w||; per-sample early exit with active-set compaction.",
-    "naive": "ddfast.reference.deepfool_ref: same step formula as ddfast but no bounds (iterates are not clipped to [0, 1]); "
+    "naive": "ddfast.reference.deepfool_ref: same step formula as ddfast but no bounds (iterates are not clipped "
+             "to [0, 1]); "
              "finished samples stay in the batch under a mask; full [B, K, D] Jacobian by K autograd.grad calls.",
     "foolbox": "Same step formula (1e-8 added to the norms) and the same clip of x + (1+overshoot) r_tot; "
                "the whole batch keeps iterating until every sample is adversarial (finished samples are "

@@ -39,15 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import ddfast  # noqa: E402
+from ddfast.robustness import adv_lib_module  # noqa: E402
 
 N_DEFAULT = {"mlp": 200, "lenet": 200, "convnet": 100}
 N_SLOW = {"mlp": 100, "lenet": 100, "convnet": 50}    # ALMA and DDN at 1000 steps: minutes per 100 images
 SLOW = ("adv_lib.ddn-1000", "adv_lib.alma-1000")
 
 
-def _adv_lib():
-    """adv_lib.attacks, importable without torchvision and visdom (adv-lib imports them at
-    import time for features not used here): stand-ins for this script only."""
+def _adv_lib() -> types.SimpleNamespace:
+    """adv-lib's df, sdf, ddn and alma (:func:`ddfast.robustness.adv_lib_module`). DDN and ALMA
+    import visdom (optional plots) and ALMA torchvision (its LPIPS distance), neither used here:
+    where missing, empty stand-ins take their place, for this script only."""
     for name in ("torchvision", "visdom"):
         try:
             __import__(name)
@@ -59,9 +61,9 @@ def _adv_lib():
             else:
                 stub.Visdom = object  # type: ignore[attr-defined]
             sys.modules[name] = stub
-    import adv_lib.attacks as attacks
-
-    return attacks
+    m = adv_lib_module
+    return types.SimpleNamespace(df=m("deepfool").df, sdf=m("superdeepfool").sdf,
+                                 ddn=m("decoupled_direction_norm").ddn, alma=m("augmented_lagrangian").alma)
 
 
 def _sdf_x_adv(model, x: Tensor, y: Tensor, candidates) -> Tensor:

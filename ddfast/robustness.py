@@ -3,7 +3,7 @@
 A defense trained against ddfast's own DeepFool cannot be certified by that DeepFool (rho_2
 overstates robustness when the attack is weak against the defended model), so these metrics
 come from a maintained third-party library, `adv-lib <https://github.com/jeromerony/adversarial-library>`_
-(Jérôme Rony et al.; ``pip install --no-deps adv-lib``): nothing here implements an attack.
+(Jérôme Rony et al.; ``pip install --no-deps adv-lib tqdm setuptools``): nothing here implements an attack.
 
 * :func:`min_norm` -- per-sample smallest adversarial perturbation found by adv-lib's
   minimal-norm attacks: FAB (Croce & Hein 2020), then FMN (Pintor et al. 2021) started from
@@ -43,14 +43,16 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EPS", "INSTALL_HINT", "PixelInput", "RobustnessResult", "load_adv_lib", "min_norm",
+__all__ = ["EPS", "INSTALL_HINT", "PixelInput", "RobustnessResult", "adv_lib_module", "load_adv_lib", "min_norm",
            "robust_accuracy", "evaluate_robustness"]
 
 #: eps grids of :func:`evaluate_robustness`, in [0, 1] pixel units (MNIST conventions: L2 up to
 #: 2.0, Linf up to 0.3, the eps of Madry et al.'s MNIST challenge)
 EPS: Dict[str, Tuple[float, ...]] = {"l2": (0.5, 1.0, 1.5, 2.0), "linf": (0.05, 0.1, 0.2, 0.3)}
 
-INSTALL_HINT = "pip install --no-deps adv-lib"
+#: adv-lib without its dependency list (torchvision, visdom: unused here) and with what it imports
+#: (setuptools: distutils on Python >= 3.12)
+INSTALL_HINT = "pip install --no-deps adv-lib tqdm setuptools"
 
 _NORMS = {"l2": 2.0, "linf": float("inf")}
 _EPS_RTOL = 1e-4  # a fixed-eps adversarial counts when its norm <= eps * (1 + _EPS_RTOL) (float rounding)
@@ -96,58 +98,73 @@ class AdvLib:
 
 
 def load_adv_lib() -> AdvLib:
-    """adv-lib's APGD, APGD-T, FMN and FAB. ``ImportError`` naming the pip command without adv-lib.
-
-    ``adv_lib.attacks``' ``__init__`` imports every attack of the library, and two need packages
-    these four do not (ALMA's LPIPS distance imports torchvision, DDN and ALMA import visdom for
-    optional plots). When that import fails, the four attacks' own modules are loaded from the
-    installed package directly (under their usual names), so neither is required.
-    """
+    """adv-lib's APGD, APGD-T, FMN and FAB, from :func:`adv_lib_module`. ``ImportError`` naming the
+    pip command for what is missing (adv-lib itself, or a package its attacks import)."""
     try:
         import adv_lib
     except ImportError as err:
         raise ImportError(f"ddfast.robustness evaluates with adv-lib's attacks, which is not installed: "
                           f"{INSTALL_HINT}") from err
     version = str(getattr(adv_lib, "__version__", "unknown"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # adv-lib's distutils LooseVersion
-        try:
-            from adv_lib.attacks import apgd, apgd_targeted, fab, fmn
-            return AdvLib(version, apgd, apgd_targeted, fmn, fab)
-        except ImportError:
-            pass
-        try:
-            pgd = _adv_lib_attack_module("auto_pgd")
-            return AdvLib(version, pgd.apgd, pgd.apgd_targeted, _adv_lib_attack_module("fast_minimum_norm").fmn,
-                          _adv_lib_attack_module("fast_adaptive_boundary").fab)
-        except ImportError as err:
-            raise ImportError(f"adv-lib {version} is installed but its attacks do not import ({err}); "
-                              f"reinstall it ({INSTALL_HINT}) and the module named") from err
+    pgd = adv_lib_module("auto_pgd")
+    return AdvLib(version, pgd.apgd, pgd.apgd_targeted, adv_lib_module("fast_minimum_norm").fmn,
+                  adv_lib_module("fast_adaptive_boundary").fab)
 
 
-def _adv_lib_attack_module(name: str) -> ModuleType:
-    """``adv_lib.attacks.<name>`` loaded from its file, without ``adv_lib.attacks``' ``__init__``."""
+#: module adv-lib's attacks import -> the pip package that provides it (distutils: Python >= 3.12)
+_PIP_NAME = {"distutils": "setuptools"}
+
+
+def adv_lib_module(name: str) -> ModuleType:
+    """``adv_lib.attacks.<name>``, imported without running ``adv_lib.attacks``' ``__init__``.
+
+    That ``__init__`` imports every attack of the library, and two need packages most do not
+    (ALMA's LPIPS distance imports torchvision; DDN and ALMA import visdom for optional plots).
+    While the module named is imported, ``adv_lib.attacks`` is a bare package of the installed
+    folder; it is removed afterwards, so a later ``import adv_lib.attacks`` runs as usual.
+    ``ImportError`` naming the pip command when adv-lib or a package the module imports is missing.
+    """
     full = f"adv_lib.attacks.{name}"
     if full in sys.modules:
         return sys.modules[full]
-    spec0 = importlib.util.find_spec("adv_lib")
-    if spec0 is None or spec0.origin is None:
-        raise ImportError(f"adv_lib not found: {INSTALL_HINT}")
-    root = Path(spec0.origin).parent / "attacks"
-    package = (root / name).is_dir()
-    path = root / name / "__init__.py" if package else root / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(full, path,
-                                                  submodule_search_locations=[str(path.parent)] if package else None)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"{path}: not a module of adv-lib")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[full] = module
+    spec = importlib.util.find_spec("adv_lib")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"adv_lib is not installed: {INSTALL_HINT}")
+    bare = None
+    if "adv_lib.attacks" not in sys.modules:
+        bare = ModuleType("adv_lib.attacks")
+        bare.__path__ = [str(Path(spec.origin).parent / "attacks")]
+        sys.modules["adv_lib.attacks"] = bare
     try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[full]
-        raise
-    return module
+        _with_distutils()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # adv-lib's distutils LooseVersion
+            return importlib.import_module(full)
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").split(".")[0]
+        if missing == "adv_lib":
+            what = f"attack module {name!r}" if err.name == full else f"module {err.name!r}, which {full} imports"
+            raise ImportError(f"adv-lib {_installed_version()} has no {what}; {INSTALL_HINT}") from err
+        raise ImportError(f"adv-lib's {full} imports {missing!r}, which is not installed: "
+                          f"pip install {_PIP_NAME.get(missing, missing)}") from err
+    finally:
+        if bare is not None and sys.modules.get("adv_lib.attacks") is bare:
+            del sys.modules["adv_lib.attacks"]
+
+
+def _installed_version() -> str:
+    return str(getattr(sys.modules.get("adv_lib"), "__version__", "(version unknown)"))
+
+
+def _with_distutils() -> None:
+    """Make ``distutils`` importable (adv-lib imports ``distutils.version``): Python >= 3.12 has
+    it only through setuptools, whose import installs it."""
+    if "distutils" in sys.modules or importlib.util.find_spec("distutils") is not None:
+        return
+    try:
+        import setuptools  # noqa: F401
+    except ImportError:
+        pass  # the module's own import of distutils then names it
 
 
 @dataclass

@@ -146,6 +146,35 @@ def test_missing_library_names_the_pip_command(monkeypatch):
         R.load_adv_lib()
 
 
+@pytest.fixture
+def fresh_adv_lib(monkeypatch):
+    """adv-lib's modules forgotten for one test (restored afterwards): its imports run again."""
+    pytest.importorskip("adv_lib")
+    for name in [m for m in sys.modules if m == "adv_lib" or m.startswith("adv_lib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return monkeypatch
+
+
+def test_adv_lib_module_skips_the_attacks_init(fresh_adv_lib):
+    fresh_adv_lib.setitem(sys.modules, "torchvision", None)  # adv_lib.attacks' __init__ needs it
+    fresh_adv_lib.setitem(sys.modules, "visdom", None)
+    sdf = R.adv_lib_module("superdeepfool").sdf  # imports .deepfool relatively
+    assert callable(sdf) and "adv_lib.attacks.deepfool" in sys.modules
+    assert "adv_lib.attacks" not in sys.modules  # the bare package is gone again
+    with pytest.raises(ImportError, match="pip install torchvision"):
+        R.adv_lib_module("augmented_lagrangian")  # ALMA's LPIPS
+    with pytest.raises(ImportError, match="no attack module 'nope'"):
+        R.adv_lib_module("nope")
+
+
+@pytest.mark.parametrize("module, pip", [("distutils", "setuptools"), ("tqdm", "tqdm")])
+def test_missing_dependency_of_adv_lib_names_its_pip_package(fresh_adv_lib, module, pip):
+    for name in [module] + [m for m in sys.modules if m.startswith(module + ".")]:
+        fresh_adv_lib.setitem(sys.modules, name, None)  # distutils: Python >= 3.12 without setuptools
+    with pytest.raises(ImportError, match=f"imports '{module}', which is not installed: pip install {pip}$"):
+        R.load_adv_lib()
+
+
 def test_pixel_input():
     net = nn.Flatten()
     m = R.PixelInput(net, torch.full((1, 2, 2), 0.25), 0.5)

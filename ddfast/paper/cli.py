@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, default=None, help="also write the row to this file")
     e.add_argument("--robust", action="store_true",
                    help="also robust accuracy (L2 eps 0.5-2.0, Linf 0.05-0.3, [0,1] pixels) and the median minimal L2 "
-                        "norm under adv-lib's attacks (pip install --no-deps adv-lib; docs/robustness.md)")
+                        "norm under adv-lib's attacks (pip install --no-deps adv-lib tqdm setuptools; "
+                        "docs/robustness.md)")
     e.add_argument("--robust-limit", type=int, default=1000,
                    help="with --robust: attack the first N evaluated images (default %(default)s; 0: all)")
     _common(e, 0)
