@@ -20,8 +20,8 @@ A peer that runs fewer images than the batch size runs them as one smaller batch
 ``batch_size`` says so); torchattacks loops over single images, so it runs in the smallest
 batch size's cell only.
 
-Part ``train``: one training step (forward, loss, backward, SGD momentum 0.9) on ResNet-18 and
-LeNet for: cross-entropy, PGD-10 adversarial training and TRADES (10 steps) -- the library's
+Part ``train``: one training step (forward, loss, backward, SGD momentum 0.9) on ResNet-18,
+LeNet and the MLP for: cross-entropy, PGD-10 adversarial training and TRADES (10 steps) -- the library's
 own, looked up in ``ddfast.paper.train`` at run time (:data:`LIBRARY_TRAINING`), rows marked
 "not available" otherwise -- and DeepDefense (``ddfast.deepdefense_loss``, all classes and
 ``candidates=3``), eager and, on a GPU, captured in a CUDA graph (DeepDefense only through
@@ -96,8 +96,8 @@ PROFILES: Dict[str, Dict[str, Dict[int, Dict[str, int]]]] = {
     },
 }
 #: training-step part: model -> (batch, timed rounds) per profile
-TRAIN = {"cuda": {"resnet18": (128, 10), "lenet": (128, 20)},
-         "cpu": {"resnet18": (8, 1), "lenet": (100, 3)}}
+TRAIN = {"cuda": {"resnet18": (128, 10), "lenet": (128, 20), "mlp": (128, 20)},
+         "cpu": {"resnet18": (8, 1), "lenet": (100, 3), "mlp": (100, 10)}}
 #: the library's training procedures looked up in ddfast.paper.train: row -> function names tried,
 #: each called ``fn(model, x, y, steps=10)`` and returning the step's scalar loss (with graph)
 LIBRARY_TRAINING = {"pgd10": ("pgd_at_loss",), "trades10": ("trades_loss",)}
