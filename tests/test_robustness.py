@@ -146,13 +146,20 @@ def test_missing_library_names_the_pip_command(monkeypatch):
         R.load_adv_lib()
 
 
+def _adv_lib_names():
+    return [m for m in sys.modules if m == "adv_lib" or m.startswith("adv_lib.")]
+
+
 @pytest.fixture
 def fresh_adv_lib(monkeypatch):
-    """adv-lib's modules forgotten for one test (restored afterwards): its imports run again."""
+    """adv-lib's modules forgotten for one test, so that its imports run again; afterwards
+    ``sys.modules`` holds exactly the adv-lib modules it held before."""
     pytest.importorskip("adv_lib")
-    for name in [m for m in sys.modules if m == "adv_lib" or m.startswith("adv_lib.")]:
-        monkeypatch.delitem(sys.modules, name)
-    return monkeypatch
+    saved = {m: sys.modules.pop(m) for m in _adv_lib_names()}
+    yield monkeypatch
+    for m in _adv_lib_names():
+        del sys.modules[m]
+    sys.modules.update(saved)
 
 
 def test_adv_lib_module_skips_the_attacks_init(fresh_adv_lib):
