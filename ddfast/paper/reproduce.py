@@ -24,6 +24,8 @@ rho_2 with accuracy above the reference, c=25 1.47x, c=5 1.94x below the referen
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +40,7 @@ from . import models, plots
 from .extras import require_extras
 from .train import TrainConfig, atomic_save, fit, load_state, read_tensor_file, weights_fingerprint
 
-__all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights"]
+__all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights", "provenance"]
 
 ROWS = ("reference", "clean", "deepdefense", "adversarial", "parseval", "pgd_at", "trades", "deepdefense_scratch")
 
@@ -195,7 +197,7 @@ def _markdown(results: dict) -> str:
               f"- preprocessing: pixels/255 minus the training mean image (scale {s['scale']:.6f}); "
               "rho'_2 converted to 0..255 units",
               f"- device: {s.get('device', 'cpu')}; threads: {s['threads']}; "
-              f"total time {results['time_s'] / 60:.1f} min", "",
+              f"total time {results['time_s'] / 60:.1f} min", *_provenance_line(results.get("provenance")), "",
               "Plots: convergence.png (Fig. 2), examples.png (Fig. 3), histograms.png, c_sweep.png (Fig. 4).", ""]
     return "\n".join(lines)
 
@@ -284,6 +286,7 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
                      "scratch": exp["scratch"].to_dict() if exp.get("scratch") else None,
                      "eval_max_iter": eval_max_iter, "threads": torch.get_num_threads(),
                      "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
+        "provenance": provenance(dev),
         "logs": logs,
     }
     _plot(exp, logs, ratios, points, rows, out)
@@ -293,6 +296,48 @@ def reproduce(experiment: str, out: Path, *, data_root: Optional[Path] = None, i
     (out / "results.md").write_text(_markdown(results))
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots ({results['time_s'] / 60:.1f} min)")
     return results
+
+
+def _provenance_line(prov: Optional[dict]) -> List[str]:
+    if not prov:
+        return []
+    return [f"- ran: ddfast {prov['ddfast']} (commit {prov['git_commit'] or 'unknown: not a git checkout'}), "
+            f"torch {prov['torch']}, backend {prov['backend']}, on {prov['machine']}"]
+
+
+def provenance(dev: torch.device) -> Dict[str, Any]:
+    """What ran on ``dev``: ddfast's and torch's versions, the ddfast backend of float32 tensors
+    there, the git commit of ddfast's source (None unless it runs from a git checkout) and the
+    machine (the GPU's name, or the CPU's model name)."""
+    from .. import __version__, backends
+
+    return {"ddfast": __version__, "torch": torch.__version__, "backend": backends.resolve(None, dev, torch.float32),
+            "git_commit": _source_commit(),
+            "machine": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()}
+
+
+def _source_commit() -> Optional[str]:
+    """HEAD of the git checkout that holds this ddfast package, None elsewhere (an installed copy)."""
+    package = Path(__file__).resolve().parents[1]
+    try:
+        top = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if len(top) != 2 or Path(top[0]).resolve() / "ddfast" != package:
+        return None
+    return top[1][:12]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _checked_settings(experiment: str, methods: Sequence[str], sweep: Optional[Sequence[float]],

@@ -1,6 +1,7 @@
 """The ddfast command: train / eval / reproduce on a tiny generated MNIST, and readable errors."""
 import gzip
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -129,6 +130,27 @@ def test_corrupt_data_names_file(tiny_mnist, tmp_path, capsys):
     assert rc == 2 and "train-labels-idx1-ubyte.gz" in err and "SHA-256" in err
 
 
+def test_provenance_commit_only_from_a_checkout_of_ddfast(tmp_path, monkeypatch):
+    def package_in(root):
+        (root / "ddfast" / "paper").mkdir(parents=True)
+        monkeypatch.setattr(reproduce, "__file__", str(root / "ddfast" / "paper" / "reproduce.py"))
+
+    def git(*args, cwd):
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+    package_in(tmp_path / "plain")                           # no repository: an installed copy
+    assert reproduce.provenance(torch.device("cpu"))["git_commit"] is None
+    repo = tmp_path / "repo"
+    package_in(repo / "lib" / "site-packages")                # inside some repository, not its ddfast
+    git("init", "-q", cwd=repo)
+    (repo / "f").write_text("x")
+    git("add", "f", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m", cwd=repo)
+    assert reproduce.provenance(torch.device("cpu"))["git_commit"] is None
+    package_in(repo)                                          # the checkout's own ddfast
+    assert reproduce.provenance(torch.device("cpu"))["git_commit"] == git("rev-parse", "HEAD", cwd=repo)[:12]
+
+
 def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
     tiny = dict(batch_size=50, eval_subset=20, eval_max_iter=10)
     exp = dict(model="mlp", dataset="mnist", paper="mlp",
@@ -147,6 +169,10 @@ def test_reproduce_tiny(tiny_mnist, tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in res["rows"]] == list(reproduce.ROWS)
+    prov = res["provenance"]
+    assert prov["torch"] == torch.__version__ and prov["backend"] in ddfast.available_backends("cpu")
+    assert prov["git_commit"] is None or re.fullmatch("[0-9a-f]{12}", prov["git_commit"])
+    assert f"backend {prov['backend']}" in (out / "results.md").read_text()
     for r in res["rows"]:
         assert r["model"] == "mlp" and 0 <= r["acc"] <= 1 and r["rho2"] > 0 and r["rho_inf"] >= 0
         assert set(r["acc_at_eps"]) == {"0.2", "0.5", "1.0"} and r["rho2_prime"] > 0
