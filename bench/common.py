@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout with
 
 from ddfast import data as dd_data  # noqa: E402
 from ddfast import models as dd_models  # noqa: E402
+from ddfast.paper.reproduce import cpu_name  # noqa: E402
 
 #: models of the benchmarks: name -> input shape
 SHAPES = {"mlp": (1, 28, 28), "lenet": (1, 28, 28), "convnet": (3, 32, 32), "resnet18": (3, 32, 32)}
@@ -308,17 +309,6 @@ def state_fingerprint(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------- environment + JSON
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> Optional[str]:
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -363,13 +353,13 @@ def environment(device: str = "cpu") -> Dict[str, Any]:
     if dev.type == "cuda":
         dev_name = f"cuda: {torch.cuda.get_device_name(dev)}"
     else:
-        dev_name = f"cpu: {_cpu_name()}"
+        dev_name = f"cpu: {cpu_name()}"
     return {
         "device": dev_name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

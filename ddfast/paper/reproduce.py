@@ -40,7 +40,7 @@ from . import models, plots
 from .extras import require_extras
 from .train import TrainConfig, atomic_save, fit, load_state, read_tensor_file, weights_fingerprint
 
-__all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights", "provenance"]
+__all__ = ["EXPERIMENTS", "PAPER", "reproduce", "load_weights", "provenance", "cpu_name"]
 
 ROWS = ("reference", "clean", "deepdefense", "adversarial", "parseval", "pgd_at", "trades", "deepdefense_scratch")
 
@@ -313,7 +313,7 @@ def provenance(dev: torch.device) -> Dict[str, Any]:
 
     return {"ddfast": __version__, "torch": torch.__version__, "backend": backends.resolve(None, dev, torch.float32),
             "git_commit": _source_commit(),
-            "machine": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()}
+            "machine": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()}
 
 
 def _source_commit() -> Optional[str]:
@@ -329,7 +329,8 @@ def _source_commit() -> Optional[str]:
     return top[1][:12]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
