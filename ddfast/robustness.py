@@ -101,13 +101,12 @@ def load_adv_lib() -> AdvLib:
     """adv-lib's APGD, APGD-T, FMN and FAB, from :func:`adv_lib_module`. ``ImportError`` naming the
     pip command for what is missing (adv-lib itself, or a package its attacks import)."""
     try:
-        import adv_lib
+        import adv_lib  # noqa: F401  (its __version__ is read by _installed_version)
     except ImportError as err:
         raise ImportError(f"ddfast.robustness evaluates with adv-lib's attacks, which is not installed: "
                           f"{INSTALL_HINT}") from err
-    version = str(getattr(adv_lib, "__version__", "unknown"))
     pgd = adv_lib_module("auto_pgd")
-    return AdvLib(version, pgd.apgd, pgd.apgd_targeted, adv_lib_module("fast_minimum_norm").fmn,
+    return AdvLib(_installed_version(), pgd.apgd, pgd.apgd_targeted, adv_lib_module("fast_minimum_norm").fmn,
                   adv_lib_module("fast_adaptive_boundary").fab)
 
 
@@ -144,7 +143,7 @@ def adv_lib_module(name: str) -> ModuleType:
         missing = (err.name or "").split(".")[0]
         if missing == "adv_lib":
             what = f"attack module {name!r}" if err.name == full else f"module {err.name!r}, which {full} imports"
-            raise ImportError(f"adv-lib {_installed_version()} has no {what}; {INSTALL_HINT}") from err
+            raise ImportError(f"adv-lib (version {_installed_version()}) has no {what}; {INSTALL_HINT}") from err
         raise ImportError(f"adv-lib's {full} imports {missing!r}, which is not installed: "
                           f"pip install {_PIP_NAME.get(missing, missing)}") from err
     finally:
@@ -153,7 +152,8 @@ def adv_lib_module(name: str) -> ModuleType:
 
 
 def _installed_version() -> str:
-    return str(getattr(sys.modules.get("adv_lib"), "__version__", "(version unknown)"))
+    """adv-lib's ``__version__`` once ``adv_lib`` is imported, else "unknown"."""
+    return str(getattr(sys.modules.get("adv_lib"), "__version__", "unknown"))
 
 
 def _with_distutils() -> None:
