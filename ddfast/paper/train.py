@@ -39,8 +39,8 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,20 +214,15 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
 def atomic_save(obj: object, path: os.PathLike) -> None:
     """``torch.save`` (or JSON for ``.json`` paths) to a temp file in the same dir, then ``os.replace``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if path.suffix == ".json":  # strict JSON: NaN / inf become null
-                fh.write(json.dumps(finite_or_none(obj), indent=1, allow_nan=False).encode())
-            else:
-                torch.save(obj, fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+    tmp = path.parent / f"{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # named before it exists: an
+    try:                                                             # interrupt cannot orphan it
+        if path.suffix == ".json":  # strict JSON: NaN / inf become null
+            tmp.write_text(json.dumps(finite_or_none(obj), indent=1, allow_nan=False))
+        else:  # by name: torch's own writer, which an interrupt cannot leave half-written
+            torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -289,3 +289,44 @@ def test_the_console_command_is_the_interrupt_safe_entry():
     if not pyproject.exists():
         pytest.skip("no pyproject.toml beside these tests")
     assert re.search(r'^ddfast = "(.*)"', pyproject.read_text(), re.M).group(1) == "_ddfast_cli:main"
+
+
+SAVE_UNDER_INTERRUPTS = """
+import signal, sys, torch
+from pathlib import Path
+from ddfast.paper.train import atomic_save
+out = Path(sys.argv[1])
+obj = {"w": torch.randn(4_000_000), "step": 1}
+atomic_save({"old": True}, out)
+armed = False
+def interrupt(*_):  # what Ctrl-C does, at most once per save
+    global armed
+    if armed:
+        armed = False
+        raise KeyboardInterrupt
+signal.signal(signal.SIGALRM, interrupt)
+signal.setitimer(signal.ITIMER_REAL, 0.002, 0.003)
+interrupted = 0
+for _ in range(40):
+    try:
+        armed = True
+        atomic_save(obj, out)
+        armed = False
+    except KeyboardInterrupt:
+        interrupted += 1
+signal.setitimer(signal.ITIMER_REAL, 0)
+left = [p.name for p in out.parent.iterdir() if p != out]
+print(interrupted, left, sorted(torch.load(out, weights_only=True)))
+"""
+
+
+def test_checkpoint_save_interrupted_anywhere_raises_keyboardinterrupt(tmp_path):
+    """Ctrl-C in the middle of writing a checkpoint (here: every 3 ms) ends the save with
+    KeyboardInterrupt, leaves the previous file whole and no temp file: never a RuntimeError from
+    torch's zip writer or an abort from a write into the file the interrupt closed."""
+    p = subprocess.run([sys.executable, "-c", SAVE_UNDER_INTERRUPTS, str(tmp_path / "ckpt.pt")], cwd=TESTS_DIR,
+                       env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    interrupted, left, keys = p.stdout.split(" ", 2)
+    assert int(interrupted) > 0 and left == "[]", p.stdout
+    assert keys.strip() in ("['old']", "['step', 'w']"), p.stdout
