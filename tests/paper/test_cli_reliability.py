@@ -249,7 +249,9 @@ def test_sigint_at_any_time_ends_with_one_line_and_130(tmp_path, when):
     """Ctrl-C while torch imports (held until the import ends), then at later times: status 130
     and the one interrupt line, never a C++ abort (134) or a traceback."""
     data = make_mnist(tmp_path / "mnist", n_train=1000, n_test=100)
-    argv = [str(a) for a in _train_args(data, tmp_path / "run", epochs=50)]
+    argv = [str(a) for a in _train_args(data, tmp_path / "run", epochs=1000)]
+    # (1000 epochs: still training at the last signal time on any machine; a signal after the run
+    # ends lands in interpreter shutdown, where Python has restored the default action)
     # SIGINT's default disposition, as in a terminal (a test run in the background ignores it)
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], cwd=TESTS_DIR, env=SUBPROCESS_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
