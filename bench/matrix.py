@@ -479,6 +479,7 @@ def plot(out: Dict[str, Any], png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     models = [m for m in MODELS if any(r.get("model") == m for r in out["rows"] + out["train_rows"])]
     fig, axes = plt.subplots(2, max(1, len(models)), figsize=(5 * max(1, len(models)), 8.5), squeeze=False)
@@ -511,6 +512,7 @@ def plot(out: Dict[str, Any], png: Path) -> None:
         ax.set_xscale("log")
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.1f} ms", va="center", fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())   # a narrow log range labels every minor tick
         ax.set_xlabel(f"training step, ms (median, log), batch {rows[0]['batch']}")
         ax.set_title(f"training step, {model}", fontsize=9)
     fig.suptitle(f"{out['device']}, torch {out['torch']}, commit {out['git_commit']}", fontsize=9)
