@@ -20,7 +20,7 @@ PANELS = (("L2 robust acc % at eps 0.5", lambda r: 100 * r["robust_acc"]["l2"]["
           ("median minimal L2 norm", lambda r: r["min_norm_l2_median"]))
 
 
-def _setting(method: str, row: Dict, settings: Dict) -> str:
+def _setting(method: str, settings: Dict) -> str:
     """The row's c or eps as a point label."""
     if method == "deepdefense":
         return f"c {settings.get('deepdefense_c', '?'):g}"
@@ -35,7 +35,7 @@ def points(run: Path) -> Dict[str, List[Tuple[str, Dict]]]:
     out: Dict[str, List[Tuple[str, Dict]]] = {}
     for r in res["rows"]:
         if r.get("robust_acc"):
-            out.setdefault(r["method"], []).append((_setting(r["method"], r, res["settings"]), r))
+            out.setdefault(r["method"], []).append((_setting(r["method"], res["settings"]), r))
     for f in sorted((run / "sweep").glob("*/eval.json")):
         m = re.fullmatch(r"(?:(pgd_at|trades)_eps|(deepdefense)_c|(c))([0-9.]+)", f.parent.name)
         if m is None:
