@@ -288,6 +288,20 @@ def _check_paths(a) -> None:
         raise ValueError(f"--json {json_path} is a directory; give a file path for the row")
 
 
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether a Ctrl-C is behind ``exc``: Python and torch re-raise some interrupts as another
+    error (an interrupt inside a lazy import's class body becomes a ``RuntimeError`` about
+    ``__set_name__`` on Python 3.11), with the ``KeyboardInterrupt`` as its cause or context."""
+    seen = set()
+    link: Optional[BaseException] = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return False
+
+
 def _error(exc: BaseException) -> None:
     """Print ``exc`` as one ``ddfast: error: ...`` line on stderr."""
     print("ddfast: error: " + " ".join(str(exc).split()), file=sys.stderr)
@@ -311,15 +325,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"only 'train' runs distributed; run '{a.command}' as one process (not under torchrun)")
         _check_paths(a)
         return cmd(a)
-    except NonFiniteLossError as exc:
-        _error(exc)
-        return 1
-    except (ValueError, TypeError, OSError, ImportError) as exc:  # OSError: missing/unreadable files
-        _error(exc)
-        return 2
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return 130
+    except BaseException as exc:
+        if _caused_by_interrupt(exc):
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
+        if isinstance(exc, NonFiniteLossError):
+            _error(exc)
+            return 1
+        if isinstance(exc, (ValueError, TypeError, OSError, ImportError)):  # OSError: missing/unreadable files
+            _error(exc)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

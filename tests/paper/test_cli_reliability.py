@@ -332,3 +332,31 @@ def test_checkpoint_save_interrupted_anywhere_raises_keyboardinterrupt(tmp_path)
     interrupted, left, keys = p.stdout.split(" ", 2)
     assert int(interrupted) > 0 and left == "[]", p.stdout
     assert keys.strip() in ("['old']", "['step', 'w']"), p.stdout
+
+
+def _raise_during_interrupt(how):
+    def cmd(a):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            if how == "cause":   # Python 3.11: an interrupt in a class body during a lazy import
+                raise RuntimeError("Error calling __set_name__ on 'cached_property' instance") from exc
+            raise RuntimeError("unexpected pos 704 vs 598")   # torch's zip writer cleaning up after it
+    return cmd
+
+
+@pytest.mark.parametrize("how", ["cause", "context"])
+def test_an_interrupt_that_surfaces_as_another_error_ends_with_130(tmp_path, monkeypatch, capsys, how):
+    """A Ctrl-C that Python or torch re-raise as a RuntimeError (seen under load: mid-import of
+    torch._dynamo) still ends with the one interrupt line and status 130, not a traceback."""
+    monkeypatch.setattr(cli, "_cmd_eval", _raise_during_interrupt(how))
+    assert cli.main(["eval", str(tmp_path / "model.pt")]) == 130
+    assert capsys.readouterr().err.strip() == cli.INTERRUPTED
+
+
+def test_an_error_without_an_interrupt_behind_it_is_not_called_one(tmp_path, monkeypatch):
+    def cmd(a):
+        raise RuntimeError("a real bug")
+    monkeypatch.setattr(cli, "_cmd_eval", cmd)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        cli.main(["eval", str(tmp_path / "model.pt")])
